@@ -1,0 +1,13 @@
+"""Q-Tuning (Wang et al., arXiv 2509.23873): joint sample and token pruning during supervised
+fine-tuning, for TRL and Axolotl. The algorithm lives in :mod:`qtuning_plugin.core`."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .core import QTuningConfig, decide, score_batch, token_keep_mask, triage
+
+try:
+    __version__ = version("qtuning-plugin")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"
+
+__all__ = ["QTuningConfig", "decide", "score_batch", "token_keep_mask", "triage", "__version__"]

@@ -1,0 +1,32 @@
+"""Q-Tuning's algorithm in pure torch (no TRL, no Axolotl): score, triage, prune tokens, apply.
+
+Read top to bottom: :mod:`.scoring` (the Error-Uncertainty plane), :mod:`.triage` (sample stage),
+:mod:`.tokens` (token stage), :mod:`.decision` (both stages on a pool), :mod:`.batch` (applying a
+decision to a padded batch).
+"""
+
+from .batch import apply_decision
+from .config import QTuningConfig
+from .decision import Decision, decide
+from .scoring import Scores, score_batch, scoring_mode, trainable_positions
+from .tokens import context_scores, pooled_token_keep_mask, token_keep_mask
+from .triage import QUADRANT_NAMES, Triage, kept_count, median_quadrants, triage
+
+__all__ = [
+    "QTuningConfig",
+    "Scores",
+    "score_batch",
+    "scoring_mode",
+    "trainable_positions",
+    "Triage",
+    "triage",
+    "kept_count",
+    "median_quadrants",
+    "QUADRANT_NAMES",
+    "token_keep_mask",
+    "pooled_token_keep_mask",
+    "context_scores",
+    "Decision",
+    "decide",
+    "apply_decision",
+]

@@ -1,0 +1,104 @@
+"""QTuningConfig: the method's knobs, validated once, at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+POOLS = ("step", "micro_batch")
+TOKEN_BUDGETS = ("sample", "batch")
+
+
+@dataclass(frozen=True, init=False)
+class QTuningConfig:
+    """Settings of Q-Tuning (spec `qtuning.md`, sections 2-4).
+
+    Fields (keyword-only):
+
+    - ``sample_ratio`` in (0, 1]: share r_s of each selection pool that is trained
+      (K = max(1, floor(r_s * n)) samples). 1 keeps every sample.
+    - ``token_ratio`` in (0, 1]: share r_t of the response tokens kept in each misconception
+      (Q2) sample. 1 disables token pruning.
+    - ``neighbor_lambda`` in [0, 1]: weight of the two neighbours in the context-aware token
+      score s_i = (1 - lambda) PPL_i + lambda (PPL_{i-1} + PPL_{i+1}).
+    - ``pool``: ``"step"`` selects among all gradient-accumulation micro-batches of one optimizer
+      step on one device (the paper); ``"micro_batch"`` selects within each micro-batch alone.
+    - ``token_budget``: ``"sample"`` keeps ceil(r_t |T|) tokens in each Q2 sample (the paper);
+      ``"batch"`` reproduces the authors' code drop (one pooled budget, spec section 3).
+
+    Any other name, a value of the wrong type, NaN or a value out of range raises ``ValueError``
+    naming the field and what it accepts. ``dataclasses.asdict`` / ``from_dict`` round-trip.
+    """
+
+    sample_ratio: float
+    token_ratio: float
+    neighbor_lambda: float
+    pool: str
+    token_budget: str
+
+    def __init__(
+        self,
+        *,
+        sample_ratio: float = 0.25,
+        token_ratio: float = 0.5,
+        neighbor_lambda: float = 0.5,
+        pool: str = "step",
+        token_budget: str = "sample",
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise ValueError(
+                f"QTuningConfig: unknown field(s) {sorted(unknown)}; "
+                f"allowed fields: {[f.name for f in dataclasses.fields(QTuningConfig)]}"
+            )
+        set_ = object.__setattr__  # frozen dataclass
+        set_(self, "sample_ratio", _ratio("sample_ratio", sample_ratio, low_open=True))
+        set_(self, "token_ratio", _ratio("token_ratio", token_ratio, low_open=True))
+        set_(self, "neighbor_lambda", _ratio("neighbor_lambda", neighbor_lambda, low_open=False))
+        set_(self, "pool", _choice("pool", pool, POOLS))
+        set_(self, "token_budget", _choice("token_budget", token_budget, TOKEN_BUDGETS))
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any] | None) -> "QTuningConfig":
+        """Build from a mapping (a YAML block, a checkpoint); same validation as the constructor."""
+        if fields is None:
+            return cls()
+        if not isinstance(fields, Mapping):
+            raise ValueError(f"QTuningConfig: expected a mapping of fields, got {type(fields).__name__}")
+        bad_keys = [k for k in fields if not isinstance(k, str)]
+        if bad_keys:
+            raise ValueError(f"QTuningConfig: field names must be strings, got {bad_keys!r}")
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "QTuningConfig":
+        return QTuningConfig(**{**self.to_dict(), **changes})
+
+    @property
+    def prunes_nothing(self) -> bool:
+        """True when every sample and every token is kept (the scoring pass can be skipped)."""
+        return self.sample_ratio == 1 and self.token_ratio == 1
+
+
+def _ratio(name: str, value: Any, *, low_open: bool) -> float:
+    allowed = "(0, 1]" if low_open else "[0, 1]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"QTuningConfig.{name} must be a number in {allowed}, got {value!r} ({type(value).__name__})"
+        )
+    value = float(value)
+    in_range = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if math.isnan(value) or not in_range:
+        raise ValueError(f"QTuningConfig.{name} must be a number in {allowed}, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"QTuningConfig.{name} must be one of {list(allowed)}, got {value!r}")
+    return value

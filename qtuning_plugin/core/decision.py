@@ -1,0 +1,59 @@
+"""Algorithm 1 of the paper for one selection pool: triage the samples, then prune the tokens of
+the kept misconception samples. Pure torch; the front ends call :func:`decide` once per pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import QTuningConfig
+from .scoring import Scores
+from .tokens import pooled_token_keep_mask, token_keep_mask
+from .triage import Triage, triage
+
+
+@dataclass
+class Decision:
+    """What to train from a pool made of one or more padded batches (in pool order).
+
+    - ``triage``: the sample-stage decision over the whole pool (n = sum of the B_i).
+    - ``keep``: per batch, bool [B_i], the rows to train.
+    - ``token_keep``: per batch, bool [B_i, T_i], the label positions that stay in the loss
+      (all trainable positions of Q4 rows, the pruned subset for Q2 rows, nothing for dropped rows).
+    """
+
+    triage: Triage
+    keep: list[torch.Tensor]
+    token_keep: list[torch.Tensor]
+
+
+def decide(scores: Sequence[Scores], config: QTuningConfig) -> Decision:
+    """Run both stages of Q-Tuning on a pool whose batches were scored by ``score_batch``."""
+    if not scores:
+        raise ValueError("decide: the pool is empty")
+    sizes = [s.ppl.numel() for s in scores]
+    result = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores]),
+                    config.sample_ratio)
+    keep = list(result.keep.split(sizes))
+    prune = list(result.prune_tokens.split(sizes))
+
+    # Rows whose tokens are pruned; every other kept row keeps all its trainable positions.
+    candidates = [s.trainable & p[:, None] for s, p in zip(scores, prune)]
+    if config.token_ratio == 1:
+        pruned_keep = candidates
+    elif config.token_budget == "sample":
+        pruned_keep = [token_keep_mask(s.nll, c, config.token_ratio, config.neighbor_lambda)
+                       for s, c in zip(scores, candidates)]
+    else:  # "batch": the authors' code drop, one budget round(r_s r_t N) over the pool's N tokens
+        pool_tokens = sum(int(s.input_tokens.sum()) for s in scores)
+        kept_tokens = sum(int(s.input_tokens[k].sum()) for s, k in zip(scores, keep))
+        n_drop = max(0, kept_tokens - round(config.sample_ratio * config.token_ratio * pool_tokens))
+        pruned_keep = pooled_token_keep_mask([s.nll for s in scores], candidates, n_drop,
+                                             config.neighbor_lambda)
+    token_keep = [
+        torch.where(p[:, None], pk, s.trainable) & k[:, None]
+        for s, k, p, pk in zip(scores, keep, prune, pruned_keep)
+    ]
+    return Decision(triage=result, keep=keep, token_keep=token_keep)

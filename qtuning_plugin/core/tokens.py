@@ -1,0 +1,92 @@
+"""Token stage of Q-Tuning (spec section 3): inside misconception (Q2) samples, keep the tokens
+with the lowest context-aware perplexity score and mask the rest out of the loss."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# exp(700) ~ 1e304: three of them still sum below float64's max. Beyond nll = 700 (p < 1e-304)
+# scores saturate and ties go to the earlier position (the spec allows clamping before exp).
+_MAX_NLL = 700.0
+
+
+def context_scores(nll: torch.Tensor, trainable: torch.Tensor, neighbor_lambda: float) -> torch.Tensor:
+    """s_i = (1 - lambda) PPL_i + lambda (PPL_{i-1} + PPL_{i+1}) on [B, T], float64 (paper Eq. 7).
+
+    PPL_i = exp(nll_i); a neighbour outside the trainable positions (prompt, padding, another
+    segment, beyond the row) contributes 0. Values at non-trainable positions are meaningless.
+    """
+    # A NaN nll (a broken forward) scores as the worst token.
+    x = nll.to(torch.float64).nan_to_num(nan=_MAX_NLL).clamp(max=_MAX_NLL)
+    ppl = torch.where(trainable.bool(), torch.exp(x), 0.0)
+    left = torch.nn.functional.pad(ppl[:, :-1], (1, 0))
+    right = torch.nn.functional.pad(ppl[:, 1:], (0, 1))
+    return (1.0 - neighbor_lambda) * ppl + neighbor_lambda * (left + right)
+
+
+def tokens_to_keep(n_trainable: torch.Tensor, token_ratio: float) -> torch.Tensor:
+    """k = ceil(r_t * |T| - 1e-9) per row (the tolerance makes 0.7 * 10 keep 7)."""
+    return torch.ceil(n_trainable.to(torch.float64) * token_ratio - 1e-9).clamp(min=0).long()
+
+
+def _keep_lowest(scores: torch.Tensor, trainable: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row of [R, T], True at the k[row] trainable positions with the lowest score
+    (stable: of equal scores, the earlier position is kept)."""
+    masked = scores.masked_fill(~trainable, float("inf"))
+    order = torch.sort(masked, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return (rank < k.unsqueeze(1)) & trainable
+
+
+def token_keep_mask(
+    nll: torch.Tensor,
+    trainable: torch.Tensor,
+    token_ratio: float,
+    neighbor_lambda: float = 0.5,
+) -> torch.Tensor:
+    """Which trainable tokens of each row stay in the loss (spec section 3), bool [B, T].
+
+    ``nll`` [B, T]: per-token negative log-likelihood; ``trainable`` [B, T] bool: the positions
+    T of each row (labels != -100 after the causal shift). Each row keeps exactly
+    k = ceil(r_t |T_row|) of its trainable positions, those with the lowest context score;
+    non-trainable positions and rows without trainable tokens are all False.
+    """
+    _check_token_args(nll, trainable, token_ratio, neighbor_lambda)
+    trainable = trainable.bool()
+    scores = context_scores(nll, trainable, neighbor_lambda)
+    return _keep_lowest(scores, trainable, tokens_to_keep(trainable.sum(1), token_ratio))
+
+
+def pooled_token_keep_mask(
+    nll: Sequence[torch.Tensor],
+    trainable: Sequence[torch.Tensor],
+    n_drop: int,
+    neighbor_lambda: float = 0.5,
+) -> list[torch.Tensor]:
+    """The authors' code-drop rule (``token_budget="batch"``): over several [B_i, T_i] batches
+    pooled together, drop the ``n_drop`` trainable tokens with the highest context score
+    (each score computed within its own row, as in :func:`context_scores`); of equal scores the
+    later token (batch, row, column order) is dropped first. Returns the keep masks, bool [B_i, T_i].
+    """
+    flat_scores, flat_trainable = [], []
+    for x, m in zip(nll, trainable, strict=True):
+        _check_token_args(x, m, 1.0, neighbor_lambda)
+        flat_scores.append(context_scores(x, m.bool(), neighbor_lambda).reshape(-1))
+        flat_trainable.append(m.bool().reshape(-1))
+    scores, mask = torch.cat(flat_scores)[None], torch.cat(flat_trainable)[None]
+    k = torch.tensor([max(0, int(mask.sum()) - int(n_drop))], device=scores.device)
+    keep = _keep_lowest(scores, mask, k)[0]
+    return [part.reshape(m.shape) for part, m in zip(keep.split([m.numel() for m in trainable]), trainable)]
+
+
+def _check_token_args(nll, trainable, token_ratio, neighbor_lambda):
+    if nll.ndim != 2 or nll.shape != trainable.shape:
+        raise ValueError(f"nll and trainable must both be [B, T], got {tuple(nll.shape)} and "
+                         f"{tuple(trainable.shape)}")
+    if not 0.0 < token_ratio <= 1.0:
+        raise ValueError(f"token_ratio must be in (0, 1], got {token_ratio!r}")
+    if not 0.0 <= neighbor_lambda <= 1.0:
+        raise ValueError(f"neighbor_lambda must be in [0, 1], got {neighbor_lambda!r}")

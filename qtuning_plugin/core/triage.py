@@ -1,0 +1,134 @@
+"""Sample stage of Q-Tuning (spec section 2): triage a selection pool on the Error-Uncertainty plane.
+
+Error is the response perplexity (PPL), uncertainty the mean predictive entropy (Ent).
+
+| quadrant | PPL  | Ent  | name                   | action                  |
+|----------|------|------|------------------------|-------------------------|
+| Q1       | high | high | harmful noise          | drop                    |
+| Q2       | high | low  | valuable misconception | keep, prune its tokens  |
+| Q3       | low  | low  | redundant knowledge    | drop                    |
+| Q4       | low  | high | calibration data       | keep every token        |
+
+The paper bisects one quantile level a shared by both axes. Between the levels where a quantile
+passes a data value the quadrant sets are constant, so this module walks those breakpoints
+exactly, in rank form: with m samples per tail, Q2_m = top-m PPL ∩ bottom-m Ent and
+Q4_m = bottom-m PPL ∩ top-m Ent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Q1, Q2, Q3, Q4 = 1, 2, 3, 4
+QUADRANT_NAMES = {Q1: "harmful noise", Q2: "misconception", Q3: "redundant", Q4: "calibration"}
+
+
+@dataclass(frozen=True)
+class Triage:
+    """Decision for one pool of n samples.
+
+    - ``keep``: bool [n], exactly K = max(1, floor(r_s n)) True.
+    - ``prune_tokens``: bool [n], True for kept samples whose tokens are pruned (core Q2 and
+      topped-up Q2-like samples); implies ``keep``.
+    - ``level``: the quantile level a = m / n of the core set (0.0 when the core is empty).
+    - ``core``: bool [n], the samples of Q2_m ∪ Q4_m (the rest of ``keep`` is the top-up).
+    """
+
+    keep: torch.Tensor
+    prune_tokens: torch.Tensor
+    level: float
+    core: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.keep.sum())
+
+
+def kept_count(n: int, sample_ratio: float) -> int:
+    """K = max(1, floor(r_s n)) for a pool of n >= 1 samples."""
+    return max(1, int(sample_ratio * n))
+
+
+def _ascending_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each element in a stable ascending sort (of equal values, the earlier ranks lower)."""
+    order = torch.sort(x, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(x.numel(), device=x.device)
+    return ranks
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise to [0, 1]; all zeros when max == min; +inf -> 1 and the finite values -> 0."""
+    inf = torch.isposinf(x)
+    if inf.any():
+        return inf.to(torch.float64)
+    lo, hi = x.min(), x.max()
+    if hi == lo:
+        return torch.zeros_like(x)
+    return (x - lo) / (hi - lo)
+
+
+def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float) -> Triage:
+    """Pick the samples to train from one pool (spec section 2, rank form).
+
+    ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. NaN counts as +inf
+    (highest error / uncertainty). K = max(1, floor(r_s n)) samples are kept: the core
+    Q2_m ∪ Q4_m for the largest m in 1..floor(n/2) with at most K members, topped up in
+    descending order of |p - e| (min-max normalised PPL and Ent), ties to the earlier sample.
+    """
+    if ppl.ndim != 1 or ppl.shape != entropy.shape:
+        raise ValueError(f"triage: ppl and entropy must be 1-D of one length, got {tuple(ppl.shape)} "
+                         f"and {tuple(entropy.shape)}")
+    n = ppl.numel()
+    if n == 0:
+        raise ValueError("triage: the pool is empty")
+    if not 0.0 < sample_ratio <= 1.0:
+        raise ValueError(f"triage: sample_ratio must be in (0, 1], got {sample_ratio!r}")
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=ppl.device)
+    ppl = torch.where(torch.isnan(ppl), inf, ppl.to(torch.float64))
+    entropy = torch.where(torch.isnan(entropy), inf, entropy.to(torch.float64, copy=False))
+    k = kept_count(n, sample_ratio)
+
+    # Sample i joins Q2_m from m2 = max(n - rank_ppl, rank_ent + 1) on (top-m PPL, bottom-m Ent),
+    # and Q4_m from m4 = max(rank_ppl + 1, n - rank_ent) on. For m <= n/2 it can't be in both.
+    rp, re = _ascending_ranks(ppl), _ascending_ranks(entropy)
+    m2 = torch.maximum(n - rp, re + 1)
+    m4 = torch.maximum(rp + 1, n - re)
+    joins = torch.minimum(m2, m4)
+    # |core_m| = #{i : joins_i <= m} grows with m; find the largest m <= n // 2 with |core_m| <= K.
+    sizes = torch.bincount(joins.clamp(max=n // 2 + 1), minlength=n // 2 + 2).cumsum(0)
+    ok = (sizes[1 : n // 2 + 1] <= k).nonzero()
+    m = int(ok[-1]) + 1 if ok.numel() else 0
+    core = joins <= m
+    core_q2 = core & (m2 <= m)
+
+    # Top-up to exactly K by |p - e|, descending; a stable sort of -|p - e| breaks ties to the earlier.
+    p, e = _minmax(ppl), _minmax(entropy)
+    rest = (~core).nonzero().squeeze(1)
+    gap = (p[rest] - e[rest]).abs()
+    top_up = rest[torch.sort(-gap, stable=True).indices[: k - int(core.sum())]]
+    keep = core.clone()
+    keep[top_up] = True
+    prune_tokens = core_q2.clone()
+    prune_tokens[top_up] = p[top_up] >= e[top_up]
+    return Triage(keep=keep, prune_tokens=prune_tokens, level=m / n, core=core)
+
+
+def median_quadrants(ppl: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """Quadrant (1-4) of each sample by the pool's medians, for reporting and plots only.
+
+    High means strictly above the (lower) median; NaN counts as +inf. Selection itself uses
+    :func:`triage`, whose thresholds depend on the sample ratio.
+    """
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=ppl.device)
+    ppl = torch.where(torch.isnan(ppl), inf, ppl.to(torch.float64))
+    entropy = torch.where(torch.isnan(entropy), inf, entropy.to(torch.float64))
+    high_err = ppl > ppl.median()
+    high_unc = entropy > entropy.median()
+    q = torch.full_like(ppl, Q3, dtype=torch.long)
+    q[high_err & high_unc] = Q1
+    q[high_err & ~high_unc] = Q2
+    q[~high_err & high_unc] = Q4
+    return q

@@ -1,0 +1,66 @@
+import dataclasses
+import math
+
+import pytest
+
+from qtuning_plugin.core import QTuningConfig
+
+
+def test_defaults_are_the_papers():
+    cfg = QTuningConfig()
+    assert cfg.to_dict() == {
+        "sample_ratio": 0.25,
+        "token_ratio": 0.5,
+        "neighbor_lambda": 0.5,
+        "pool": "step",
+        "token_budget": "sample",
+    }
+    assert not cfg.prunes_nothing
+    assert QTuningConfig(sample_ratio=1, token_ratio=1).prunes_nothing
+
+
+def test_round_trip_and_frozen():
+    cfg = QTuningConfig(sample_ratio=0.125, token_ratio=1, neighbor_lambda=0, pool="micro_batch",
+                        token_budget="batch")
+    assert QTuningConfig.from_dict(cfg.to_dict()) == cfg
+    assert QTuningConfig.from_dict(None) == QTuningConfig()
+    assert cfg.replace(sample_ratio=0.5).sample_ratio == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sample_ratio = 0.3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("field", ["sample_ratio", "token_ratio"])
+@pytest.mark.parametrize("value", [0, -0.1, 1.0000001, 2, math.nan, math.inf, "0.5", None, True, [0.5]])
+def test_ratios_out_of_range_or_wrong_type(field, value):
+    with pytest.raises(ValueError, match=rf"QTuningConfig\.{field} must be a number in \(0, 1\]"):
+        QTuningConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [-1e-9, 1.5, math.nan, -math.inf, "half", False])
+def test_lambda_out_of_range(value):
+    with pytest.raises(ValueError, match=r"QTuningConfig\.neighbor_lambda must be a number in \[0, 1\]"):
+        QTuningConfig(neighbor_lambda=value)
+
+
+def test_boundaries_accepted():
+    cfg = QTuningConfig(sample_ratio=1, token_ratio=1e-6, neighbor_lambda=0)
+    assert (cfg.sample_ratio, cfg.token_ratio, cfg.neighbor_lambda) == (1.0, 1e-6, 0.0)
+    assert isinstance(cfg.sample_ratio, float)
+    assert QTuningConfig(neighbor_lambda=1).neighbor_lambda == 1.0
+
+
+@pytest.mark.parametrize("field,allowed", [("pool", "'step', 'micro_batch'"),
+                                           ("token_budget", "'sample', 'batch'")])
+@pytest.mark.parametrize("value", ["global", "", None, 1, "STEP"])
+def test_choices(field, allowed, value):
+    with pytest.raises(ValueError, match=rf"QTuningConfig\.{field} must be one of \[{allowed}\]"):
+        QTuningConfig(**{field: value})
+
+
+def test_unknown_field_names_the_field_and_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['sampel_ratio'\].*allowed fields: \['sample_ratio'"):
+        QTuningConfig(sampel_ratio=0.3)
+    with pytest.raises(ValueError, match="unknown field"):
+        QTuningConfig.from_dict({"sample_ratio": 0.5, "tokens": 1})
+    with pytest.raises(ValueError, match="expected a mapping"):
+        QTuningConfig.from_dict([("sample_ratio", 0.5)])

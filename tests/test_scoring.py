@@ -1,0 +1,181 @@
+"""score_batch against a naive full-vocabulary reference, on several architectures."""
+
+import warnings
+
+import pytest
+import torch
+
+from qtuning_plugin.core import score_batch, scoring_mode, trainable_positions
+from qtuning_plugin.core import scoring as scoring_module
+from tiny import padded_batch, tiny_model
+
+LENGTHS, PROMPTS = [12, 7, 20, 3], [4, 2, 5, 3]  # the last row has no trainable token
+
+
+def naive_reference(model, batch, dtype=torch.float64):
+    """Full logits, log_softmax over the whole vocabulary (what score_batch must equal)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits.to(dtype)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    labels = batch["labels"][:, 1:]
+    trainable = labels != -100
+    nll = -logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * trainable
+    ent = -(logp.exp() * logp).sum(-1) * trainable
+    count = trainable.sum(1)
+    return {
+        "nll": torch.nn.functional.pad(nll, (1, 0)),
+        "ent": torch.nn.functional.pad(ent, (1, 0)),
+        "ppl": torch.exp(nll.sum(1) / count),
+        "entropy": ent.sum(1) / count,
+    }
+
+
+def assert_matches(scores, ref):
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores.nll.double(), ref["nll"], **close)
+    torch.testing.assert_close(scores.token_entropy.double(), ref["ent"], **close)
+    torch.testing.assert_close(scores.ppl, ref["ppl"], equal_nan=True, **close)
+    torch.testing.assert_close(scores.entropy, ref["entropy"], equal_nan=True, **close)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "gemma3", "cohere", "granite"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_matches_full_logits_reference(kind, padding_side):
+    model = tiny_model(kind)
+    batch = padded_batch(LENGTHS, PROMPTS, padding_side=padding_side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the known post-processing must not need the fallback
+        scores = score_batch(model, batch, chunk_size=5)  # several chunks, one partial
+    assert model not in scoring_module._FALLBACK
+    assert_matches(scores, naive_reference(model, batch))
+    assert torch.equal(scores.trainable, trainable_positions(batch["labels"]))
+    assert scores.n_tokens.tolist() == [8, 5, 15, 0]
+    assert scores.input_tokens.tolist() == LENGTHS
+    assert torch.isnan(scores.ppl[3]) and torch.isnan(scores.entropy[3])
+
+
+def test_postprocessing_matters_for_these_models():
+    # Guard for the test above: without the softcap the numbers would differ.
+    model = tiny_model("gemma2")
+    batch = padded_batch(LENGTHS, PROMPTS)
+    ref = naive_reference(model, batch)
+    model.config.final_logit_softcapping = None
+    plain = naive_reference(model, batch)
+    assert not torch.allclose(ref["entropy"][:3], plain["entropy"][:3], rtol=1e-3)
+
+
+def test_unknown_postprocessing_falls_back_to_the_models_logits_with_one_warning():
+    import transformers
+
+    class TemperatureLlama(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits / 0.3
+            return out
+
+    base = tiny_model("llama")
+    model = TemperatureLlama(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    batch = padded_batch(LENGTHS, PROMPTS)
+    scoring_module._WARNED.discard("TemperatureLlama")
+    with pytest.warns(UserWarning, match="TemperatureLlama's forward post-processes its logits"):
+        scores = score_batch(model, batch)
+    assert_matches(scores, naive_reference(model, batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert_matches(score_batch(model, batch), naive_reference(model, batch))
+
+
+def test_peft_wrapped_model_scores_with_adapters_active():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
+                          init_lora_weights=False, lora_dropout=0.0)
+    wrapped = peft.get_peft_model(model, cfg).eval()
+    batch = padded_batch(LENGTHS, PROMPTS)
+    scores = score_batch(wrapped, batch)
+    assert_matches(scores, naive_reference(wrapped, batch))
+    with wrapped.disable_adapter():
+        assert not torch.allclose(score_batch(wrapped, batch).entropy[:3], scores.entropy[:3])
+
+
+def test_no_grad_and_no_cache_and_modes_restored():
+    model = tiny_model("llama").train()
+    model.model.layers[0].eval()  # a module with its own mode must get it back
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["grad"] = torch.is_grad_enabled()
+        seen["use_cache"] = kwargs.get("use_cache")
+        seen["training"] = module.training
+
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    batch = padded_batch(LENGTHS, PROMPTS)
+    with scoring_mode(model):
+        score_batch(model, batch)
+    handle.remove()
+    assert seen == {"grad": False, "use_cache": False, "training": False}
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+
+
+def test_dropout_is_off_in_scoring_mode():
+    model = tiny_model("llama", attention_dropout=0.5).train()
+    batch = padded_batch(LENGTHS, PROMPTS)
+    with scoring_mode(model):
+        a, b = score_batch(model, batch), score_batch(model, batch)
+    assert torch.equal(a.nll, b.nll)
+
+
+def test_bf16_autocast_runs_and_is_close():
+    model = tiny_model("llama")
+    batch = padded_batch(LENGTHS, PROMPTS)
+    ref = naive_reference(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = score_batch(model, batch)
+    assert model not in scoring_module._FALLBACK
+    torch.testing.assert_close(scores.entropy[:3], ref["entropy"][:3], rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- memory
+
+def peak_bytes(fn):
+    """Peak of live CPU allocations during fn(), from the profiler's allocation records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    assert events, "the profiler recorded no allocation"
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_peak_memory_is_a_fraction_of_the_naive_logits():
+    model = tiny_model("llama", vocab_size=32000)
+    batch = padded_batch([512] * 4, [128] * 4, vocab_size=32000)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+
+    def backbone():
+        with torch.no_grad():
+            model.model(**kwargs)
+
+    def naive():  # in float32, as a plain forward returns it
+        naive_reference(model, batch, dtype=torch.float32)
+
+    def ours():
+        score_batch(model, batch)
+
+    base = peak_bytes(backbone)
+    naive_extra = peak_bytes(naive) - base
+    ours_extra = peak_bytes(ours) - base
+    logits_bytes = 4 * 512 * 32000 * 4
+    assert naive_extra >= logits_bytes  # the reference does build the [B, T, V] logits
+    assert ours_extra < naive_extra / 4, (ours_extra, naive_extra)
+    # and the chunk size is the knob: a smaller chunk, a smaller peak
+    small = peak_bytes(lambda: score_batch(model, batch, chunk_size=32)) - base
+    assert small < ours_extra

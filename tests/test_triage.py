@@ -1,0 +1,242 @@
+"""Sample stage (spec section 2): hand-worked pools and properties over random pools."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qtuning_plugin.core import kept_count, median_quadrants, triage
+
+INF, NAN = math.inf, math.nan
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def idx(mask):
+    return mask.nonzero().squeeze(1).tolist()
+
+
+def test_six_sample_pool_worked_by_hand():
+    # sample:     0    1    2    3    4    5
+    ppl = t(5.0, 1.0, 4.0, 2.0, 6.0, 3.0)
+    ent = t(1.0, 2.0, 6.0, 5.0, 3.0, 4.0)
+    # r_s = 0.5 -> K = 3.  Highest PPL first: 4, 0, 2, 5, 3, 1.  Lowest Ent first: 0, 1, 4, 5, 3, 2.
+    # m = 1: Q2 = {4} ∩ {0} = {}, Q4 = {1} ∩ {2} = {}                    -> core {}       (0)
+    # m = 2: Q2 = {4,0} ∩ {0,1} = {0}, Q4 = {1,3} ∩ {2,3} = {3}          -> core {0, 3}   (2 <= 3)
+    # m = 3: Q2 = {4,0,2} ∩ {0,1,4} = {0,4}, Q4 = {1,3,5} ∩ {2,3,5} = {3,5} -> 4 > K: stop at m = 2.
+    # Top-up one from {1, 2, 4, 5} by |p - e|, p = (ppl - 1) / 5, e = (ent - 1) / 5:
+    #   1: |0 - 0.2| = 0.2   2: |0.6 - 1| = 0.4   4: |1 - 0.4| = 0.6   5: |0.4 - 0.6| = 0.2  -> sample 4,
+    #   p >= e so it prunes tokens (Q2-like).
+    result = triage(ppl, ent, 0.5)
+    assert idx(result.core) == [0, 3]
+    assert idx(result.keep) == [0, 3, 4]
+    assert idx(result.prune_tokens) == [0, 4]
+    assert result.level == pytest.approx(2 / 6)
+    assert result.k == 3
+
+    # r_s = 0.7 -> K = 4: the m = 3 core {0, 3, 4, 5} fits exactly, no top-up.
+    result = triage(ppl, ent, 0.7)
+    assert idx(result.keep) == [0, 3, 4, 5] and idx(result.core) == [0, 3, 4, 5]
+    assert idx(result.prune_tokens) == [0, 4]  # Q2_3 = {0, 4}; Q4_3 = {3, 5} keep all tokens
+    assert result.level == pytest.approx(3 / 6)
+
+    # r_s = 0.25 -> K = 1: m = 1 (empty core) is the largest level that fits; the top-up ranks all
+    # six: |p - e| = 0.8, 0.2, 0.4, 0.6, 0.6, 0.2 -> sample 0, Q2-like (p = 0.8 >= e = 0).
+    result = triage(ppl, ent, 0.25)
+    assert idx(result.keep) == [0] and idx(result.prune_tokens) == [0] and not result.core.any()
+    assert result.level == pytest.approx(1 / 6)
+
+
+def test_top_up_of_a_q4_like_sample_keeps_its_tokens():
+    # Three samples, K = 1, core empty (m = 1: top PPL is 2, lowest Ent is 0).
+    # p = [0, 0.5, 1], e = [0, 1, 0.5]: |p - e| = [0, 0.5, 0.5]; tie between 1 and 2 -> earlier (1);
+    # p < e for sample 1: a calibration-like top-up, kept whole.
+    result = triage(t(1.0, 2.0, 3.0), t(0.0, 2.0, 1.0), 0.5)
+    assert idx(result.keep) == [1] and not result.prune_tokens.any()
+
+
+def test_single_sample_pool():
+    result = triage(t(7.0), t(0.3), 0.1)
+    assert idx(result.keep) == [0] and idx(result.prune_tokens) == [0]  # p = e = 0 -> Q2-like
+    assert result.level == 0.0 and not result.core.any()
+
+
+def test_all_equal_scores_tie_to_the_earlier_sample():
+    result = triage(torch.ones(8), torch.ones(8), 0.25)
+    # Equal values rank by position: "highest PPL" are the last ones, "lowest Ent" the first ones,
+    # so the cores stay empty up to m = 4; the top-up (all gaps 0) takes the earliest two.
+    assert idx(result.keep) == [0, 1] and idx(result.prune_tokens) == [0, 1]
+    assert result.level == pytest.approx(4 / 8)
+
+
+def test_nan_counts_as_inf_and_inf_normalises_to_one():
+    ppl = t(NAN, 1.0, INF, 2.0, 1.5, 1.2)
+    ent = t(1.0, NAN, 1.0, 1.0, 0.5, 0.7)
+    assert torch.equal(triage(ppl, ent, 0.5).keep,
+                       triage(t(INF, 1.0, INF, 2.0, 1.5, 1.2), t(1.0, INF, 1.0, 1.0, 0.5, 0.7), 0.5).keep)
+    result = triage(ppl, ent, 0.5)
+    assert result.k == 3 and bool((result.prune_tokens <= result.keep).all())
+
+
+def test_sample_ratio_one_keeps_everything():
+    ppl, ent = torch.rand(13, dtype=torch.float64), torch.rand(13, dtype=torch.float64)
+    result = triage(ppl, ent, 1.0)
+    assert bool(result.keep.all())
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -1])
+def test_bad_ratio(bad):
+    with pytest.raises(ValueError, match="sample_ratio"):
+        triage(t(1.0, 2.0), t(1.0, 2.0), bad)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="1-D"):
+        triage(t(1.0, 2.0), t(1.0), 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        triage(t(), t(), 0.5)
+
+
+def test_median_quadrants():
+    q = median_quadrants(t(5.0, 1.0, 4.0, 2.0), t(1.0, 2.0, 6.0, 5.0))
+    # medians (lower): PPL 2, Ent 2; high = strictly above
+    assert q.tolist() == [2, 3, 1, 4]
+
+
+# ---------------------------------------------------------------- properties over random pools
+
+ratios = st.floats(min_value=1e-3, max_value=1.0, allow_nan=False)
+
+
+@st.composite
+def pools(draw, distinct=False, max_n=300):
+    n = draw(st.integers(1, max_n))
+    if distinct:
+        ppl = draw(st.permutations(range(n)))
+        ent = draw(st.permutations(range(n)))
+    else:  # small integer range: many ties
+        hi = draw(st.integers(0, 40))
+        ppl = draw(st.lists(st.integers(0, hi), min_size=n, max_size=n))
+        ent = draw(st.lists(st.integers(0, hi), min_size=n, max_size=n))
+    return torch.tensor(ppl, dtype=torch.float64), torch.tensor(ent, dtype=torch.float64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pools(), ratios)
+def test_exactly_k_kept_core_within_k_prune_implies_keep(pool, r):
+    ppl, ent = pool
+    result = triage(ppl, ent, r)
+    n = ppl.numel()
+    assert result.k == kept_count(n, r) == max(1, math.floor(r * n))
+    assert int(result.core.sum()) <= result.k
+    assert bool((result.prune_tokens <= result.keep).all())
+    assert bool((result.core <= result.keep).all())
+    assert 0.0 <= result.level <= 0.5
+
+
+INCREASING = {"exp": lambda x: torch.exp(x / 7), "cube": lambda x: x**3 - 5, "log1p": torch.log1p,
+              "affine": lambda x: 3 * x + 100}
+
+
+@settings(max_examples=200, deadline=None)
+@given(pools(), ratios, st.sampled_from(sorted(INCREASING)))
+def test_rank_invariance_under_increasing_transforms(pool, r, name):
+    """The core (the quantile stage) depends on ranks only. The top-up ranks by |p - e| of
+    min-max normalised raw values (spec section 2, step 4), which only an affine map preserves:
+    so `keep` is invariant under any increasing map when no top-up is needed, and always under
+    a positive affine map."""
+    ppl, ent = pool
+    f = INCREASING[name]
+    base = triage(ppl, ent, r)
+    for moved in (triage(f(ppl), ent, r), triage(ppl, f(ent), r), triage(f(ppl), f(ent), r)):
+        assert torch.equal(moved.core, base.core) and moved.level == base.level
+        if name == "affine" or int(base.core.sum()) == base.k:
+            assert torch.equal(moved.keep, base.keep)
+            assert torch.equal(moved.prune_tokens, base.prune_tokens)
+
+
+def test_top_up_follows_raw_values_not_ranks():
+    # Spec section 7 flags this: with one extreme PPL, min-max squashes the rest to p ~ 0, so the
+    # top-up follows entropy. Same ranks, different raw gaps -> a different top-up.
+    # K = 1, core empty. e = [0, 1, 0.5, 0.125].
+    ent = t(0.1, 0.9, 0.5, 0.2)
+    # p = [0, 1/3, 2/3, 1]: |p - e| = [0, 0.67, 0.17, 0.875] -> sample 3 (highest error)
+    assert idx(triage(t(1.0, 2.0, 3.0, 4.0), ent, 0.25).keep) == [3]
+    # p ~ [0, 1e-6, 2e-6, 1]: |p - e| ~ [0, 1.0, 0.5, 0.875] -> sample 1 (highest uncertainty)
+    assert idx(triage(t(1.0, 2.0, 3.0, 1e6), ent, 0.25).keep) == [1]
+
+
+def _quantile_sets(ppl, ent, a):
+    """The paper's sets at quantile level a (numpy linear quantiles)."""
+    p, e = ppl.numpy(), ent.numpy()
+    q2 = (p > np.quantile(p, 1 - a)) & (e <= np.quantile(e, a))
+    q4 = (p <= np.quantile(p, a)) & (e > np.quantile(e, 1 - a))
+    return torch.from_numpy(q2 | q4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pools(distinct=True), ratios)
+def test_core_equals_the_papers_quantile_sets_between_breakpoints(pool, r):
+    ppl, ent = pool
+    n = ppl.numel()
+    result = triage(ppl, ent, r)
+    m = round(result.level * n)
+    if m == 0:  # even the first level holds more than K samples (or n = 1): empty core
+        assert not result.core.any()
+        assert n == 1 or int(_quantile_sets(ppl, ent, 0.5 / (n - 1)).sum()) > result.k
+        return
+    # (m - 1/2) / (n - 1) lies strictly between the breakpoints (m-1)/(n-1) and m/(n-1), where
+    # "PPL above its (1-a)-quantile" is exactly "among the m highest PPL" (and so on).
+    a = (m - 0.5) / (n - 1)
+    assert torch.equal(result.core, _quantile_sets(ppl, ent, a))
+    if m < n // 2:  # the next level no longer fits in K: the bisection would stop at m
+        assert int(_quantile_sets(ppl, ent, (m + 0.5) / (n - 1)).sum()) > result.k
+
+
+def _reference(ppl, ent, r):
+    """A literal, loop-by-loop reading of spec section 2, for cross-checking."""
+    n = len(ppl)
+    ppl = [INF if math.isnan(x) else x for x in ppl]
+    ent = [INF if math.isnan(x) else x for x in ent]
+    k = max(1, math.floor(r * n))
+    by_ppl = sorted(range(n), key=lambda i: (ppl[i], i))
+    by_ent = sorted(range(n), key=lambda i: (ent[i], i))
+    core2, core4, level = set(), set(), 0
+    for m in range(1, n // 2 + 1):
+        q2 = set(by_ppl[n - m:]) & set(by_ent[:m])
+        q4 = set(by_ppl[:m]) & set(by_ent[n - m:])
+        if len(q2 | q4) <= k:
+            core2, core4, level = q2, q4, m
+
+    def norm(x):
+        if any(v == INF for v in x):
+            return [1.0 if v == INF else 0.0 for v in x]
+        lo, hi = min(x), max(x)
+        return [0.0] * n if hi == lo else [(v - lo) / (hi - lo) for v in x]
+
+    p, e = norm(ppl), norm(ent)
+    rest = sorted((i for i in range(n) if i not in core2 | core4), key=lambda i: (-abs(p[i] - e[i]), i))
+    top = rest[: k - len(core2 | core4)]
+    keep = core2 | core4 | set(top)
+    prune = core2 | {i for i in top if p[i] >= e[i]}
+    return keep, prune, level / n
+
+
+@settings(max_examples=300, deadline=None)
+@given(pools(max_n=60), ratios, st.lists(st.sampled_from([NAN, INF]), max_size=3))
+def test_matches_a_literal_reference(pool, r, specials):
+    ppl, ent = pool
+    ppl, ent = ppl.tolist(), ent.tolist()
+    for j, s in enumerate(specials):  # sprinkle NaN / inf in both axes
+        ppl[(7 * j) % len(ppl)] = s
+        ent[(3 * j + 1) % len(ent)] = s
+    keep, prune, level = _reference(ppl, ent, r)
+    result = triage(torch.tensor(ppl, dtype=torch.float64), torch.tensor(ent, dtype=torch.float64), r)
+    assert set(idx(result.keep)) == keep
+    assert set(idx(result.prune_tokens)) == prune
+    assert result.level == pytest.approx(level)

@@ -1,0 +1,59 @@
+"""Tiny causal LMs built from configs (no hub), shared by the tests."""
+
+import torch
+import transformers
+
+COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_config(kind: str, vocab_size: int = 128, **overrides):
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=vocab_size, **COMMON)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(vocab_size=vocab_size, **COMMON)
+    elif kind == "gemma2":
+        # a small softcap so that it changes the logits a lot
+        cfg = transformers.Gemma2Config(vocab_size=vocab_size, head_dim=8, final_logit_softcapping=0.7,
+                                        **COMMON)
+    elif kind == "gemma3":
+        cfg = transformers.Gemma3TextConfig(vocab_size=vocab_size, head_dim=8, final_logit_softcapping=0.9,
+                                            **COMMON)
+    elif kind == "cohere":
+        cfg = transformers.CohereConfig(vocab_size=vocab_size, logit_scale=3.0, bos_token_id=1, eos_token_id=2,
+                                        pad_token_id=0, **COMMON)
+    elif kind == "granite":
+        cfg = transformers.GraniteConfig(vocab_size=vocab_size, logits_scaling=0.25, **COMMON)
+    else:
+        raise ValueError(kind)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, vocab_size: int = 128, **overrides):
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, vocab_size, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Random init gives near-uniform predictions; scale the head so that scores vary.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model.eval()
+
+
+def padded_batch(lengths, prompt_lengths, vocab_size=128, padding_side="right", seed=0, pad_id=0):
+    """input_ids / attention_mask / labels with the prompt and the padding labelled -100."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.full((len(lengths), t), pad_id)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    labels = torch.full((len(lengths), t), -100)
+    for b, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+        row = torch.randint(1, vocab_size, (n,), generator=g)
+        cols = slice(0, n) if padding_side == "right" else slice(t - n, t)
+        ids[b, cols] = row
+        mask[b, cols] = 1
+        lab = row.clone()
+        lab[:p] = -100
+        labels[b, cols] = lab
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
