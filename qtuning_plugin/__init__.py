@@ -10,4 +10,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["QTuningConfig", "decide", "score_batch", "token_keep_mask", "triage", "__version__"]
+__all__ = ["QTuning", "QTuningConfig", "decide", "score_batch", "token_keep_mask", "triage", "__version__"]
+
+
+def __getattr__(name: str):
+    # Front ends load lazily: `import qtuning_plugin` imports neither the Trainer nor Axolotl.
+    if name == "QTuning":
+        from .callback import QTuning
+
+        return QTuning
+    raise AttributeError(f"module 'qtuning_plugin' has no attribute {name!r}")

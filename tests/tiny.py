@@ -57,3 +57,31 @@ def padded_batch(lengths, prompt_lengths, vocab_size=128, padding_side="right", 
         lab[:p] = -100
         labels[b, cols] = lab
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?.,:"
+
+
+def tiny_tokenizer(padding_side="right"):
+    """A character-level tokenizer built in memory (ids 0-2 are <pad>, <s>, </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", padding_side=padding_side)
+
+
+def arithmetic_dataset(n=32, seed=0):
+    """prompt / completion pairs of varied lengths ("12+7=" -> "19")."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 10 ** rng.randint(1, 4)), rng.randint(0, 10 ** rng.randint(1, 4))
+        filler = " " * rng.randint(0, 6)
+        rows.append({"prompt": f"what is {a}+{b}?{filler}", "completion": f" {a + b}. so {a}+{b}={a + b}"})
+    return rows

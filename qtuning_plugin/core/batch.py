@@ -59,3 +59,66 @@ def apply_decision(
         pruned = trainable_positions(labels[rows], ignore_index) & ~token_keep.to(labels.device)[rows].bool()
         out["labels"] = out["labels"].masked_fill(pruned[:, cols], ignore_index)
     return out
+
+
+def padding_side(attention_mask: torch.Tensor) -> str | None:
+    """"left" or "right" as seen in a padded batch's mask; None when no row is padded."""
+    padded = (attention_mask == 0).any(1)
+    if not padded.any():
+        return None
+    return "left" if bool((attention_mask[padded, 0] == 0).all()) else "right"
+
+
+def split_rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a padded batch, each without its padding: per-token tensors ([B, T, ...]) become
+    [n_b, ...], per-sample tensors ([B, ...]) become their row; other values are dropped."""
+    labels = batch["labels"]
+    b, t = labels.shape
+    mask = batch.get("attention_mask")
+    rows = []
+    for i in range(b):
+        cols = slice(None)
+        if isinstance(mask, torch.Tensor) and mask.shape == (b, t):
+            used = (mask[i] != 0).nonzero().squeeze(1)
+            if used.numel():
+                cols = slice(int(used[0]), int(used[-1]) + 1)
+        row = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == b:
+                row[key] = value[i, cols] if value.ndim >= 2 and value.shape[1] == t else value[i]
+        rows.append(row)
+    return rows
+
+
+def collate_rows(
+    rows: list[Mapping[str, torch.Tensor]],
+    *,
+    side: str = "right",
+    pad_values: Mapping[str, int] | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, torch.Tensor]:
+    """Pad rows from :func:`split_rows` back into one batch. Per-token keys (those with as many
+    entries as the row's ``labels``) are padded on ``side`` with ``pad_values[key]`` (labels with
+    ``ignore_index``, every other key with 0 unless given); per-sample keys are stacked."""
+    if not rows:
+        raise ValueError("collate_rows: no rows")
+    if side not in ("left", "right"):
+        raise ValueError(f"collate_rows: side must be 'left' or 'right', got {side!r}")
+    pad_values = {"labels": ignore_index, **(pad_values or {})}
+    t = max(r["labels"].shape[0] for r in rows)
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if all(v.ndim >= 1 and v.shape[0] == r["labels"].shape[0] for v, r in zip(values, rows)):
+            fill = pad_values.get(key, 0)
+            padded = values[0].new_full((len(rows), t, *values[0].shape[1:]), fill)
+            for i, v in enumerate(values):
+                n = v.shape[0]
+                if side == "left":
+                    padded[i, t - n:] = v
+                else:
+                    padded[i, :n] = v
+            out[key] = padded
+        else:
+            out[key] = torch.stack(values)
+    return out

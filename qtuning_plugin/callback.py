@@ -1,0 +1,355 @@
+"""Q-Tuning for transformers' Trainer and TRL's SFTTrainer: ``callbacks=[QTuning()]``.
+
+How it hooks in (see the integration notes in the docs): the Trainer fetches all micro-batches of
+an optimizer step at once with ``get_batch_samples`` and counts their label tokens before any
+forward. ``QTuning`` replaces that method on the trainer *instance*: it fetches the step, scores
+every sample with the model being trained (one no-grad forward), runs Algorithm 1 of the paper,
+and returns only the kept samples, re-batched into as few micro-batches as the batch size allows,
+with the label-token count recomputed. The loss is then exactly the mean cross-entropy over the
+kept tokens of the kept samples.
+
+The Trainer decides when to step the optimizer by counting micro-batches, so the list handed
+back keeps its length: the micro-batches that are no longer needed are replaced, at the front,
+by empty stand-ins that ``training_step`` (also wrapped) skips without any forward or backward.
+The last entry is always a real micro-batch, so DDP's gradient all-reduce still happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import weakref
+from collections import defaultdict
+from typing import Any, Mapping
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .core import (
+    QTuningConfig,
+    apply_decision,
+    decide,
+    median_quadrants,
+    score_batch,
+    scoring_mode,
+)
+from .core.batch import collate_rows, padding_side, split_rows
+from .core.scoring import DEFAULT_CHUNK_SIZE, unwrap_causal_lm
+
+logger = logging.getLogger(__name__)
+
+_PACKING_HELP = (
+    "packed / padding-free batches are not supported yet (a sample would be a segment of a packed "
+    "row): set padding_free=False and packing=False in SFTConfig (Axolotl: sample_packing: false)"
+)
+# Trainers of TRL whose batches are not SFT samples with labels (RL, preference, distillation).
+_SFT_TRAINERS = {"SFTTrainer", "_BaseTrainer"}
+
+_ATTACHED: "weakref.WeakSet[Trainer]" = weakref.WeakSet()
+
+
+class SkippedMicroBatch(dict):
+    """Stands in for a micro-batch whose samples were all pruned. ``training_step`` returns a zero
+    loss for it without running the model; it exists only so that the Trainer's micro-batch
+    counter (which decides when the optimizer steps) stays right."""
+
+
+class QTuning(TrainerCallback, ExportableState):
+    """Q-Tuning as a Trainer callback.
+
+    ``QTuning(sample_ratio=0.25, token_ratio=0.5)`` or ``QTuning(QTuningConfig(...))``; the fields
+    are those of :class:`~qtuning_plugin.core.QTuningConfig` and are validated here.
+    Pass it in ``callbacks=[...]`` (it attaches itself when training begins) or call
+    :meth:`attach` with the trainer. ``chunk_size`` is the scorer's memory knob.
+
+    Logged every ``logging_steps`` (averaged over the interval), see README for the meaning:
+    ``qtuning/kept_samples``, ``qtuning/pool_samples``, ``qtuning/kept_tokens_ratio``,
+    ``qtuning/share_q1_noise`` .. ``qtuning/share_q4_calibration``, ``qtuning/level``,
+    ``qtuning/score_seconds``, ``qtuning/score_share``, ``qtuning/kept_ppl``,
+    ``qtuning/kept_entropy``, ``qtuning/dropped_ppl``, ``qtuning/dropped_entropy``.
+    """
+
+    def __init__(self, config: QTuningConfig | Mapping[str, Any] | None = None, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, **fields: Any) -> None:
+        if isinstance(config, QTuningConfig):
+            if fields:
+                raise ValueError("QTuning: pass either a QTuningConfig or its fields, not both")
+            self.config = config
+        else:
+            self.config = QTuningConfig.from_dict({**(config or {}), **fields})
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"QTuning.chunk_size must be a positive integer, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        # Running totals over the whole run; saved with checkpoints and restored on resume.
+        self.totals: dict[str, float] = {"steps": 0, "pool_samples": 0, "kept_samples": 0,
+                                         "label_tokens": 0, "kept_label_tokens": 0, "score_seconds": 0.0}
+        self.last_pool: dict[str, torch.Tensor] | None = None  # the latest pool's scores, for plots
+        self._trainer_ref: weakref.ref | None = None
+        self._interval: dict[str, list[float]] = defaultdict(list)
+        self._step_seconds = 0.0
+        self._last_mark: float | None = None
+
+    # ------------------------------------------------------------------ attaching
+
+    @property
+    def trainer(self) -> Trainer | None:
+        return self._trainer_ref() if self._trainer_ref is not None else None
+
+    def attach(self, trainer: Trainer) -> "QTuning":
+        """Hook into ``trainer`` (a ``transformers.Trainer`` or TRL ``SFTTrainer``) before ``train()``.
+
+        Refuses, with a ``ValueError`` saying what to change, what Q-Tuning cannot do exactly:
+        RL / preference trainers, sequence or context parallelism, packed or padding-free
+        batches, a model that is not a causal LM, a trainer that does not count label tokens.
+        """
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"QTuning.attach: expected a transformers.Trainer, got {type(trainer).__name__}")
+        _refuse_unsupported(trainer)
+        others = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, QTuning) and cb is not self]
+        if others:
+            raise ValueError("QTuning: this trainer already has another QTuning callback; use one")
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        originals = trainer.__dict__.setdefault("_qtuning_originals", {
+            "get_batch_samples": trainer.get_batch_samples,
+            "training_step": trainer.training_step,
+            "log": trainer.log,
+        })
+        me = weakref.proxy(self)
+        trainer.get_batch_samples = lambda it, n, device: me._get_batch_samples(trainer, it, n, device)
+        trainer.training_step = lambda model, inputs, *a, **kw: (
+            torch.zeros((), device=trainer.args.device) if isinstance(inputs, SkippedMicroBatch)
+            else originals["training_step"](model, inputs, *a, **kw))
+        trainer.log = lambda logs, *a, **kw: originals["log"](me._with_metrics(logs), *a, **kw)
+        trainer._qtuning_callback = self
+        self._trainer_ref = weakref.ref(trainer)
+        _ATTACHED.add(trainer)
+        return self
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer or _find_trainer(self)
+        if trainer is None:
+            raise RuntimeError(
+                "QTuning could not find its trainer: call QTuning(...).attach(trainer) before "
+                "trainer.train()"
+            )
+        if getattr(trainer, "_qtuning_callback", None) is not self:
+            self.attach(trainer)
+        else:  # attached before train(): check again, the arguments may have changed since
+            _refuse_unsupported(trainer)
+        self._restore_from(state)
+        self._interval.clear()
+        self._step_seconds, self._last_mark = 0.0, None
+
+    def _restore_from(self, state) -> None:
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if not isinstance(saved, dict) or not state.global_step:
+            return
+        totals = saved.get("attributes", {}).get("totals")
+        if isinstance(totals, dict):
+            self.totals.update(totals)
+        if saved.get("args") and saved["args"] != self.config.to_dict():
+            logger.warning(
+                "QTuning: resuming with %s, but the checkpoint was trained with %s. Set "
+                "restore_callback_states_from_checkpoint=True to continue with the checkpoint's.",
+                self.config.to_dict(), saved["args"],
+            )
+
+    def state(self) -> dict:
+        return {"args": self.config.to_dict(), "attributes": {"totals": dict(self.totals)}}
+
+    # ------------------------------------------------------------------ the step
+
+    def _get_batch_samples(self, trainer: Trainer, epoch_iterator, num_batches: int, device):
+        originals = trainer._qtuning_originals
+        batches, num_items = originals["get_batch_samples"](epoch_iterator, num_batches, device)
+        now = time.perf_counter()
+        if self._last_mark is not None:
+            self._step_seconds += now - self._last_mark
+        self._last_mark = now
+        if not batches or self.config.prunes_nothing:
+            return batches, num_items
+        for batch in batches:
+            _check_batch(batch)
+
+        model = getattr(trainer, "model_wrapped", None) or trainer.model
+        with scoring_mode(model):
+            scores = [score_batch(model, b, chunk_size=self.chunk_size) for b in batches]
+        groups = [list(range(len(batches)))] if self.config.pool == "step" else [[i] for i in range(len(batches))]
+        keep: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
+        token_keep: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
+        prune: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
+        levels = []
+        for group in groups:
+            decision = decide([scores[i] for i in group], self.config)
+            levels.append(decision.triage.level)
+            sizes = [scores[i].ppl.numel() for i in group]
+            for i, k, t, p in zip(group, decision.keep, decision.token_keep,
+                                  decision.triage.prune_tokens.split(sizes)):
+                keep[i], token_keep[i], prune[i] = k, t, p
+
+        if not any(t.any() for t in token_keep):
+            # Only samples without any response token were kept (e.g. truncated away): a loss over
+            # zero tokens is 0/0. Train this step unpruned rather than step on a NaN.
+            logger.warning("QTuning: the kept samples of step %d have no label token; this step "
+                           "is trained unpruned", trainer.state.global_step + 1)
+            return batches, num_items
+        rows = []
+        for batch, k, t in zip(batches, keep, token_keep):
+            if k.any():
+                rows += split_rows(apply_decision(batch, k, t))
+        rows.sort(key=lambda r: -r["labels"].shape[0])  # similar lengths together: less padding
+        size = max(b["labels"].shape[0] for b in batches)  # the micro-batch size the collator made
+        pad = {"input_ids": _pad_id(batches, trainer)}
+        side = _padding_side(batches, trainer)
+        extras = {k: v for k, v in batches[0].items() if not isinstance(v, torch.Tensor)}
+        real = [{**collate_rows(rows[i:i + size], side=side, pad_values=pad), **extras}
+                for i in range(0, len(rows), size)]
+        stand_ins = [SkippedMicroBatch(input_ids=torch.empty(0, 0, dtype=torch.long, device=device))
+                     for _ in range(len(batches) - len(real))]
+        num_items = trainer._get_num_items_in_batch(real, device)
+        self._record(scores, keep, prune, token_keep, levels, time.perf_counter() - now)
+        return stand_ins + real, num_items
+
+    # ------------------------------------------------------------------ metrics
+
+    def _record(self, scores, keep, prune, token_keep, levels, seconds: float) -> None:
+        ppl = torch.cat([s.ppl for s in scores]).cpu()
+        ent = torch.cat([s.entropy for s in scores]).cpu()
+        kept = torch.cat(keep).cpu()
+        label_tokens = sum(int(s.trainable.sum()) for s in scores)
+        kept_tokens = sum(int(t.sum()) for t in token_keep)
+        quadrant = median_quadrants(ppl, ent)
+        n, k = ppl.numel(), int(kept.sum())
+        m = self._interval
+        m["kept_samples"].append(k)
+        m["pool_samples"].append(n)
+        m["kept_tokens_ratio"].append(kept_tokens / max(1, label_tokens))
+        for q, name in ((1, "q1_noise"), (2, "q2_misconception"), (3, "q3_redundant"), (4, "q4_calibration")):
+            m[f"share_{name}"].append(float((quadrant == q).float().mean()))
+        m["level"].append(sum(levels) / len(levels))
+        m["score_seconds"].append(seconds)
+        for name, mask in (("kept", kept), ("dropped", ~kept)):
+            for metric, values in (("ppl", ppl), ("entropy", ent)):
+                finite = values[mask][torch.isfinite(values[mask])]
+                if finite.numel():
+                    m[f"{name}_{metric}"].append(float(finite.mean()))
+        self.totals["steps"] += 1
+        self.totals["pool_samples"] += n
+        self.totals["kept_samples"] += k
+        self.totals["label_tokens"] += label_tokens
+        self.totals["kept_label_tokens"] += kept_tokens
+        self.totals["score_seconds"] += seconds
+        self.last_pool = {"ppl": ppl, "entropy": ent, "keep": kept, "quadrant": quadrant,
+                          "prune_tokens": torch.cat(prune).cpu()}
+
+    def _with_metrics(self, logs: dict) -> dict:
+        """Add the interval's averages to a training log (the dict every reporter receives)."""
+        if "loss" not in logs or not self._interval:
+            return logs
+        now = time.perf_counter()
+        if self._last_mark is not None:
+            self._step_seconds += now - self._last_mark
+            self._last_mark = now
+        out = {f"qtuning/{k}": sum(v) / len(v) for k, v in self._interval.items() if v}
+        if self._step_seconds > 0:
+            out["qtuning/score_share"] = sum(self._interval["score_seconds"]) / self._step_seconds
+        self._interval.clear()
+        self._step_seconds = 0.0
+        return {**logs, **out}
+
+
+# ---------------------------------------------------------------------- checks and helpers
+
+def _refuse_unsupported(trainer: Trainer) -> None:
+    trl_classes = [c.__name__ for c in type(trainer).__mro__
+                   if c.__module__.split(".")[0] == "trl" and c.__name__ not in _SFT_TRAINERS]
+    if trl_classes:
+        raise ValueError(
+            f"QTuning prunes supervised fine-tuning batches; {trl_classes[0]} is an RL / preference / "
+            "distillation trainer whose batches are not SFT samples. Use it without QTuning."
+        )
+    for owner in (trainer.args, getattr(trainer, "accelerator", None)):
+        pc = getattr(owner, "parallelism_config", None)
+        if pc is not None and any((getattr(pc, name, 1) or 1) > 1 for name in ("cp_size", "sp_size")):
+            raise ValueError(
+                "QTuning does not support sequence / context parallelism (parallelism_config with "
+                "cp_size or sp_size > 1): each rank would see only a shard of every sample."
+            )
+    for name in ("sequence_parallel_degree", "context_parallel_size", "sequence_parallel_size"):
+        if (getattr(trainer.args, name, 1) or 1) > 1:
+            raise ValueError(f"QTuning does not support sequence / context parallelism ({name} > 1).")
+    for name in ("packing", "sample_packing", "padding_free"):
+        if getattr(trainer.args, name, False) is True or getattr(trainer, name, False) is True:
+            raise ValueError(f"QTuning: {name}=True: {_PACKING_HELP}.")
+    lm = unwrap_causal_lm(trainer.model)
+    if not _is_causal_lm(lm):
+        raise ValueError(
+            f"QTuning needs a decoder-only causal LM (a *ForCausalLM model); got {type(lm).__name__}."
+        )
+    if not (getattr(trainer, "model_accepts_loss_kwargs", False) or getattr(trainer, "compute_loss_func", None)):
+        raise ValueError(
+            f"QTuning: {type(trainer).__name__} does not count label tokens per optimizer step "
+            "(model_accepts_loss_kwargs is False and no compute_loss_func), so the loss over the kept "
+            "tokens could not be exact."
+        )
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    names = [c.__name__ for c in type(model).__mro__]
+    named_causal = any(n in causal_names or n.endswith("ForCausalLM") for n in names)
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "_", None)
+    return (named_causal and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            and isinstance(backbone, torch.nn.Module) and model.get_output_embeddings() is not None)
+
+
+def _check_batch(batch: Mapping[str, Any]) -> None:
+    if "labels" not in batch:
+        raise ValueError("QTuning: the training batches have no 'labels'; use a causal-LM collator "
+                         "(TRL's SFTTrainer or DataCollatorForLanguageModeling) that provides them.")
+    if any(k in batch for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")) or (
+            "position_ids" in batch and "attention_mask" not in batch):
+        raise ValueError(f"QTuning: this batch is packed / padding-free; {_PACKING_HELP}.")
+    if "shift_labels" in batch:
+        raise ValueError("QTuning: batches with shift_labels (sequence parallelism) are not supported.")
+
+
+def _padding_side(batches, trainer) -> str:
+    for b in batches:
+        if "attention_mask" in b and (side := padding_side(b["attention_mask"])):
+            return side
+    tok = getattr(trainer, "processing_class", None)
+    return getattr(getattr(tok, "tokenizer", tok), "padding_side", None) or "right"
+
+
+def _pad_id(batches, trainer) -> int:
+    for b in batches:
+        mask = b.get("attention_mask")
+        if mask is not None and (mask == 0).any():
+            return int(b["input_ids"][mask == 0][0])
+    tok = getattr(trainer, "processing_class", None)
+    tok = getattr(tok, "tokenizer", tok)
+    pad = getattr(tok, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _find_trainer(callback: QTuning) -> Trainer | None:
+    """The trainer running ``callback``: one it was attached to earlier (the Trainer may have
+    recreated the callback from a checkpoint), else the ``self`` of a caller frame."""
+    for trainer in list(_ATTACHED):
+        if callback in trainer.callback_handler.callbacks:
+            return trainer
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
+            return candidate
+        frame = frame.f_back
+    return None

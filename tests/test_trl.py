@@ -1,0 +1,363 @@
+"""The Trainer front end: SFTTrainer(callbacks=[QTuning(...)]) and a plain transformers.Trainer.
+
+Run against both the newest trl/transformers and the versions the latest Axolotl pins
+(tests/run.sh runs this file in both environments).
+"""
+
+import logging
+import math
+import tempfile
+import types
+
+import datasets
+import pytest
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from qtuning_plugin import QTuning, QTuningConfig
+from qtuning_plugin.callback import SkippedMicroBatch
+from qtuning_plugin.core import decide, score_batch, scoring_mode
+from tiny import arithmetic_dataset, tiny_model, tiny_tokenizer
+
+trl = pytest.importorskip("trl")
+
+COMMON_ARGS = dict(report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0, bf16=False,
+                   dataloader_drop_last=True, max_grad_norm=0.0, learning_rate=5e-3, lr_scheduler_type="constant")
+
+
+def sft_trainer(callbacks=(), ga=1, bs=4, steps=3, n=48, model=None, **kw):
+    tok = tiny_tokenizer()
+    model = model or tiny_model("llama", vocab_size=len(tok))
+    args = trl.SFTConfig(per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=steps,
+                         **{"output_dir": tempfile.mkdtemp(), **COMMON_ARGS, **kw})
+    ds = datasets.Dataset.from_list(arithmetic_dataset(n))
+    return trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=list(callbacks))
+
+
+def plain_trainer(callbacks=(), ga=1, bs=4, steps=3, n=48, padding_side="right", **kw):
+    """transformers.Trainer on a causal LM, prompt tokens labelled -100."""
+    tok = tiny_tokenizer(padding_side)
+    model = tiny_model("llama", vocab_size=len(tok))
+    rows = []
+    for r in arithmetic_dataset(n):
+        p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": [-100] * len(p) + c})
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=bs,
+                             gradient_accumulation_steps=ga, max_steps=steps, **{**COMMON_ARGS, **kw})
+    collator = transformers.DataCollatorForSeq2Seq(tok, padding=True)
+    return Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                   data_collator=collator, callbacks=list(callbacks))
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def relative_error(got, want):
+    return float((got - want).norm() / want.norm().clamp(min=1e-30))
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class GradientCapture(TrainerCallback):
+    """Keeps every trainable parameter's gradient just before the first optimizer step."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class TrainingRows(TrainerCallback):
+    """Counts the rows that reach the model's forward with grad enabled (training forwards)."""
+
+    def __init__(self, model):
+        self.per_step, self._rows = [], 0
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            self._rows += kwargs["input_ids"].shape[0]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step.append(self._rows)
+        self._rows = 0
+
+
+# ---------------------------------------------------------------- equivalence at ratio 1
+
+@pytest.mark.parametrize("ga", [1, 4])
+def test_ratio_one_reproduces_plain_sft(ga):
+    base = sft_trainer(ga=ga, bs=2, steps=4)
+    base.train()
+    cb = QTuning(sample_ratio=1, token_ratio=1)
+    ours = sft_trainer([cb], ga=ga, bs=2, steps=4)
+    ours.train()
+    assert cb.trainer is ours
+    torch.testing.assert_close(losses(ours), losses(base), rtol=1e-6, atol=0)
+    for (name, a), b in zip(params(base.model).items(), params(ours.model).values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("ga", [1, 4])
+def test_ratio_one_through_the_full_scoring_path_still_reproduces_plain_sft(ga, monkeypatch):
+    """Scoring, triage (keep all), re-batching by length: the same training, to float error."""
+    base = sft_trainer(ga=ga, bs=2, steps=4)
+    base.train()
+    monkeypatch.setattr(QTuningConfig, "prunes_nothing", property(lambda self: False))
+    cb = QTuning(sample_ratio=1, token_ratio=1)
+    ours = sft_trainer([cb], ga=ga, bs=2, steps=4)
+    ours.train()
+    assert cb.totals["steps"] == 4 and cb.totals["kept_samples"] == cb.totals["pool_samples"] == 8 * ga
+    torch.testing.assert_close(losses(ours), losses(base), rtol=1e-6, atol=0)
+    for (name, a), b in zip(params(base.model).items(), params(ours.model).values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- exactness with pruning on
+
+def _reference_gradient(model, batches, config):
+    """Mean CE over the kept tokens of the kept samples, computed sample by sample (unpadded),
+    with the decision taken by the core on the step's pool at the step's starting weights."""
+    with scoring_mode(model):
+        scores = [score_batch(model, b) for b in batches]
+    groups = [list(range(len(batches)))] if config.pool == "step" else [[i] for i in range(len(batches))]
+    total, count, terms = 0.0, 0, []
+    for group in groups:
+        d = decide([scores[i] for i in group], config)
+        for i, keep, token_keep in zip(group, d.keep, d.token_keep):
+            b = batches[i]
+            for row in keep.nonzero().squeeze(1).tolist():
+                cols = b["attention_mask"][row].nonzero().squeeze(1)
+                ids = b["input_ids"][row, cols][None]
+                labels = torch.where(token_keep[row, cols], b["labels"][row, cols], -100)
+                terms.append((ids, labels))
+                count += int((labels[1:] != -100).sum())
+    model.train()
+    model.zero_grad()
+    for ids, labels in terms:
+        logits = model(input_ids=ids).logits[0, :-1]
+        total = total + torch.nn.functional.cross_entropy(logits, labels[1:], reduction="sum", ignore_index=-100)
+    (total / count).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads, count
+
+
+@pytest.mark.parametrize("front", ["sft", "plain-right", "plain-left"])
+@pytest.mark.parametrize("ga", [1, 4])
+@pytest.mark.parametrize("pool", ["step", "micro_batch"])
+def test_one_step_gradient_is_the_mean_ce_over_kept_tokens(front, ga, pool):
+    config = QTuningConfig(sample_ratio=0.25, token_ratio=0.5, pool=pool)
+    cb, grads = QTuning(config), GradientCapture()
+    if front == "sft":
+        trainer = sft_trainer([cb, grads], ga=ga, bs=4, steps=1)
+    else:
+        trainer = plain_trainer([cb, grads], ga=ga, bs=4, steps=1, padding_side=front.split("-")[1])
+    start = {n: p.detach().clone() for n, p in trainer.model.state_dict().items()}
+    fetched = []
+    fetch = trainer.get_batch_samples  # QTuning attaches at on_train_begin and will call this one
+
+    def recording(it, n, device):
+        batches, count = fetch(it, n, device)
+        fetched.extend({k: v.clone() for k, v in b.items()} for b in batches)
+        return batches, count
+
+    trainer.get_batch_samples = recording
+    trainer.train()
+    assert len(fetched) == ga
+
+    reference = tiny_model("llama", vocab_size=trainer.model.config.vocab_size)
+    reference.load_state_dict(start)
+    want, n_tokens = _reference_gradient(reference, fetched, config)
+    assert n_tokens > 0
+    got = grads.grads
+    assert set(got) == set(want)
+    for name in want:  # relative error of each parameter's gradient, in norm
+        assert relative_error(got[name], want[name]) < 1e-5, name
+    # and the denominator is the kept tokens: the full pool would give a different gradient
+    assert cb.totals["kept_label_tokens"] == n_tokens < cb.totals["label_tokens"]
+
+
+# ---------------------------------------------------------------- pruned samples skip the forward
+
+@pytest.mark.parametrize("ga,bs,ratio", [(1, 8, 0.25), (4, 4, 0.25), (4, 2, 0.125), (2, 4, 0.5)])
+def test_training_forward_sees_only_kept_rows(ga, bs, ratio):
+    cb = QTuning(sample_ratio=ratio, token_ratio=0.5)
+    trainer = sft_trainer([cb], ga=ga, bs=bs, steps=3)
+    counter = TrainingRows(trainer.model)
+    trainer.add_callback(counter)
+    trainer.train()
+    k = max(1, math.floor(ratio * ga * bs))
+    assert counter.per_step == [k] * 3
+    assert trainer.state.global_step == 3
+
+
+def test_stand_ins_keep_the_micro_batch_count_and_come_first():
+    cb = QTuning(sample_ratio=0.25, token_ratio=1)
+    trainer = sft_trainer([cb], ga=4, bs=2, steps=1)
+    seen = []
+    step = trainer.training_step
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, *a, **kw):
+            inner = trainer.training_step
+
+            def spy(model, inputs, *args, **kwargs):
+                seen.append(isinstance(inputs, SkippedMicroBatch))
+                return inner(model, inputs, *args, **kwargs)
+
+            trainer.training_step = spy
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert step is not None and seen == [True, True, True, False]  # K = 2 rows: one real micro-batch, last
+
+
+# ---------------------------------------------------------------- metrics, resume
+
+METRICS = ["kept_samples", "pool_samples", "kept_tokens_ratio", "share_q1_noise", "share_q2_misconception",
+           "share_q3_redundant", "share_q4_calibration", "level", "score_seconds", "score_share",
+           "kept_ppl", "kept_entropy", "dropped_ppl", "dropped_entropy"]
+
+
+def test_metrics_in_log_history_averaged_over_the_logging_interval():
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    trainer = sft_trainer([cb], ga=2, bs=4, steps=4, logging_steps=2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for log in logs:
+        for name in METRICS:
+            assert f"qtuning/{name}" in log, name
+        assert log["qtuning/kept_samples"] == 2 and log["qtuning/pool_samples"] == 8
+        shares = sum(log[f"qtuning/share_{q}"] for q in ("q1_noise", "q2_misconception", "q3_redundant",
+                                                         "q4_calibration"))
+        assert shares == pytest.approx(1.0)
+        assert 0 < log["qtuning/kept_tokens_ratio"] < 0.25 + 1e-9
+        assert 0 < log["qtuning/score_share"] < 1
+    assert cb.totals["steps"] == 4
+
+
+def test_resume_continues_configuration_and_counters(caplog):
+    out = tempfile.mkdtemp()
+    cb = QTuning(sample_ratio=0.5, token_ratio=0.5)
+    first = sft_trainer([cb], ga=2, bs=2, steps=4, save_strategy="steps", save_steps=2, output_dir=out)
+    first.train()
+    assert cb.totals["steps"] == 4
+
+    # Resume from step 2 with the checkpoint's callback state (a different config given on purpose).
+    resumed_cb = QTuning(sample_ratio=0.25, token_ratio=1)
+    second = sft_trainer([resumed_cb], ga=2, bs=2, steps=4, output_dir=out, save_strategy="no",
+                         restore_callback_states_from_checkpoint=True)
+    second.train(resume_from_checkpoint=f"{out}/checkpoint-2")
+    live = [cb for cb in second.callback_handler.callbacks if isinstance(cb, QTuning)]
+    assert len(live) == 1
+    assert live[0].config == QTuningConfig(sample_ratio=0.5, token_ratio=0.5)
+    assert live[0].totals["steps"] == 4  # 2 restored + 2 trained
+    assert live[0].totals["pool_samples"] == 16 and live[0].totals["kept_samples"] == 8
+
+    # Without restore_callback_states_from_checkpoint the counters continue and a different
+    # config is reported.
+    other = QTuning(sample_ratio=0.25, token_ratio=1)
+    third = sft_trainer([other], ga=2, bs=2, steps=4, output_dir=out, save_strategy="no")
+    with caplog.at_level(logging.WARNING, logger="qtuning_plugin.callback"):
+        third.train(resume_from_checkpoint=f"{out}/checkpoint-2")
+    assert other.totals["steps"] == 4
+    assert "the checkpoint was trained with" in caplog.text
+
+
+# ---------------------------------------------------------------- attaching and refusing
+
+def test_explicit_attach_and_missing_trainer_message():
+    trainer = sft_trainer([], steps=1)
+    cb = QTuning(sample_ratio=0.5).attach(trainer)
+    assert cb in trainer.callback_handler.callbacks
+    trainer.train()
+    assert cb.totals["steps"] == 1
+    lost = QTuning()
+    with pytest.raises(RuntimeError, match=r"attach\(trainer\)"):
+        lost.on_train_begin(trainer.args, trainer.state, trainer.control)
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match=r"sample_ratio must be a number in \(0, 1\]"):
+        QTuning(sample_ratio=0)
+    with pytest.raises(ValueError, match="unknown field"):
+        QTuning(sample_rate=0.5)
+    with pytest.raises(ValueError, match="either a QTuningConfig or its fields"):
+        QTuning(QTuningConfig(), token_ratio=0.3)
+    assert QTuning({"sample_ratio": 0.5}).config.sample_ratio == 0.5
+
+
+@pytest.mark.parametrize("option", ["packing", "padding_free"])
+def test_packing_is_refused_naming_the_option(option):
+    kw = {option: True}
+    if option == "padding_free":
+        kw["max_length"] = None
+    trainer = sft_trainer([], **kw)
+    with pytest.raises(ValueError, match=rf"{option}=True: packed / padding-free batches are not supported"):
+        QTuning().attach(trainer)
+
+
+def test_rl_trainers_are_refused():
+    dpo = trl.DPOTrainer.__new__(trl.DPOTrainer)
+    with pytest.raises(ValueError, match="DPOTrainer is an RL / preference / distillation trainer"):
+        QTuning().attach(dpo)
+
+
+def test_sequence_parallelism_is_refused():
+    trainer = sft_trainer([])
+    trainer.args.parallelism_config = types.SimpleNamespace(cp_size=1, sp_size=2)
+    with pytest.raises(ValueError, match="sequence / context parallelism"):
+        QTuning().attach(trainer)
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused():
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True)
+    trainer = Trainer(model=transformers.BertForMaskedLM(cfg), args=args)
+    with pytest.raises(ValueError, match="decoder-only causal LM.*BertForMaskedLM"):
+        QTuning().attach(trainer)
+
+
+def test_batches_without_labels_are_refused_at_the_first_step():
+    tok = tiny_tokenizer()
+    rows = [{"input_ids": tok(r["prompt"])["input_ids"]} for r in arithmetic_dataset(8)]
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, max_steps=1,
+                             per_device_train_batch_size=4)
+    trainer = Trainer(model=tiny_model("llama", vocab_size=len(tok)), args=args,
+                      train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=transformers.DataCollatorWithPadding(tok), callbacks=[QTuning()])
+    with pytest.raises(ValueError, match="no 'labels'"):
+        trainer.train()
+
+
+def test_a_step_whose_kept_samples_have_no_label_token_trains_unpruned(caplog):
+    """Truncation can leave samples without any response token; if only such samples were kept,
+    the loss would be 0/0. The step is trained on the whole pool instead."""
+    tok = tiny_tokenizer()
+    rows = []
+    for i, r in enumerate(arithmetic_dataset(8)):
+        p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"]
+        labels = [-100] * len(p) + (c if i == 0 else [-100] * len(c))  # one trainable sample of 8
+        rows.append({"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": labels})
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, max_steps=1,
+                             **COMMON_ARGS)
+    model = tiny_model("llama", vocab_size=len(tok))
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
+                      callbacks=[QTuning(sample_ratio=0.125, token_ratio=1)])
+    counter = TrainingRows(model)
+    trainer.add_callback(counter)
+    with caplog.at_level(logging.WARNING, logger="qtuning_plugin.callback"):
+        trainer.train()
+    assert "trained unpruned" in caplog.text
+    assert counter.per_step == [8]
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
