@@ -177,41 +177,34 @@ class QTuning(TrainerCallback, ExportableState):
         model = getattr(trainer, "model_wrapped", None) or trainer.model
         with scoring_mode(model):
             scores = [score_batch(model, b, chunk_size=self.chunk_size) for b in batches]
-        groups = [list(range(len(batches)))] if self.config.pool == "step" else [[i] for i in range(len(batches))]
-        keep: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
-        token_keep: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
-        prune: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
-        levels = []
-        for group in groups:
-            decision = decide([scores[i] for i in group], self.config)
-            levels.append(decision.triage.level)
-            sizes = [scores[i].ppl.numel() for i in group]
-            for i, k, t, p in zip(group, decision.keep, decision.token_keep,
-                                  decision.triage.prune_tokens.split(sizes)):
-                keep[i], token_keep[i], prune[i] = k, t, p
-
+        keep, prune, token_keep, levels = self._decide(scores)
         if not any(t.any() for t in token_keep):
             # Only samples without any response token were kept (e.g. truncated away): a loss over
             # zero tokens is 0/0. Train this step unpruned rather than step on a NaN.
             logger.warning("QTuning: the kept samples of step %d have no label token; this step "
                            "is trained unpruned", trainer.state.global_step + 1)
             return batches, num_items
-        rows = []
-        for batch, k, t in zip(batches, keep, token_keep):
-            if k.any():
-                rows += split_rows(apply_decision(batch, k, t))
-        rows.sort(key=lambda r: -r["labels"].shape[0])  # similar lengths together: less padding
-        size = max(b["labels"].shape[0] for b in batches)  # the micro-batch size the collator made
-        pad = {"input_ids": _pad_id(batches, trainer)}
-        side = _padding_side(batches, trainer)
-        extras = {k: v for k, v in batches[0].items() if not isinstance(v, torch.Tensor)}
-        real = [{**collate_rows(rows[i:i + size], side=side, pad_values=pad), **extras}
-                for i in range(0, len(rows), size)]
+        real = _rebatch(trainer, batches, keep, token_keep)
         stand_ins = [SkippedMicroBatch(input_ids=torch.empty(0, 0, dtype=torch.long, device=device))
                      for _ in range(len(batches) - len(real))]
-        num_items = trainer._get_num_items_in_batch(real, device)
+        num_items = trainer._get_num_items_in_batch(real, device)  # collective under DDP: every rank
         self._record(scores, keep, prune, token_keep, levels, time.perf_counter() - now)
         return stand_ins + real, num_items
+
+    def _decide(self, scores):
+        """Algorithm 1 over each pool of the step: per micro-batch keep [B], prune_tokens [B],
+        token_keep [B, T], and the pools' quantile levels."""
+        n = len(scores)
+        pools = [list(range(n))] if self.config.pool == "step" else [[i] for i in range(n)]
+        keep, prune, token_keep = [None] * n, [None] * n, [None] * n
+        levels = []
+        for pool in pools:
+            decision = decide([scores[i] for i in pool], self.config)
+            levels.append(decision.triage.level)
+            prune_split = decision.triage.prune_tokens.split([scores[i].ppl.numel() for i in pool])
+            for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
+                keep[i], prune[i], token_keep[i] = k, p, t
+        return keep, prune, token_keep, levels
 
     # ------------------------------------------------------------------ metrics
 
@@ -317,6 +310,22 @@ def _check_batch(batch: Mapping[str, Any]) -> None:
         raise ValueError(f"QTuning: this batch is packed / padding-free; {_PACKING_HELP}.")
     if "shift_labels" in batch:
         raise ValueError("QTuning: batches with shift_labels (sequence parallelism) are not supported.")
+
+
+def _rebatch(trainer, batches, keep, token_keep) -> list[dict]:
+    """The kept rows of the step, pruned tokens masked, sorted by length and padded into as few
+    micro-batches as the collator's batch size allows (padding side and pad id as it used)."""
+    rows = []
+    for batch, k, t in zip(batches, keep, token_keep):
+        if k.any():
+            rows += split_rows(apply_decision(batch, k, t))
+    rows.sort(key=lambda r: -r["labels"].shape[0])  # similar lengths together: less padding
+    size = max(b["labels"].shape[0] for b in batches)
+    pad = {"input_ids": _pad_id(batches, trainer)}
+    side = _padding_side(batches, trainer)
+    extras = {k: v for k, v in batches[0].items() if not isinstance(v, torch.Tensor)}
+    return [{**collate_rows(rows[i:i + size], side=side, pad_values=pad), **extras}
+            for i in range(0, len(rows), size)]
 
 
 def _padding_side(batches, trainer) -> str:
