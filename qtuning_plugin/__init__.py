@@ -10,7 +10,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["QTuning", "QTuningConfig", "decide", "score_batch", "token_keep_mask", "triage", "__version__"]
+__all__ = ["QTuning", "QTuningPlugin", "QTuningConfig", "decide", "score_batch", "token_keep_mask", "triage", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,8 @@ def __getattr__(name: str):
         from .callback import QTuning
 
         return QTuning
+    if name == "QTuningPlugin":  # Axolotl's plugin loader asks for `qtuning_plugin.QTuningPlugin`
+        from .axolotl import QTuningPlugin
+
+        return QTuningPlugin
     raise AttributeError(f"module 'qtuning_plugin' has no attribute {name!r}")

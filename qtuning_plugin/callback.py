@@ -283,11 +283,32 @@ def _refuse_unsupported(trainer: Trainer) -> None:
             f"QTuning needs a decoder-only causal LM (a *ForCausalLM model); got {type(lm).__name__}."
         )
     if not (getattr(trainer, "model_accepts_loss_kwargs", False) or getattr(trainer, "compute_loss_func", None)):
-        raise ValueError(
-            f"QTuning: {type(trainer).__name__} does not count label tokens per optimizer step "
-            "(model_accepts_loss_kwargs is False and no compute_loss_func), so the loss over the kept "
-            "tokens could not be exact."
-        )
+        # The Trainer would average per-micro-batch means instead of dividing the step's summed
+        # loss by its label-token count. Axolotl 0.19 switches this off for every model whose
+        # forward() does not name `num_items_in_batch`; turn it back on when the model's loss
+        # does use it (checked on a 4-token input), else refuse.
+        if not _loss_uses_num_items(lm):
+            raise ValueError(
+                f"QTuning: {type(trainer).__name__} averages per-micro-batch losses "
+                "(model_accepts_loss_kwargs is False, no compute_loss_func) and the model's loss "
+                "ignores num_items_in_batch, so the loss over the kept tokens could not be exact."
+            )
+        logger.info("QTuning: setting model_accepts_loss_kwargs=True so that each step's loss is "
+                    "the mean over its kept label tokens")
+        trainer.model_accepts_loss_kwargs = True
+
+
+def _loss_uses_num_items(lm: torch.nn.Module) -> bool:
+    """Whether the model's own loss divides by ``num_items_in_batch`` when it is given."""
+    device = next(lm.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    try:
+        with scoring_mode(lm), torch.no_grad():
+            mean = lm(input_ids=ids, labels=ids, use_cache=False).loss
+            summed = lm(input_ids=ids, labels=ids, use_cache=False, num_items_in_batch=1).loss
+    except TypeError:
+        return False
+    return bool(torch.isclose(summed, mean * 3, rtol=1e-3))
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:

@@ -43,5 +43,29 @@ def test_trl_recipe_runs_offline_and_logs_pruning(model_dir, tmp_path, fmt):
     assert len(steps) == 2
     for h in steps:
         assert h["qtuning/kept_samples"] == 2 and h["qtuning/pool_samples"] == 8  # 25 % of 4 x 2
-        assert 0 < h["qtuning/kept_tokens_ratio"] < 0.25
+        assert 0 < h["qtuning/kept_tokens_ratio"] < 1  # K of the pool, Q2 ones token-pruned
     assert (out / "adapter_model.safetensors").exists()
+
+
+GPU_RECIPES = {  # file: (sample_ratio, base_model)
+    "smollm2-1.7b-mathinstruct-qlora.yml": (0.25, "HuggingFaceTB/SmolLM2-1.7B"),
+    "llama3-8b-wizardlm-qlora.yml": (0.125, "meta-llama/Meta-Llama-3-8B"),
+    "mistral-7b-wizardlm-qlora.yml": (0.125, "mistralai/Mistral-7B-v0.1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GPU_RECIPES))
+def test_axolotl_recipes_have_the_papers_settings_and_a_valid_block(name):
+    import yaml
+
+    from qtuning_plugin import QTuningConfig
+
+    cfg = yaml.safe_load((ROOT / "recipes" / "axolotl" / name).read_text())
+    ratio, model = GPU_RECIPES[name]
+    assert cfg["plugins"] == ["qtuning_plugin.QTuningPlugin"]
+    assert QTuningConfig.from_dict(cfg["qtuning"]) == QTuningConfig(sample_ratio=ratio, token_ratio=0.5)
+    assert cfg["base_model"] == model
+    assert (cfg["adapter"], cfg["load_in_4bit"], cfg["lora_r"]) == ("qlora", True, 8)
+    assert (cfg["micro_batch_size"], cfg["gradient_accumulation_steps"], cfg["sequence_len"]) == (8, 4, 2048)
+    assert (cfg["num_epochs"], cfg["learning_rate"], cfg["lr_scheduler"]) == (3, 1e-4, "cosine")
+    assert cfg["sample_packing"] is False and cfg["train_on_inputs"] is False

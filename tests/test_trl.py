@@ -239,7 +239,7 @@ def test_metrics_in_log_history_averaged_over_the_logging_interval():
         shares = sum(log[f"qtuning/share_{q}"] for q in ("q1_noise", "q2_misconception", "q3_redundant",
                                                          "q4_calibration"))
         assert shares == pytest.approx(1.0)
-        assert 0 < log["qtuning/kept_tokens_ratio"] < 0.25 + 1e-9
+        assert 0 < log["qtuning/kept_tokens_ratio"] < 1
         assert 0 < log["qtuning/score_share"] < 1
     assert cb.totals["steps"] == 4
 
