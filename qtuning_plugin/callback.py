@@ -188,7 +188,7 @@ class QTuning(TrainerCallback, ExportableState):
         stand_ins = [SkippedMicroBatch(input_ids=torch.empty(0, 0, dtype=torch.long, device=device))
                      for _ in range(len(batches) - len(real))]
         num_items = trainer._get_num_items_in_batch(real, device)  # collective under DDP: every rank
-        self._record(scores, keep, prune, token_keep, levels, time.perf_counter() - now)
+        self._record(batches, scores, keep, prune, token_keep, levels, time.perf_counter() - now)
         return stand_ins + real, num_items
 
     def _decide(self, scores):
@@ -208,7 +208,8 @@ class QTuning(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ metrics
 
-    def _record(self, scores, keep, prune, token_keep, levels, seconds: float) -> None:
+    def _record(self, batches, scores, keep, prune, token_keep, levels, seconds: float) -> None:
+        """Metrics and totals of one step (``batches`` as fetched, before pruning)."""
         ppl = torch.cat([s.ppl for s in scores]).cpu()
         ent = torch.cat([s.entropy for s in scores]).cpu()
         kept = torch.cat(keep).cpu()

