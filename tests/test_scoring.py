@@ -179,3 +179,25 @@ def test_peak_memory_is_a_fraction_of_the_naive_logits():
     # and the chunk size is the knob: a smaller chunk, a smaller peak
     small = peak_bytes(lambda: score_batch(model, batch, chunk_size=32)) - base
     assert small < ours_extra
+
+
+def test_a_forward_wrapped_in_autocast_like_accelerate_does_is_scored_in_its_precision():
+    """accelerate's mixed precision wraps model.forward in autocast and returns fp32 logits: the
+    residual stream (hidden state) stays fp32 while lm_head ran in bf16. The scorer must run its
+    head under the same autocast (not fall back, not silently switch to fp32)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model = tiny_model("llama")
+    ref = naive_reference(model, padded_batch(LENGTHS, PROMPTS))
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    batch = padded_batch(LENGTHS, PROMPTS)
+    seen = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = score_batch(model, batch)
+    hook.remove()
+    assert model not in scoring_module._FALLBACK
+    assert seen and all(d == torch.bfloat16 for d in seen)  # the scorer's head ran in bf16 too
+    torch.testing.assert_close(scores.entropy[:3], ref["entropy"][:3], rtol=5e-2, atol=5e-2)

@@ -133,15 +133,22 @@ _FALLBACK: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _WARNED: set[str] = set()
 
 
-def _head_fn(head: nn.Module, post: Callable, hidden_dtype: torch.dtype, device: torch.device):
-    """lm_head + post-processing, in the precision the forward ran in."""
+def _head_fn(head: nn.Module, post: Callable, hidden_dtype: torch.dtype, device: torch.device,
+             forward_autocast: torch.dtype | None = None):
+    """lm_head + post-processing, in the precision the forward ran in: under the autocast the
+    model's forward ran under (``forward_autocast``, e.g. accelerate's mixed-precision wrapper),
+    else in the weight's dtype."""
     weight = getattr(head, "weight", None)
     half = (torch.bfloat16, torch.float16)
+    outside_autocast = not torch.is_autocast_enabled(device.type)
     mixed = (
         isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dtype != hidden_dtype
-        and not torch.is_autocast_enabled(device.type)
+        and outside_autocast
     )
-    if mixed and hidden_dtype in half:  # the forward ran under autocast: so does its head
+    if forward_autocast is not None and outside_autocast:
+        ctx = lambda: torch.autocast(device.type, dtype=forward_autocast)  # noqa: E731
+        cast = None
+    elif mixed and hidden_dtype in half:  # half-precision hidden states: the head runs in half too
         ctx = lambda: torch.autocast(device.type, dtype=hidden_dtype)  # noqa: E731
         cast = None
     elif mixed:
@@ -218,15 +225,22 @@ def score_batch(
     if lm in _FALLBACK:
         nll, ent = _score_from_logits(model, lm, batch, trainable, targets, chunk_size)
     else:
-        captured: list[torch.Tensor] = []
-        handle = backbone.register_forward_hook(lambda m, a, out: captured.append(out[0]))
+        captured: list[tuple[torch.Tensor, torch.dtype | None]] = []
+
+        def hook(module, args, out):  # the hidden state, and the autocast the forward runs under
+            device = out[0].device.type
+            on = torch.is_autocast_enabled(device)
+            captured.append((out[0], torch.get_autocast_dtype(device) if on else None))
+
+        handle = backbone.register_forward_hook(hook)
         try:
             out = model(**_forward_kwargs(lm, batch, logits_to_keep=1))
         finally:
             handle.remove()
-        hidden = captured[-1]
-        head_fn = _head_fn(head, _logit_postprocess(lm), hidden.dtype, hidden.device)
-        if _reproduces_logits(head_fn, hidden, getattr(out, "logits", None)):
+        hidden, forward_autocast = captured[-1]
+        head_fn = _head_fn(head, _logit_postprocess(lm), hidden.dtype, hidden.device, forward_autocast)
+        low_precision = forward_autocast in (torch.bfloat16, torch.float16)
+        if _reproduces_logits(head_fn, hidden, getattr(out, "logits", None), low_precision):
             selected = hidden[:, :-1][trainable[:, 1:]]
             nll, ent = _token_stats(lambda s, e: head_fn(selected[s:e]), n, targets, chunk_size)
         else:
@@ -246,12 +260,12 @@ def score_batch(
     return _assemble(nll, ent, trainable, input_tokens.long())
 
 
-def _reproduces_logits(head_fn, hidden: torch.Tensor, logits: torch.Tensor | None) -> bool:
+def _reproduces_logits(head_fn, hidden: torch.Tensor, logits: torch.Tensor | None, low_precision: bool) -> bool:
     if logits is None or logits.shape[1] != 1:  # nothing to compare with: trust the head
         return True
     ours = head_fn(hidden[:, -1]).float()
     theirs = logits[:, -1].float()
-    low_precision = torch.bfloat16 in (hidden.dtype, logits.dtype) or torch.float16 in (hidden.dtype, logits.dtype)
+    low_precision = low_precision or any(t in (hidden.dtype, logits.dtype) for t in (torch.bfloat16, torch.float16))
     rtol = 3e-2 if low_precision else 1e-4
     return bool(((ours - theirs).abs().max() <= rtol * (1.0 + theirs.abs().max())).item())
 
