@@ -8,6 +8,7 @@
       sample_ratio: 0.25
       token_ratio: 0.5
       neighbor_lambda: 0.5
+      log_decisions: ./outputs/decisions.jsonl   # optional: per-step decision log (qtuning plot)
 
 The block is validated by :class:`~qtuning_plugin.core.QTuningConfig` when Axolotl validates the
 config, before the model loads. The plugin attaches the same :class:`~qtuning_plugin.QTuning`
@@ -28,6 +29,30 @@ from pydantic import BaseModel, field_validator, model_validator
 
 from .core import QTuningConfig
 
+# Keys of the block that configure the callback rather than the method.
+CALLBACK_OPTIONS = ("log_decisions", "chunk_size")
+
+
+def split_block(block: dict[str, Any]) -> tuple[QTuningConfig, dict[str, Any]]:
+    """The ``qtuning:`` block as (method config, callback options), both validated."""
+    if not isinstance(block, dict):
+        raise ValueError(f"qtuning: expected a mapping of fields, got {type(block).__name__}")
+    options = {k: block[k] for k in CALLBACK_OPTIONS if k in block}
+    fields = {k: v for k, v in block.items() if k not in CALLBACK_OPTIONS}
+    try:
+        config = QTuningConfig.from_dict(fields)
+    except ValueError as err:
+        if "unknown field" in str(err):
+            raise ValueError(f"{err}; callback options: {list(CALLBACK_OPTIONS)}") from None
+        raise
+    log = options.get("log_decisions")
+    if log is not None and not (isinstance(log, str) and log):
+        raise ValueError(f"qtuning.log_decisions must be a file path (jsonl), got {log!r}")
+    size = options.get("chunk_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"qtuning.chunk_size must be a positive integer, got {size!r}")
+    return config, options
+
 
 class QTuningPluginArgs(BaseModel):
     """The ``qtuning:`` block of an Axolotl config (merged into Axolotl's schema)."""
@@ -41,7 +66,8 @@ class QTuningPluginArgs(BaseModel):
             return None
         # Raises ValueError naming the key and the allowed values: pydantic reports it as a
         # validation error of `qtuning`, and `axolotl train` stops before loading the model.
-        return QTuningConfig.from_dict(value).to_dict()
+        config, options = split_block(value)
+        return {**config.to_dict(), **options}
 
     @model_validator(mode="after")
     def _qtuning_check_run(self):  # runs on Axolotl's merged config: sees rl, sample_packing, ...
@@ -93,5 +119,6 @@ class QTuningPlugin(BasePlugin):
         check_axolotl_config(cfg)
         from .callback import QTuning
 
-        QTuning(QTuningConfig.from_dict(block)).attach(trainer)  # adds itself to the trainer
+        config, options = split_block(dict(block))
+        QTuning(config, **options).attach(trainer)  # adds itself to the trainer
         return []

@@ -17,6 +17,7 @@ The last entry is always a real micro-batch, so DDP's gradient all-reduce still 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import weakref
@@ -37,6 +38,7 @@ from .core import (
 )
 from .core.batch import collate_rows, padding_side, split_rows
 from .core.scoring import DEFAULT_CHUNK_SIZE, unwrap_causal_lm
+from .decisions import DecisionLog, sample_id
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class QTuning(TrainerCallback, ExportableState):
     are those of :class:`~qtuning_plugin.core.QTuningConfig` and are validated here.
     Pass it in ``callbacks=[...]`` (it attaches itself when training begins) or call
     :meth:`attach` with the trainer. ``chunk_size`` is the scorer's memory knob.
+    ``log_decisions="decisions.jsonl"`` writes, every step, each pool sample's id, error,
+    uncertainty, quadrant and fate (see :mod:`qtuning_plugin.decisions`; ``qtuning plot`` draws it).
 
     Logged every ``logging_steps`` (averaged over the interval), see README for the meaning:
     ``qtuning/kept_samples``, ``qtuning/pool_samples``, ``qtuning/kept_tokens_ratio``,
@@ -72,7 +76,8 @@ class QTuning(TrainerCallback, ExportableState):
     """
 
     def __init__(self, config: QTuningConfig | Mapping[str, Any] | None = None, *,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, **fields: Any) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, log_decisions: str | os.PathLike | None = None,
+                 **fields: Any) -> None:
         if isinstance(config, QTuningConfig):
             if fields:
                 raise ValueError("QTuning: pass either a QTuningConfig or its fields, not both")
@@ -82,6 +87,12 @@ class QTuning(TrainerCallback, ExportableState):
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"QTuning.chunk_size must be a positive integer, got {chunk_size!r}")
         self.chunk_size = chunk_size
+        if log_decisions is not None and not (isinstance(log_decisions, (str, os.PathLike)) and str(log_decisions)):
+            raise ValueError(f"QTuning.log_decisions must be a file path (jsonl) or None, got {log_decisions!r}")
+        if log_decisions is not None and os.path.isdir(log_decisions):
+            raise ValueError(f"QTuning.log_decisions must be a file path, {str(log_decisions)!r} is a directory")
+        self.log_decisions = log_decisions
+        self._log: DecisionLog | None = None
         # Running totals over the whole run; saved with checkpoints and restored on resume.
         self.totals: dict[str, float] = {"steps": 0, "pool_samples": 0, "kept_samples": 0,
                                          "label_tokens": 0, "kept_label_tokens": 0, "score_seconds": 0.0}
@@ -140,6 +151,12 @@ class QTuning(TrainerCallback, ExportableState):
         else:  # attached before train(): check again, the arguments may have changed since
             _refuse_unsupported(trainer)
         self._restore_from(state)
+        if self.log_decisions is not None:
+            self._log = DecisionLog(self.log_decisions, rank=args.process_index, world_size=args.world_size)
+            dropped = self._log.start(state.global_step)
+            if dropped:
+                logger.info("QTuning: removed %d rows of steps after %d from %s (an earlier or interrupted run)",
+                            dropped, state.global_step, self._log.path)
         self._interval.clear()
         self._step_seconds, self._last_mark = 0.0, None
 
@@ -238,6 +255,13 @@ class QTuning(TrainerCallback, ExportableState):
         self.totals["score_seconds"] += seconds
         self.last_pool = {"ppl": ppl, "entropy": ent, "keep": kept, "quadrant": quadrant,
                           "prune_tokens": torch.cat(prune).cpu()}
+        if self._log is not None:
+            trainer = self.trainer
+            step = (trainer.state.global_step if trainer is not None else int(self.totals["steps"]) - 1) + 1
+            self._log.write(step, [sample_id(t) for b in batches for t in _row_tokens(b)], ppl.tolist(),
+                            ent.tolist(), quadrant.tolist(), kept.tolist(),
+                            torch.cat([t.sum(1) for t in token_keep]).tolist(),
+                            torch.cat([s.trainable.sum(1) for s in scores]).tolist())
 
     def _with_metrics(self, logs: dict) -> dict:
         """Add the interval's averages to a training log (the dict every reporter receives)."""
@@ -332,6 +356,16 @@ def _check_batch(batch: Mapping[str, Any]) -> None:
         raise ValueError(f"QTuning: this batch is packed / padding-free; {_PACKING_HELP}.")
     if "shift_labels" in batch:
         raise ValueError("QTuning: batches with shift_labels (sequence parallelism) are not supported.")
+
+
+def _row_tokens(batch: Mapping[str, Any]) -> list[list[int]]:
+    """Each row's token ids without padding (what :func:`~qtuning_plugin.decisions.sample_id` hashes)."""
+    ids = batch["input_ids"].cpu()
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return ids.tolist()
+    mask = mask.cpu().bool()
+    return [row[m].tolist() for row, m in zip(ids, mask)]
 
 
 def _rebatch(trainer, batches, keep, token_keep) -> list[dict]:

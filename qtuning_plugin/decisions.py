@@ -1,0 +1,112 @@
+"""Decision logs: what Q-Tuning saw and kept, one jsonl row per pool sample per optimizer step.
+
+Row fields: ``step`` (the optimizer step being trained, 1-based), ``rank`` (process index),
+``id`` (:func:`sample_id` of the sample's tokens, the same id ``qtuning analyze`` writes),
+``ppl``, ``entropy`` (the sample's error and uncertainty), ``quadrant`` (1-4, by the pool's
+medians), ``kept`` (bool), ``kept_tokens`` (label tokens left in the loss) and ``n_tokens``
+(label tokens the sample had). Non-finite numbers are written as ``null``.
+
+The file is appended to after every step and flushed. When training (re)starts at global step
+``s``, rows of steps after ``s`` are removed first: they belong to an interrupted run (resumed
+from an earlier checkpoint) or to an earlier run in the same place (``s`` = 0), so the log always
+tells this run's history without duplicates. Under several processes each rank writes its own
+file (``decisions.rank1.jsonl`` next to ``decisions.jsonl``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+FIELDS = ("step", "rank", "id", "ppl", "entropy", "quadrant", "kept", "kept_tokens", "n_tokens")
+
+
+def sample_id(tokens: Sequence[int]) -> str:
+    """A stable id of a tokenised sample: the first 16 hex digits of BLAKE2b over its token ids
+    (padding excluded). The same tokens give the same id in any process, run or machine."""
+    data = ",".join(str(int(t)) for t in tokens).encode()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def rank_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """``path`` for a single process; ``stem.rankN.suffix`` beside it for rank N of several."""
+    path = Path(path)
+    if world_size <= 1:
+        return path
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix or '.jsonl'}")
+
+
+class DecisionLog:
+    """Appends decision rows to a jsonl file (see the module docstring for the contract)."""
+
+    def __init__(self, path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> None:
+        self.path = rank_path(path, rank, world_size)
+        self.rank = rank
+
+    def start(self, global_step: int) -> int:
+        """Drop the rows of steps after ``global_step`` (atomically); returns how many were dropped."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            return 0
+        keep, dropped = [], 0
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    dropped += 1
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= global_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+                else:
+                    dropped += 1
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+        return dropped
+
+    def write(self, step: int, ids: Iterable[str], ppl, entropy, quadrant, kept, kept_tokens, n_tokens) -> None:
+        rows = []
+        for i, p, e, q, k, kt, nt in zip(ids, ppl, entropy, quadrant, kept, kept_tokens, n_tokens):
+            rows.append(json.dumps({"step": int(step), "rank": self.rank, "id": i, "ppl": _finite(p),
+                                    "entropy": _finite(e), "quadrant": int(q), "kept": bool(k),
+                                    "kept_tokens": int(kt), "n_tokens": int(nt)}))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("\n".join(rows) + "\n")
+            f.flush()
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """Rows of a decision log, in order (a line cut short by a crash is ignored). The same id can
+    appear twice in one step: a pool may hold two copies of a sample."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such decision log: {path}")
+    rows = list(_lines(path))
+    for row in rows:
+        if not all(k in row for k in ("step", "id", "quadrant", "kept")):
+            raise ValueError(f"{path} is not a Q-Tuning decision log (a row lacks step / id / quadrant / kept)")
+    return rows
+
+
+def _lines(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                yield row
