@@ -354,6 +354,40 @@ def plots(results, args, out: Path) -> list[str]:
     files.append(str(out.with_name(out.name + "-eu-plane.png")))
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
+
+    # Quadrant shares by sample kind over training (Q-Tuning 25 % x 50 %, all seeds pooled).
+    quadrant_colours = {1: ("Q1 noise", "tab:red"), 2: ("Q2 misconception", "tab:orange"),
+                        3: ("Q3 redundant", "tab:gray"), 4: ("Q4 calibration", "tab:blue")}
+    fig, axes = plt.subplots(len(args.regimes), len(KINDS), figsize=(3.6 * len(KINDS), 3.2 * len(args.regimes)),
+                             squeeze=False, sharex=True, sharey=True)
+    for row, regime in zip(axes, args.regimes):
+        rs = [r for r in results if r["regime"] == regime and r["arm"] == "qtuning-25x50" and r["decisions"]]
+        for ax, kind in zip(row, KINDS):
+            n_steps = max((len(r["decisions"]) for r in rs), default=0)
+            counts = [[0] * 5 for _ in range(n_steps)]
+            kept = [0] * n_steps
+            for r in rs:
+                for i, s in enumerate(r["decisions"]):
+                    for k, q, kk in zip(s["kind"], s["quadrant"], s["keep"]):
+                        if k == kind:
+                            counts[i][q] += 1
+                            kept[i] += kk
+            totals = [max(1, sum(c)) for c in counts]
+            steps = list(range(1, n_steps + 1))
+            ax.stackplot(steps, *[[100 * c[q] / t for c, t in zip(counts, totals)] for q in range(1, 5)],
+                         labels=[quadrant_colours[q][0] for q in range(1, 5)],
+                         colors=[quadrant_colours[q][1] for q in range(1, 5)], alpha=0.75)
+            ax.plot(steps, [100 * k / t for k, t in zip(kept, totals)], "k--", label="kept")
+            ax.set(title=f"{regime}: {kind} samples ({sum(map(sum, counts))} seen)", ylim=(0, 100))
+            if ax is row[0]:
+                ax.set_ylabel("share of the kind (%)")
+            if row is axes[-1]:
+                ax.set_xlabel("optimizer step")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    files.append(str(out.with_name(out.name + "-quadrants-over-training.png")))
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
     return files
 
 
@@ -370,6 +404,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 8 test problems: checks the pipeline")
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (with --quick)")
     p.add_argument("--out", default=str(HERE / "results" / "quality"))
+    p.add_argument("--from-json", metavar="JSON", help="redo the tables and plots of an earlier run from its .json")
     args = p.parse_args(argv)
     if args.tiny and not args.quick:
         p.error("--tiny only makes sense with --quick (a pipeline check)")
@@ -381,7 +416,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     results = []
-    for seed in range(args.seeds):
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results = saved["results"]
+        for key in ("regimes", "arms", "seeds", "steps", "batch", "grad_accum", "n_test"):
+            setattr(args, key, saved["args"][key])
+        argv = saved["args"].get("argv")
+    for seed in range(0 if args.from_json else args.seeds):
         for regime in args.regimes:
             for arm in args.arms:
                 t = time.perf_counter()
@@ -394,9 +435,11 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     files = plots(results, args, out)
-    command = " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python", "benchmarks/quality.py", *argv])
     out.with_suffix(".md").write_text(f"`{command}`\n\n{text}\n" + "".join(f"\n![]({Path(f).name})\n" for f in files))
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}))
+    if not args.from_json:
+        out.with_suffix(".json").write_text(json.dumps({"args": {**vars(args), "argv": argv}, "results": results}))
 
 
 if __name__ == "__main__":
