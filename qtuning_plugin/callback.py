@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .core import (
+    GlobalPool,
     QTuningConfig,
     apply_decision,
     decide,
@@ -97,6 +98,7 @@ class QTuning(TrainerCallback, ExportableState):
         self.totals: dict[str, float] = {"steps": 0, "pool_samples": 0, "kept_samples": 0,
                                          "label_tokens": 0, "kept_label_tokens": 0, "score_seconds": 0.0}
         self.last_pool: dict[str, torch.Tensor] | None = None  # the latest pool's scores, for plots
+        self.last_global_pool: GlobalPool | None = None  # pool: global, the latest step's whole pool
         self._trainer_ref: weakref.ref | None = None
         self._interval: dict[str, list[float]] = defaultdict(list)
         self._step_seconds = 0.0
@@ -212,16 +214,33 @@ class QTuning(TrainerCallback, ExportableState):
         """Algorithm 1 over each pool of the step: per micro-batch keep [B], prune_tokens [B],
         token_keep [B, T], and the pools' quantile levels."""
         n = len(scores)
-        pools = [list(range(n))] if self.config.pool == "step" else [[i] for i in range(n)]
+        pools = [[i] for i in range(n)] if self.config.pool == "micro_batch" else [list(range(n))]
+        global_pool = self._gather_pool(scores) if self.config.pool == "global" else None
         keep, prune, token_keep = [None] * n, [None] * n, [None] * n
         levels = []
         for pool in pools:
-            decision = decide([scores[i] for i in pool], self.config)
+            decision = decide([scores[i] for i in pool], self.config, global_pool)
             levels.append(decision.triage.level)
             prune_split = decision.triage.prune_tokens.split([scores[i].ppl.numel() for i in pool])
             for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
                 keep[i], prune[i], token_keep[i] = k, p, t
         return keep, prune, token_keep, levels
+
+    def _gather_pool(self, scores) -> GlobalPool | None:
+        """``pool: global``: every rank's (ppl, entropy), in rank order (a collective: every rank
+        calls it once per step, as it scores once per step). None in a single process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        mine = torch.stack([torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores])]).cpu()
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine.tolist())
+        ppl = torch.tensor([x for g in gathered for x in g[0]], dtype=torch.float64)
+        entropy = torch.tensor([x for g in gathered for x in g[1]], dtype=torch.float64)
+        groups = torch.tensor([r for r, g in enumerate(gathered) for _ in g[0]], dtype=torch.long)
+        self.last_global_pool = GlobalPool(ppl=ppl, entropy=entropy, groups=groups, rank=dist.get_rank())
+        return self.last_global_pool
 
     # ------------------------------------------------------------------ metrics
 

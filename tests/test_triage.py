@@ -240,3 +240,49 @@ def test_matches_a_literal_reference(pool, r, specials):
     assert set(idx(result.keep)) == keep
     assert set(idx(result.prune_tokens)) == prune
     assert result.level == pytest.approx(level)
+
+
+# ---------------------------------------------------------------- pool: global (groups = ranks)
+
+@settings(max_examples=200, deadline=None)
+@given(pools(), ratios)
+def test_one_group_is_the_plain_triage(pool, r):
+    ppl, ent = pool
+    plain = triage(ppl, ent, r)
+    grouped = triage(ppl, ent, r, groups=torch.zeros(ppl.numel(), dtype=torch.long))
+    assert torch.equal(plain.keep, grouped.keep) and torch.equal(plain.prune_tokens, grouped.prune_tokens)
+    assert torch.equal(plain.core, grouped.core) and plain.level == grouped.level
+
+
+@settings(max_examples=200, deadline=None)
+@given(pools(max_n=40), ratios, st.integers(1, 4))
+def test_groups_each_keep_exactly_their_k_at_one_shared_level(pool, r, n_groups):
+    ppl, ent = pool
+    n = ppl.numel()
+    groups = torch.arange(n) % n_groups
+    result = triage(ppl, ent, r, groups=groups)
+    m = round(result.level * n)
+    for g in range(n_groups):
+        own = groups == g
+        if own.any():
+            assert int((result.keep & own).sum()) == kept_count(int(own.sum()), r)
+            assert int((result.core & own).sum()) <= kept_count(int(own.sum()), r)
+    assert not (result.prune_tokens & ~result.keep).any()
+    # The level is the largest at which every group's core fits: one more and some group overflows.
+    if m < n // 2:
+        # core_m by hand (rank form of spec section 2 over the whole pool)
+        rp = torch.sort(ppl.nan_to_num(INF), stable=True).indices.argsort()
+        re = torch.sort(ent.nan_to_num(INF), stable=True).indices.argsort()
+        joins = torch.minimum(torch.maximum(n - rp, re + 1), torch.maximum(rp + 1, n - re))
+        assert torch.equal(result.core, joins <= m)
+        overflow = [int(((joins <= m + 1) & (groups == g)).sum()) > kept_count(int((groups == g).sum()), r)
+                    for g in range(n_groups) if (groups == g).any()]
+        assert any(overflow)
+
+
+def test_a_degenerate_group_still_keeps_its_k():
+    ppl = t(1.0, 1.0, 1.0, 1.0, 2.0, 9.0, 3.0, 7.0)  # group 0: four identical samples
+    ent = t(0.5, 0.5, 0.5, 0.5, 0.1, 0.2, 0.9, 0.4)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    result = triage(ppl, ent, 0.5, groups=groups)
+    assert int(result.keep[:4].sum()) == 2 and int(result.keep[4:].sum()) == 2

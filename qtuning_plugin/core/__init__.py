@@ -7,7 +7,7 @@ decision to a padded batch).
 
 from .batch import apply_decision
 from .config import QTuningConfig
-from .decision import Decision, decide
+from .decision import Decision, GlobalPool, decide
 from .scoring import Scores, score_batch, scoring_mode, trainable_positions
 from .tokens import context_scores, pooled_token_keep_mask, token_keep_mask
 from .triage import QUADRANT_NAMES, Triage, kept_count, median_quadrants, triage
@@ -27,6 +27,7 @@ __all__ = [
     "pooled_token_keep_mask",
     "context_scores",
     "Decision",
+    "GlobalPool",
     "decide",
     "apply_decision",
 ]

@@ -8,7 +8,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-POOLS = ("step", "micro_batch")
+POOLS = ("step", "micro_batch", "global")
 TOKEN_BUDGETS = ("sample", "batch")
 
 
@@ -25,7 +25,10 @@ class QTuningConfig:
     - ``neighbor_lambda`` in [0, 1]: weight of the two neighbours in the context-aware token
       score s_i = (1 - lambda) PPL_i + lambda (PPL_{i-1} + PPL_{i+1}).
     - ``pool``: ``"step"`` selects among all gradient-accumulation micro-batches of one optimizer
-      step on one device (the paper); ``"micro_batch"`` selects within each micro-batch alone.
+      step on one device (the paper); ``"micro_batch"`` selects within each micro-batch alone;
+      ``"global"`` ranks each device's step against every device's samples (an all-gather of two
+      floats per sample; thresholds identical on all ranks) while each keeps exactly its own K.
+      In one process ``"global"`` is ``"step"``.
     - ``token_budget``: ``"sample"`` keeps ceil(r_t |T|) tokens in each Q2 sample (the paper);
       ``"batch"`` reproduces the authors' code drop (one pooled budget, spec section 3).
 

@@ -15,6 +15,20 @@ from .triage import Triage, triage
 
 
 @dataclass
+class GlobalPool:
+    """Every rank's scores of one step (``pool: global``), concatenated in rank order.
+
+    ``groups`` [N] holds each sample's rank; ``rank`` is this process's. The triage runs on the
+    whole pool (identical on every rank) and this rank takes its own part: exactly
+    K = max(1, floor(r_s n_rank)) of its own samples."""
+
+    ppl: torch.Tensor
+    entropy: torch.Tensor
+    groups: torch.Tensor
+    rank: int
+
+
+@dataclass
 class Decision:
     """What to train from a pool made of one or more padded batches (in pool order).
 
@@ -29,13 +43,26 @@ class Decision:
     token_keep: list[torch.Tensor]
 
 
-def decide(scores: Sequence[Scores], config: QTuningConfig) -> Decision:
-    """Run both stages of Q-Tuning on a pool whose batches were scored by ``score_batch``."""
+def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalPool | None = None) -> Decision:
+    """Run both stages of Q-Tuning on a pool whose batches were scored by ``score_batch``.
+
+    With ``global_pool`` the sample stage ranks this rank's samples (``scores``) against every
+    rank's; the token stage is per sample and needs only this rank's scores."""
     if not scores:
         raise ValueError("decide: the pool is empty")
     sizes = [s.ppl.numel() for s in scores]
-    result = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores]),
-                    config.sample_ratio)
+    if global_pool is None:
+        result = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores]),
+                        config.sample_ratio)
+    else:
+        whole = triage(global_pool.ppl, global_pool.entropy, config.sample_ratio, groups=global_pool.groups)
+        own = global_pool.groups == global_pool.rank
+        if int(own.sum()) != sum(sizes):
+            raise ValueError(f"decide: the global pool holds {int(own.sum())} samples of rank "
+                             f"{global_pool.rank}, its scores {sum(sizes)}")
+        device = scores[0].ppl.device
+        result = Triage(keep=whole.keep[own].to(device), prune_tokens=whole.prune_tokens[own].to(device),
+                        level=whole.level, core=whole.core[own].to(device))
     keep = list(result.keep.split(sizes))
     prune = list(result.prune_tokens.split(sizes))
 

@@ -70,13 +70,20 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo)
 
 
-def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float) -> Triage:
+def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
+           groups: torch.Tensor | None = None) -> Triage:
     """Pick the samples to train from one pool (spec section 2, rank form).
 
     ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. NaN counts as +inf
     (highest error / uncertainty). K = max(1, floor(r_s n)) samples are kept: the core
     Q2_m ∪ Q4_m for the largest m in 1..floor(n/2) with at most K members, topped up in
     descending order of |p - e| (min-max normalised PPL and Ent), ties to the earlier sample.
+
+    ``groups`` (long [n], ids 0..G-1; ``pool: global``): the pool is every rank's samples and
+    group g is rank g's. Ranks, quantile levels and the normalisation of the top-up score come
+    from the whole pool; m is the largest level at which *every* group's core fits its own
+    K_g = max(1, floor(r_s n_g)); each group is then topped up within itself, so that each
+    keeps exactly K_g. With one group this is the plain triage.
     """
     if ppl.ndim != 1 or ppl.shape != entropy.shape:
         raise ValueError(f"triage: ppl and entropy must be 1-D of one length, got {tuple(ppl.shape)} "
@@ -86,10 +93,16 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float) -> Tri
         raise ValueError("triage: the pool is empty")
     if not 0.0 < sample_ratio <= 1.0:
         raise ValueError(f"triage: sample_ratio must be in (0, 1], got {sample_ratio!r}")
+    if groups is None:
+        groups = torch.zeros(n, dtype=torch.long, device=ppl.device)
+    elif groups.shape != ppl.shape or groups.dtype != torch.long or int(groups.min()) < 0:
+        raise ValueError("triage: groups must be a long tensor of group ids >= 0, one per sample")
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=ppl.device)
     ppl = torch.where(torch.isnan(ppl), inf, ppl.to(torch.float64))
     entropy = torch.where(torch.isnan(entropy), inf, entropy.to(torch.float64, copy=False))
-    k = kept_count(n, sample_ratio)
+    group_sizes = torch.bincount(groups)
+    k = (group_sizes.to(torch.float64) * sample_ratio).long().clamp(min=1)  # K_g = max(1, floor(r_s n_g))
+    k = torch.where(group_sizes > 0, k, 0)
 
     # Sample i joins Q2_m from m2 = max(n - rank_ppl, rank_ent + 1) on (top-m PPL, bottom-m Ent),
     # and Q4_m from m4 = max(rank_ppl + 1, n - rank_ent) on. For m <= n/2 it can't be in both.
@@ -97,22 +110,28 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float) -> Tri
     m2 = torch.maximum(n - rp, re + 1)
     m4 = torch.maximum(rp + 1, n - re)
     joins = torch.minimum(m2, m4)
-    # |core_m| = #{i : joins_i <= m} grows with m; find the largest m <= n // 2 with |core_m| <= K.
-    sizes = torch.bincount(joins.clamp(max=n // 2 + 1), minlength=n // 2 + 2).cumsum(0)
-    ok = (sizes[1 : n // 2 + 1] <= k).nonzero()
+    # |core_m ∩ group g| grows with m; find the largest m <= n // 2 at which every group's fits its K_g.
+    counts = torch.zeros(k.numel(), n // 2 + 2, dtype=torch.long, device=ppl.device)
+    counts.index_put_((groups, joins.clamp(max=n // 2 + 1)), torch.ones_like(joins), accumulate=True)
+    sizes = counts.cumsum(1)
+    ok = (sizes[:, 1 : n // 2 + 1] <= k[:, None]).all(0).nonzero()
     m = int(ok[-1]) + 1 if ok.numel() else 0
     core = joins <= m
     core_q2 = core & (m2 <= m)
 
-    # Top-up to exactly K by |p - e|, descending; a stable sort of -|p - e| breaks ties to the earlier.
+    # Top-up each group to exactly K_g by |p - e|, descending; a stable sort of -|p - e| breaks
+    # ties to the earlier sample.
     p, e = _minmax(ppl), _minmax(entropy)
-    rest = (~core).nonzero().squeeze(1)
-    gap = (p[rest] - e[rest]).abs()
-    top_up = rest[torch.sort(-gap, stable=True).indices[: k - int(core.sum())]]
     keep = core.clone()
-    keep[top_up] = True
     prune_tokens = core_q2.clone()
-    prune_tokens[top_up] = p[top_up] >= e[top_up]
+    for g in range(k.numel()):
+        rest = (~core & (groups == g)).nonzero().squeeze(1)
+        if rest.numel() == 0:
+            continue
+        gap = (p[rest] - e[rest]).abs()
+        top_up = rest[torch.sort(-gap, stable=True).indices[: int(k[g]) - int((core & (groups == g)).sum())]]
+        keep[top_up] = True
+        prune_tokens[top_up] = p[top_up] >= e[top_up]
     return Triage(keep=keep, prune_tokens=prune_tokens, level=m / n, core=core)
 
 

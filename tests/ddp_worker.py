@@ -1,0 +1,86 @@
+"""One rank of a 2-process CPU (gloo) run, launched by tests/test_distributed.py with
+``accelerate launch --cpu --num_processes 2 tests/ddp_worker.py OUT MODE``.
+
+MODE: ``step`` or ``global`` (the pool option), or ``degenerate`` (rank 1's data all identical).
+Each rank saves, for the first optimizer step: the micro-batches it fetched (before pruning),
+the kept micro-batches it trained, the label-token count the Trainer divided by, the gradient
+after the step's backward passes (all-reduced by DDP), and, with ``pool: global``, the whole pool
+and the level it decided at.
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny import arithmetic_dataset, tiny_model, tiny_tokenizer  # noqa: E402
+
+from qtuning_plugin import QTuning  # noqa: E402
+from qtuning_plugin.callback import SkippedMicroBatch  # noqa: E402
+
+BATCH, GA = 4, 2
+
+
+class FirstStepGradient(TrainerCallback):
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def main(out: str, mode: str) -> None:
+    tok = tiny_tokenizer()
+    rank_hint = int(__import__("os").environ.get("RANK", "0"))
+    rows = []
+    for i, r in enumerate(arithmetic_dataset(64)):
+        if mode == "degenerate" and rank_hint == 1:
+            r = {"prompt": "what is 1+1?", "completion": " 2. so 1+1=2"}  # every sample the same
+        p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": [-100] * len(p) + c})
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, gradient_accumulation_steps=GA,
+        max_steps=2, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0, bf16=False,
+        dataloader_drop_last=True, max_grad_norm=0.0, learning_rate=5e-3, lr_scheduler_type="constant",
+        ddp_backend="gloo",
+    )
+    grads = FirstStepGradient()
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode == "global" else "step")
+    trainer = Trainer(model=tiny_model("llama", vocab_size=len(tok)), args=args,
+                      train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True), callbacks=[grads, cb])
+    cb.attach(trainer)
+    fetch, pruned_fetch = trainer._qtuning_originals["get_batch_samples"], trainer.get_batch_samples
+    record = {"fetched": [], "trained": [], "num_items": [], "global": []}
+
+    def spy_fetch(it, n, device):
+        batches, num = fetch(it, n, device)
+        record["fetched"].append([{k: v.cpu() for k, v in b.items()} for b in batches])
+        return batches, num
+
+    def spy_pruned(it, n, device):
+        batches, num = pruned_fetch(it, n, device)
+        record["trained"].append([{k: v.cpu() for k, v in b.items()} for b in batches
+                                  if not isinstance(b, SkippedMicroBatch)])
+        record["num_items"].append(int(num))
+        gp = cb.last_global_pool
+        record["global"].append(None if gp is None else (gp.ppl.clone(), gp.entropy.clone(), gp.groups.clone()))
+        return batches, num
+
+    trainer._qtuning_originals["get_batch_samples"] = spy_fetch
+    trainer.get_batch_samples = spy_pruned
+    trainer.train()
+    record["grads"] = grads.grads
+    record["world_size"] = trainer.args.world_size
+    record["totals"] = dict(cb.totals)
+    torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

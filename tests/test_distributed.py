@@ -1,0 +1,129 @@
+"""Two-process DDP on CPU (gloo) through `accelerate launch`: the first optimizer step's gradient is
+the mean cross-entropy over the kept tokens of both ranks, as one process computes it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtuning_plugin.core import GlobalPool, QTuningConfig, decide, score_batch, scoring_mode
+from tiny import tiny_model, tiny_tokenizer
+
+HERE = Path(__file__).resolve().parent
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cache = {}
+
+    def run(mode):
+        if mode not in cache:
+            out = tmp_path_factory.mktemp(f"ddp-{mode}")
+            exe = Path(sys.executable).with_name("accelerate")
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
+            proc = subprocess.run(
+                [str(exe), "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + len(cache)),
+                 str(HERE / "ddp_worker.py"), str(out), mode],
+                capture_output=True, text=True, env=env, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+            cache[mode] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        return cache[mode]
+
+    return run
+
+
+def reference_gradient(records, config, global_pools=None):
+    """Score each rank's first-step micro-batches with the initial weights, decide with the core,
+    and take the mean CE over all kept tokens of all ranks, sample by sample (unpadded)."""
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer()))
+    terms, count, kept_rows = [], 0, []
+    for rank, rec in enumerate(records):
+        batches = rec["fetched"][0]
+        with scoring_mode(model):
+            scores = [score_batch(model, b) for b in batches]
+        gp = None
+        if global_pools is not None:
+            ppl, ent, groups = global_pools
+            gp = GlobalPool(ppl=ppl, entropy=ent, groups=groups, rank=rank)
+        d = decide(scores, config, gp)
+        rows = []
+        for b, keep, token_keep in zip(batches, d.keep, d.token_keep):
+            for row in keep.nonzero().squeeze(1).tolist():
+                cols = b["attention_mask"][row].nonzero().squeeze(1)
+                labels = torch.where(token_keep[row, cols], b["labels"][row, cols], -100)
+                terms.append((b["input_ids"][row, cols][None], labels[None]))
+                count += int((labels[1:] != -100).sum())
+                rows.append(labels[labels != -100].tolist())
+        kept_rows.append(rows)
+    model.train()
+    model.zero_grad()
+    loss = sum(torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], lab[0, 1:], reduction="sum",
+                                                 ignore_index=-100) for ids, lab in terms) / count
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, count, kept_rows
+
+
+def trained_rows(rec):
+    """The label tokens of each row the rank trained at step 1 (unpadded)."""
+    return [row[row != -100].tolist() for b in rec["trained"][0] for row in b["labels"]]
+
+
+def relative_error(got, want):
+    return float((got - want).norm() / want.norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("pool", ["step", "global"])
+def test_first_step_gradient_is_the_mean_ce_over_all_ranks_kept_tokens(runs, pool):
+    records = runs(pool)
+    assert [r["world_size"] for r in records] == [WORLD, WORLD]
+    global_pools = None
+    if pool == "global":
+        gps = [r["global"][0] for r in records]
+        for a, b in zip(gps[0], gps[1]):  # both ranks hold the same whole pool, so the same thresholds
+            assert torch.equal(a, b)
+        assert gps[0][0].numel() == 2 * 8 and gps[0][2].tolist() == [0] * 8 + [1] * 8
+        global_pools = gps[0]
+    else:
+        assert all(r["global"][0] is None for r in records)
+    want, count, kept_rows = reference_gradient(records, QTuningConfig(sample_ratio=0.25, token_ratio=0.5, pool=pool),
+                                                global_pools)
+    for rank, rec in enumerate(records):
+        assert sorted(trained_rows(rec)) == sorted(kept_rows[rank])  # exactly K = 2 of its 8, its tokens
+        assert len(kept_rows[rank]) == 2
+        assert rec["num_items"][0] == count  # the label-token count is global (all-gathered)
+    for name, g in want.items():
+        got = records[0]["grads"][name]
+        assert relative_error(got, g) < 1e-5, name
+        torch.testing.assert_close(records[1]["grads"][name], got, rtol=0, atol=0)  # DDP: same on both ranks
+
+
+def test_global_pool_ranks_against_the_other_rank():
+    """What `pool: global` changes, on hand-made scores: a rank whose samples all have a higher
+    error than the other rank's is no longer judged against itself alone."""
+    from qtuning_plugin.core import triage
+
+    ppl = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0], dtype=torch.float64)
+    ent = torch.tensor([4.0, 3.0, 2.0, 1.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    whole = triage(ppl, ent, 0.5, groups=groups)
+    alone = triage(ppl[4:], ent[4:], 0.5)
+    # Alone, rank 1 keeps its own calibration-like (PPL 10, Ent 4) and misconception-like
+    # (PPL 40, Ent 1) samples. Against both ranks all its samples have high error: it keeps its two
+    # most confident ones as misconceptions (tokens pruned), and rank 0 its two most uncertain
+    # ones as calibration (kept whole). Each rank still keeps exactly 2 of its 4.
+    assert alone.keep.tolist() == [True, False, False, True] and alone.prune_tokens.tolist() == [False, False, False, True]
+    assert whole.keep.tolist() == [True, True, False, False, False, False, True, True]
+    assert whole.prune_tokens.tolist() == [False] * 6 + [True, True] and whole.level == 0.5
+
+
+def test_degenerate_rank_neither_hangs_nor_crashes(runs):
+    records = runs("degenerate")
+    for rec in records:
+        assert rec["totals"]["steps"] == 2 and rec["totals"]["kept_samples"] == 4
+    rows = trained_rows(records[1])
+    assert len(rows) == 2 and rows[0] == rows[1]  # identical samples, identical scores: still exactly K
