@@ -1,0 +1,169 @@
+"""Packed batches: a sample is a segment of a packed row. Unpack to score and decide, re-pack the kept.
+
+Two layouts are recognised:
+
+- ``"position_ids"`` (TRL padding-free / BFD packing): no ``attention_mask``; a segment starts where
+  ``position_ids == 0``. TRL >= 1.16 also sends ``cu_seq_lens_q/k``, ``max_length_q/k`` and
+  ``seq_idx``; they are rebuilt for the re-packed rows when the original batch had them.
+- ``"segment_ids"`` (Axolotl multipack): ``attention_mask`` holds 1, 2, 3, ... for the segments of
+  each row and 0 for padding; ``position_ids`` restart in every segment.
+
+:func:`unpack` turns a packed micro-batch into an ordinary right-padded batch, one row per segment
+that has at least one label token (a segment without one contributes nothing to the loss:
+padding, or a sample whose response was truncated away), so that the scorer and Algorithm 1 run
+unchanged whatever attention kernel the model uses. :func:`repack` packs the kept segments,
+their pruned tokens' labels masked, back into rows no longer than the originals, so that the
+dropped segments cost no compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .scoring import IGNORE_INDEX
+
+LAYOUTS = ("position_ids", "segment_ids")
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def packed_layout(batch: Mapping[str, Any]) -> str | None:
+    """``"position_ids"``, ``"segment_ids"`` or None for an ordinary padded batch."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        if "position_ids" in batch or any(k in batch for k in _VARLEN_KEYS):
+            return "position_ids"
+        return None
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.numel() and int(mask.max()) > 1:
+        return "segment_ids"
+    return None
+
+
+@dataclass
+class Unpacked:
+    """One row per segment: ``batch`` (input_ids / attention_mask / labels, right-padded) and, per
+    row, the segment's place in the packed micro-batch (``rows``, ``starts``, ``lengths``)."""
+
+    batch: dict[str, torch.Tensor]
+    rows: list[int]
+    starts: list[int]
+    lengths: list[int]
+
+
+def segments(batch: Mapping[str, Any], layout: str) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every segment of a packed batch, in order."""
+    out = []
+    if layout == "position_ids":
+        pos = batch["position_ids"]
+        for r in range(pos.shape[0]):
+            starts = (pos[r] == 0).nonzero().squeeze(1).tolist()
+            if not starts or starts[0] != 0:
+                starts = [0] + starts
+            for s, e in zip(starts, starts[1:] + [pos.shape[1]]):
+                out.append((r, s, e))
+    elif layout == "segment_ids":
+        mask = batch["attention_mask"]
+        for r in range(mask.shape[0]):
+            ids = mask[r]
+            change = (ids[1:] != ids[:-1]).nonzero().squeeze(1).add(1).tolist()
+            bounds = [0] + change + [ids.numel()]
+            for s, e in zip(bounds, bounds[1:]):
+                if int(ids[s]) != 0:  # 0 is padding
+                    out.append((r, s, e))
+    else:
+        raise ValueError(f"unknown packed layout {layout!r}; expected one of {list(LAYOUTS)}")
+    return out
+
+
+def unpack(batch: Mapping[str, Any], layout: str, pad_id: int = 0) -> Unpacked:
+    """The segments with at least one label token (after the causal shift) as a right-padded batch."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    kept = [(r, s, e) for r, s, e in segments(batch, layout) if (labels[r, s + 1:e] != IGNORE_INDEX).any()]
+    t = max((e - s for _, s, e in kept), default=1)
+    n = len(kept)
+    out = {"input_ids": torch.full((n, t), pad_id, dtype=ids.dtype, device=ids.device),
+           "attention_mask": torch.zeros((n, t), dtype=torch.long, device=ids.device),
+           "labels": torch.full((n, t), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)}
+    for i, (r, s, e) in enumerate(kept):
+        out["input_ids"][i, : e - s] = ids[r, s:e]
+        out["attention_mask"][i, : e - s] = 1
+        out["labels"][i, : e - s] = labels[r, s:e]
+        out["labels"][i, 0] = IGNORE_INDEX  # never predicted from the previous segment
+    return Unpacked(out, [r for r, _, _ in kept], [s for _, s, _ in kept], [e - s for _, s, e in kept])
+
+
+def repack(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: str, template: Mapping[str, Any],
+           row_capacity: int, rows_per_batch: int, pad_id: int = 0) -> list[dict[str, Any]]:
+    """Pack ``pieces`` (input_ids [L], labels [L] of each kept segment) into micro-batches.
+
+    ``"position_ids"``: each micro-batch is one row of at most ``row_capacity`` tokens (TRL
+    flattens a micro-batch into one row); ``"segment_ids"``: up to ``rows_per_batch`` rows of at
+    most ``row_capacity`` tokens each (Axolotl's bins). Segments are placed first-fit in
+    decreasing length. Non-tensor entries and the varlen keys of ``template`` (the original
+    micro-batch) are carried over / rebuilt.
+    """
+    order = sorted(range(len(pieces)), key=lambda i: -pieces[i][0].numel())
+    bins: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = pieces[i][0].numel()
+        if n > row_capacity:
+            raise ValueError(f"repack: a segment of {n} tokens does not fit a row of {row_capacity}")
+        for b, used in enumerate(fill):
+            if used + n <= row_capacity:
+                bins[b].append(i)
+                fill[b] += n
+                break
+        else:
+            bins.append([i])
+            fill.append(n)
+    extras = {k: v for k, v in template.items() if not isinstance(v, torch.Tensor) and k not in _VARLEN_KEYS}
+    device = pieces[0][0].device if pieces else template["input_ids"].device
+    if layout == "position_ids":
+        return [{**_one_row([pieces[i] for i in b], template, device), **extras} for b in bins]
+    if layout != "segment_ids":
+        raise ValueError(f"unknown packed layout {layout!r}; expected one of {list(LAYOUTS)}")
+    batches = []
+    for start in range(0, len(bins), rows_per_batch):
+        rows = bins[start:start + rows_per_batch]
+        t = max(sum(pieces[i][0].numel() for i in b) for b in rows)
+        ids = torch.full((len(rows), t), pad_id, dtype=template["input_ids"].dtype, device=device)
+        labels = torch.full((len(rows), t), IGNORE_INDEX, dtype=template["labels"].dtype, device=device)
+        mask = torch.zeros((len(rows), t), dtype=template["attention_mask"].dtype, device=device)
+        pos = torch.zeros((len(rows), t), dtype=torch.long, device=device)
+        for r, b in enumerate(rows):
+            at = 0
+            for seg, i in enumerate(b, 1):
+                x, y = pieces[i]
+                ids[r, at:at + x.numel()] = x
+                labels[r, at:at + x.numel()] = y
+                mask[r, at:at + x.numel()] = seg
+                pos[r, at:at + x.numel()] = torch.arange(x.numel(), device=device)
+                at += x.numel()
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "position_ids" in template:
+            batch["position_ids"] = pos.to(template["position_ids"].dtype)
+        batches.append({**batch, **extras})
+    return batches
+
+
+def _one_row(pieces, template, device) -> dict[str, Any]:
+    ids = torch.cat([x for x, _ in pieces])[None].to(template["input_ids"].dtype)
+    labels = torch.cat([y for _, y in pieces])[None].to(template["labels"].dtype)
+    lengths = torch.tensor([x.numel() for x, _ in pieces], device=device)
+    pos = torch.cat([torch.arange(int(n), device=device) for n in lengths])[None]
+    out = {"input_ids": ids, "labels": labels,
+           "position_ids": pos.to(template["position_ids"].dtype) if "position_ids" in template else pos}
+    cu = torch.cat([torch.zeros(1, dtype=torch.long, device=device), lengths.cumsum(0)])
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if key in template:
+            out[key] = cu.to(template[key].dtype)
+    for key in ("max_length_q", "max_length_k"):
+        if key in template:
+            out[key] = int(lengths.max())
+    if "seq_idx" in template:
+        out["seq_idx"] = torch.repeat_interleave(torch.arange(lengths.numel(), device=device),
+                                                 lengths)[None].to(template["seq_idx"].dtype)
+    return out
