@@ -92,9 +92,6 @@ def check_axolotl_config(cfg) -> None:
         if isinstance(value, int) and value > 1:
             raise ValueError(f"qtuning: sequence / context parallelism ({key}: {value}) is not "
                              "supported: each rank would see only a shard of every sample.")
-    if _get(cfg, "sample_packing"):
-        raise ValueError("qtuning: sample_packing: true is not supported yet (a sample would be a "
-                         "segment of a packed row); set sample_packing: false.")
 
 
 class QTuningPlugin(BasePlugin):

@@ -38,15 +38,12 @@ from .core import (
     scoring_mode,
 )
 from .core.batch import collate_rows, padding_side, split_rows
+from .core.packing import packed_layout, repack, segments, unpack
 from .core.scoring import DEFAULT_CHUNK_SIZE, unwrap_causal_lm
 from .decisions import DecisionLog, sample_id
 
 logger = logging.getLogger(__name__)
 
-_PACKING_HELP = (
-    "packed / padding-free batches are not supported yet (a sample would be a segment of a packed "
-    "row): set padding_free=False and packing=False in SFTConfig (Axolotl: sample_packing: false)"
-)
 # Trainers of TRL whose batches are not SFT samples with labels (RL, preference, distillation).
 _SFT_TRAINERS = {"SFTTrainer", "_BaseTrainer"}
 
@@ -192,10 +189,22 @@ class QTuning(TrainerCallback, ExportableState):
             return batches, num_items
         for batch in batches:
             _check_batch(batch)
+        layout = packed_layout(batches[0])
+        if layout is not None:  # a sample is a segment: score and decide on the segments, unpacked
+            pad = _pad_id(batches, trainer)
+            unpacked = [unpack(b, layout, pad) for b in batches]
+            for u, b in zip(unpacked, batches):
+                if not u.rows:  # no segment with a label token: score one anyway, so every rank scores alike
+                    row, start, end = segments(b, layout)[0]
+                    u.batch = _first_segment(b, row, start, end)
+                    u.rows, u.starts, u.lengths = [row], [start], [end - start]
+            inputs = [u.batch for u in unpacked]
+        else:
+            inputs = batches
 
         model = getattr(trainer, "model_wrapped", None) or trainer.model
         with scoring_mode(model):
-            scores = [score_batch(model, b, chunk_size=self.chunk_size) for b in batches]
+            scores = [score_batch(model, b, chunk_size=self.chunk_size) for b in inputs]
         keep, prune, token_keep, levels = self._decide(scores)
         if not any(t.any() for t in token_keep):
             # Only samples without any response token were kept (e.g. truncated away): a loss over
@@ -203,11 +212,12 @@ class QTuning(TrainerCallback, ExportableState):
             logger.warning("QTuning: the kept samples of step %d have no label token; this step "
                            "is trained unpruned", trainer.state.global_step + 1)
             return batches, num_items
-        real = _rebatch(trainer, batches, keep, token_keep)
+        real = (_rebatch(trainer, batches, keep, token_keep) if layout is None
+                else _repack_step(trainer, batches, unpacked, keep, token_keep, layout))
         stand_ins = [SkippedMicroBatch(input_ids=torch.empty(0, 0, dtype=torch.long, device=device))
                      for _ in range(len(batches) - len(real))]
         num_items = trainer._get_num_items_in_batch(real, device)  # collective under DDP: every rank
-        self._record(batches, scores, keep, prune, token_keep, levels, time.perf_counter() - now)
+        self._record(inputs, scores, keep, prune, token_keep, levels, time.perf_counter() - now)
         return stand_ins + real, num_items
 
     def _decide(self, scores):
@@ -318,9 +328,6 @@ def _refuse_unsupported(trainer: Trainer) -> None:
     for name in ("sequence_parallel_degree", "context_parallel_size", "sequence_parallel_size"):
         if (getattr(trainer.args, name, 1) or 1) > 1:
             raise ValueError(f"QTuning does not support sequence / context parallelism ({name} > 1).")
-    for name in ("packing", "sample_packing", "padding_free"):
-        if getattr(trainer.args, name, False) is True or getattr(trainer, name, False) is True:
-            raise ValueError(f"QTuning: {name}=True: {_PACKING_HELP}.")
     lm = unwrap_causal_lm(trainer.model)
     if not _is_causal_lm(lm):
         raise ValueError(
@@ -370,11 +377,46 @@ def _check_batch(batch: Mapping[str, Any]) -> None:
     if "labels" not in batch:
         raise ValueError("QTuning: the training batches have no 'labels'; use a causal-LM collator "
                          "(TRL's SFTTrainer or DataCollatorForLanguageModeling) that provides them.")
-    if any(k in batch for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")) or (
-            "position_ids" in batch and "attention_mask" not in batch):
-        raise ValueError(f"QTuning: this batch is packed / padding-free; {_PACKING_HELP}.")
+    if packed_layout(batch) == "position_ids" and "position_ids" not in batch:
+        raise ValueError("QTuning: this padding-free batch has no position_ids, so its segments (samples) "
+                         "cannot be told apart.")
     if "shift_labels" in batch:
         raise ValueError("QTuning: batches with shift_labels (sequence parallelism) are not supported.")
+
+
+def _first_segment(batch, row: int, start: int, end: int) -> dict:
+    """One segment of a packed micro-batch as a 1-row batch, its labels all -100."""
+    return {"input_ids": batch["input_ids"][row:row + 1, start:end],
+            "attention_mask": torch.ones(1, end - start, dtype=torch.long, device=batch["input_ids"].device),
+            "labels": torch.full((1, end - start), -100, dtype=batch["labels"].dtype, device=batch["labels"].device)}
+
+
+def _repack_step(trainer, batches, unpacked, keep, token_keep, layout) -> list[dict]:
+    """Packed steps: the kept segments, pruned tokens' labels masked, re-packed into rows no longer
+    than the fetched ones (so the dropped segments cost nothing). If first-fit needs more
+    micro-batches than were fetched (it never did in the tests), the fetched batches are kept and
+    only their labels are masked: exact, but without the saving."""
+    pieces = []
+    for u, k, t in zip(unpacked, keep, token_keep):
+        for i in k.nonzero().squeeze(1).tolist():
+            n = u.lengths[i]
+            labels = torch.where(t[i, :n], u.batch["labels"][i, :n], -100)
+            pieces.append((u.batch["input_ids"][i, :n], labels))
+    pad = _pad_id(batches, trainer)
+    out = repack(pieces, layout, batches[-1], row_capacity=max(b["input_ids"].shape[1] for b in batches),
+                 rows_per_batch=max(b["input_ids"].shape[0] for b in batches), pad_id=pad)
+    if len(out) <= len(batches):
+        return out
+    logger.warning("QTuning: the kept segments did not re-pack into %d micro-batches; masking labels instead",
+                   len(batches))
+    masked = []
+    for b, u, k, t in zip(batches, unpacked, keep, token_keep):
+        labels = torch.full_like(b["labels"], -100)
+        for i in k.nonzero().squeeze(1).tolist():
+            r, s, n = u.rows[i], u.starts[i], u.lengths[i]
+            labels[r, s:s + n] = torch.where(t[i, :n], u.batch["labels"][i, :n], -100)
+        masked.append({**b, "labels": labels})
+    return masked
 
 
 def _row_tokens(batch: Mapping[str, Any]) -> list[list[int]]:

@@ -125,17 +125,23 @@ def test_misspelt_block_name_is_caught(assets, tmp_path):
     assert "unknown config key 'qtunning': did you mean 'qtuning'?" in proc.stdout + proc.stderr
 
 
-def test_sample_packing_is_refused(assets, tmp_path):
-    proc, _ = run(assets, tmp_path, sample_packing=True)
-    assert proc.returncode != 0
-    assert "sample_packing: true is not supported yet" in proc.stdout + proc.stderr
+def test_sample_packing_prunes_segments(assets, tmp_path):
+    """Axolotl's multipack (segment ids in attention_mask): every step keeps exactly K samples
+    (segments) of its pool, and the re-packed batches train."""
+    proc, out = run(assets, tmp_path, sample_packing=True, micro_batch_size=1, sequence_len=1024,
+                    eval_sample_packing=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    steps = log_history(out)
+    assert len(steps) == 3
+    for h in steps:
+        assert h["qtuning/pool_samples"] > 2  # 1 bin x GA 2, several samples per bin
+        assert h["qtuning/kept_samples"] == max(1, int(0.25 * h["qtuning/pool_samples"]))
 
 
 @pytest.mark.parametrize("changes, message", [
     ({"rl": "dpo"}, "this is an RL / preference run (rl: dpo)"),
     ({"context_parallel_size": 2}, "sequence / context parallelism (context_parallel_size: 2)"),
     ({"sequence_parallel_degree": 4}, "sequence / context parallelism"),
-    ({"sample_packing": True}, "sample_packing: true is not supported yet"),
 ])
 def test_unsupported_settings_are_refused_when_the_block_is_present(changes, message):
     # (A one-process CPU run can't reach these: Axolotl itself rejects them first there.)

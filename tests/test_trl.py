@@ -295,13 +295,25 @@ def test_constructor_validates():
 
 
 @pytest.mark.parametrize("option", ["packing", "padding_free"])
-def test_packing_is_refused_naming_the_option(option):
+def test_packed_training_prunes_segments(option):
+    """packing=True (BFD: several samples per example) and padding_free=True: every step keeps
+    exactly K samples (segments) of its pool (exactness: tests/test_packing.py)."""
     kw = {option: True}
     if option == "padding_free":
         kw["max_length"] = None
-    trainer = sft_trainer([], **kw)
-    with pytest.raises(ValueError, match=rf"{option}=True: packed / padding-free batches are not supported"):
-        QTuning().attach(trainer)
+    else:
+        kw["max_length"] = 160
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    trainer = sft_trainer([cb], ga=2, bs=2, steps=3, **kw)
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(steps) == 3 and all(math.isfinite(h["loss"]) for h in steps)
+    for h in steps:
+        assert h["qtuning/kept_samples"] == max(1, int(0.25 * h["qtuning/pool_samples"]))
+        if option == "packing":  # 2 x 2 packed examples of several samples each
+            assert h["qtuning/pool_samples"] > 4
+        else:
+            assert h["qtuning/pool_samples"] == 4
 
 
 def test_rl_trainers_are_refused():

@@ -2,9 +2,11 @@
 
 Two layouts are recognised:
 
-- ``"position_ids"`` (TRL padding-free / BFD packing): no ``attention_mask``; a segment starts where
-  ``position_ids == 0``. TRL >= 1.16 also sends ``cu_seq_lens_q/k``, ``max_length_q/k`` and
-  ``seq_idx``; they are rebuilt for the re-packed rows when the original batch had them.
+- ``"position_ids"``: a segment starts where ``position_ids == 0``. TRL padding-free / BFD packing
+  sends one row and no ``attention_mask`` (TRL >= 1.16 also ``cu_seq_lens_q/k``,
+  ``max_length_q/k`` and ``seq_idx``, rebuilt for the re-packed rows); Axolotl's multipack
+  collator for non-flash attention sends several rows with an all-ones ``attention_mask``
+  (0 on padding) and restarting ``position_ids``.
 - ``"segment_ids"`` (Axolotl multipack): ``attention_mask`` holds 1, 2, 3, ... for the segments of
   each row and 0 for padding; ``position_ids`` restart in every segment.
 
@@ -31,13 +33,19 @@ _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"
 
 def packed_layout(batch: Mapping[str, Any]) -> str | None:
     """``"position_ids"``, ``"segment_ids"`` or None for an ordinary padded batch."""
-    mask = batch.get("attention_mask")
+    mask, pos = batch.get("attention_mask"), batch.get("position_ids")
     if mask is None:
-        if "position_ids" in batch or any(k in batch for k in _VARLEN_KEYS):
+        if pos is not None or any(k in batch for k in _VARLEN_KEYS):
             return "position_ids"
         return None
-    if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.numel() and int(mask.max()) > 1:
+    if not (isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.numel()):
+        return None
+    if int(mask.max()) > 1:
         return "segment_ids"
+    if isinstance(pos, torch.Tensor) and pos.shape == mask.shape and pos.shape[1] > 1:
+        # a position restarting right after a real token (left padding only ends in a restart)
+        if ((pos[:, 1:] == 0) & (mask[:, 1:] != 0) & (mask[:, :-1] != 0)).any():
+            return "position_ids"
     return None
 
 
@@ -56,13 +64,17 @@ def segments(batch: Mapping[str, Any], layout: str) -> list[tuple[int, int, int]
     """(row, start, end) of every segment of a packed batch, in order."""
     out = []
     if layout == "position_ids":
-        pos = batch["position_ids"]
+        pos, mask = batch["position_ids"], batch.get("attention_mask")
         for r in range(pos.shape[0]):
-            starts = (pos[r] == 0).nonzero().squeeze(1).tolist()
-            if not starts or starts[0] != 0:
-                starts = [0] + starts
-            for s, e in zip(starts, starts[1:] + [pos.shape[1]]):
-                out.append((r, s, e))
+            valid = mask[r] != 0 if mask is not None else torch.ones_like(pos[r], dtype=torch.bool)
+            # a segment starts at position 0 and where padding ends; padding is no segment
+            start = (pos[r] == 0) | torch.cat([valid[:1], valid[1:] & ~valid[:-1]])
+            start[0] = True
+            bounds = start.nonzero().squeeze(1).tolist() + [pos.shape[1]]
+            for s, e in zip(bounds, bounds[1:]):
+                end = s + int(valid[s:e].long().cumprod(0).sum())  # cut at the first padding token
+                if end > s:
+                    out.append((r, s, end))
     elif layout == "segment_ids":
         mask = batch["attention_mask"]
         for r in range(mask.shape[0]):
@@ -121,10 +133,10 @@ def repack(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: str, tem
             fill.append(n)
     extras = {k: v for k, v in template.items() if not isinstance(v, torch.Tensor) and k not in _VARLEN_KEYS}
     device = pieces[0][0].device if pieces else template["input_ids"].device
-    if layout == "position_ids":
-        return [{**_one_row([pieces[i] for i in b], template, device), **extras} for b in bins]
-    if layout != "segment_ids":
+    if layout not in LAYOUTS:
         raise ValueError(f"unknown packed layout {layout!r}; expected one of {list(LAYOUTS)}")
+    if layout == "position_ids" and "attention_mask" not in template:  # TRL: one row per micro-batch
+        return [{**_one_row([pieces[i] for i in b], template, device), **extras} for b in bins]
     batches = []
     for start in range(0, len(bins), rows_per_batch):
         rows = bins[start:start + rows_per_batch]
@@ -139,12 +151,22 @@ def repack(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: str, tem
                 x, y = pieces[i]
                 ids[r, at:at + x.numel()] = x
                 labels[r, at:at + x.numel()] = y
-                mask[r, at:at + x.numel()] = seg
+                mask[r, at:at + x.numel()] = seg if layout == "segment_ids" else 1
                 pos[r, at:at + x.numel()] = torch.arange(x.numel(), device=device)
                 at += x.numel()
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if "position_ids" in template:
             batch["position_ids"] = pos.to(template["position_ids"].dtype)
+        if "cu_seq_lens_q" in template:  # varlen metadata over the flattened rows, as Axolotl computes it
+            flat = batch["position_ids"].flatten() if "position_ids" in batch else pos.flatten()
+            starts = (flat == 0).nonzero().squeeze(1)
+            cu = torch.cat([starts, torch.tensor([flat.numel()], device=device)])
+            for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+                if key in template:
+                    batch[key] = cu.to(template[key].dtype)
+            for key in ("max_length_q", "max_length_k"):
+                if key in template:
+                    batch[key] = int(cu.diff().max())
         batches.append({**batch, **extras})
     return batches
 
