@@ -129,6 +129,7 @@ def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 
         lo, hi = bounds[i], bounds[i + 1]
         _scatter_quadrants(ax, [r for r in pts if lo <= r["step"] < hi], kept_key="kept", size=10)
         ax.set_title(f"steps {lo}-{hi - 1}" if hi - 1 > lo else f"step {lo}", fontsize=10)
+        ax.set_xlabel("error: log PPL (mean NLL, nats)", fontsize=9)
         if i:
             ax.set_ylabel("")
     first.legend(fontsize=6, loc="best", ncol=2)

@@ -314,3 +314,17 @@ def test_demo_smollm2(tmp_path):
     assert summary["samples_trained"] == summary["samples_seen"] // 4
     assert summary["held_out_loss_after"] < summary["held_out_loss_before"]
     assert (out / "decisions.png").exists()
+
+
+def test_analyze_load_in_4bit(tiny_dir, tmp_path):
+    """--load-in-4bit loads the model through bitsandbytes NF4 (CPU here) and scores with it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from qtuning_plugin.models import load
+
+    model, _, _ = load(str(tiny_dir), load_in_4bit=True)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["prompt-completion"](p, a) for p, a in PROBLEMS[:6]])
+    out = tmp_path / "s.jsonl"
+    assert run_cli("analyze", "--model", tiny_dir, "--data", data, "--out", out, "--load-in-4bit") == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["ppl"] is not None and r["ppl"] > 1 for r in rows)

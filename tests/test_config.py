@@ -49,9 +49,9 @@ def test_boundaries_accepted():
     assert QTuningConfig(neighbor_lambda=1).neighbor_lambda == 1.0
 
 
-@pytest.mark.parametrize("field,allowed", [("pool", "'step', 'micro_batch'"),
+@pytest.mark.parametrize("field,allowed", [("pool", "'step', 'micro_batch', 'global'"),
                                            ("token_budget", "'sample', 'batch'")])
-@pytest.mark.parametrize("value", ["global", "", None, 1, "STEP"])
+@pytest.mark.parametrize("value", ["rank", "", None, 1, "STEP"])
 def test_choices(field, allowed, value):
     with pytest.raises(ValueError, match=rf"QTuningConfig\.{field} must be one of \[{allowed}\]"):
         QTuningConfig(**{field: value})
