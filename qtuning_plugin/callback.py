@@ -111,8 +111,9 @@ class QTuning(TrainerCallback, ExportableState):
         """Hook into ``trainer`` (a ``transformers.Trainer`` or TRL ``SFTTrainer``) before ``train()``.
 
         Refuses, with a ``ValueError`` saying what to change, what Q-Tuning cannot do exactly:
-        RL / preference trainers, sequence or context parallelism, packed or padding-free
-        batches, a model that is not a causal LM, a trainer that does not count label tokens.
+        RL / preference trainers, sequence or context parallelism, a model that is not a causal
+        LM, a trainer that does not count label tokens. Packed batches are supported (a sample
+        is a segment, see :mod:`qtuning_plugin.core.packing`).
         """
         if not isinstance(trainer, Trainer):
             raise TypeError(f"QTuning.attach: expected a transformers.Trainer, got {type(trainer).__name__}")
@@ -212,8 +213,11 @@ class QTuning(TrainerCallback, ExportableState):
             logger.warning("QTuning: the kept samples of step %d have no label token; this step "
                            "is trained unpruned", trainer.state.global_step + 1)
             return batches, num_items
-        real = (_rebatch(trainer, batches, keep, token_keep) if layout is None
-                else _repack_step(trainer, batches, unpacked, keep, token_keep, layout))
+        if layout is None:
+            real = _rebatch(trainer, batches, keep, token_keep)
+        else:  # re-packing: the count of micro-batches depends on segment lengths; align it across ranks
+            real = _repack_step(trainer, batches, unpacked, keep, token_keep, layout)
+            real = split_to_count(real, _max_over_ranks(len(real), device), layout)
         stand_ins = [SkippedMicroBatch(input_ids=torch.empty(0, 0, dtype=torch.long, device=device))
                      for _ in range(len(batches) - len(real))]
         num_items = trainer._get_num_items_in_batch(real, device)  # collective under DDP: every rank
@@ -417,6 +421,54 @@ def _repack_step(trainer, batches, unpacked, keep, token_keep, layout) -> list[d
             labels[r, s:s + n] = torch.where(t[i, :n], u.batch["labels"][i, :n], -100)
         masked.append({**b, "labels": labels})
     return masked
+
+
+def _max_over_ranks(n: int, device) -> int:
+    """The largest ``n`` over all ranks (a collective), ``n`` itself in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], device=device if dist.get_backend() != "gloo" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def split_to_count(real: list[dict], target: int, layout: str) -> list[dict]:
+    """Packed steps under several processes: every rank must run the same number of training
+    forwards (FSDP / ZeRO-3 gather parameters in each, TRL gathers metrics in each), but how many
+    re-packed micro-batches the kept segments need depends on their lengths. Split the re-packed
+    micro-batch holding the most segments in two until there are ``target``; a micro-batch of one
+    segment cannot be split, so as a last resort the smallest one is repeated with every label
+    masked (a forward and a zero gradient: the loss and its token count are unchanged)."""
+    out = list(real)
+    while len(out) < target:
+        counts = [len(segments(b, layout)) for b in out]
+        i = max(range(len(out)), key=lambda j: counts[j])
+        if counts[i] >= 2:
+            pieces = _pieces(out[i], layout)
+            half = len(pieces) // 2
+            template = out[i]
+            cap = template["input_ids"].shape[1]
+            rows = template["input_ids"].shape[0]
+            first = repack(pieces[:half], layout, template, cap, rows, _pad_of(template))
+            second = repack(pieces[half:], layout, template, cap, rows, _pad_of(template))
+            out[i:i + 1] = first + second
+        else:
+            j = min(range(len(out)), key=lambda k: out[k]["input_ids"].numel())
+            out.insert(0, {**out[j], "labels": torch.full_like(out[j]["labels"], -100)})
+    return out
+
+
+def _pieces(batch: Mapping[str, Any], layout: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(batch["input_ids"][r, s:e], batch["labels"][r, s:e]) for r, s, e in segments(batch, layout)]
+
+
+def _pad_of(batch: Mapping[str, Any]) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None and (mask == 0).any():
+        return int(batch["input_ids"][mask == 0][0])
+    return 0
 
 
 def _row_tokens(batch: Mapping[str, Any]) -> list[list[int]]:

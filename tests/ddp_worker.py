@@ -1,7 +1,9 @@
 """One rank of a 2-process CPU (gloo) run, launched by tests/test_distributed.py with
 ``accelerate launch --cpu --num_processes 2 tests/ddp_worker.py OUT MODE``.
 
-MODE: ``step`` or ``global`` (the pool option), or ``degenerate`` (rank 1's data all identical).
+MODE: ``step`` or ``global`` (the pool option), ``degenerate`` (rank 1's data all identical) or
+``packed`` (padding-free batches from transformers' DataCollatorWithFlattening; rank 1's samples
+longer, so the ranks re-pack into different shapes).
 Each rank saves, for the first optimizer step: the micro-batches it fetched (before pruning),
 the kept micro-batches it trained, the label-token count the Trainer divided by, the gradient
 after the step's backward passes (all-reduced by DDP), and, with ``pool: global``, the whole pool
@@ -42,6 +44,8 @@ def main(out: str, mode: str) -> None:
     for i, r in enumerate(arithmetic_dataset(64)):
         if mode == "degenerate" and rank_hint == 1:
             r = {"prompt": "what is 1+1?", "completion": " 2. so 1+1=2"}  # every sample the same
+        if mode == "packed" and rank_hint == 1:
+            r = {**r, "completion": r["completion"] * 3}
         p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"] + [tok.eos_token_id]
         rows.append({"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": [-100] * len(p) + c})
     args = TrainingArguments(
@@ -52,9 +56,12 @@ def main(out: str, mode: str) -> None:
     )
     grads = FirstStepGradient()
     cb = QTuning(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode == "global" else "step")
+    collator = (transformers.DataCollatorWithFlattening(return_position_ids=True) if mode == "packed"
+                else transformers.DataCollatorForSeq2Seq(tok, padding=True))
+    if mode == "packed":
+        rows = [{k: v for k, v in r.items() if k != "attention_mask"} for r in rows]
     trainer = Trainer(model=tiny_model("llama", vocab_size=len(tok)), args=args,
-                      train_dataset=datasets.Dataset.from_list(rows),
-                      data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True), callbacks=[grads, cb])
+                      train_dataset=datasets.Dataset.from_list(rows), data_collator=collator, callbacks=[grads, cb])
     cb.attach(trainer)
     fetch, pruned_fetch = trainer._qtuning_originals["get_batch_samples"], trainer.get_batch_samples
     record = {"fetched": [], "trained": [], "num_items": [], "global": []}

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtuning_plugin.callback import split_to_count
 from qtuning_plugin.core import GlobalPool, QTuningConfig, decide, score_batch, scoring_mode
+from qtuning_plugin.core.packing import packed_layout, segments, unpack
 from tiny import tiny_model, tiny_tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +46,8 @@ def reference_gradient(records, config, global_pools=None):
     terms, count, kept_rows = [], 0, []
     for rank, rec in enumerate(records):
         batches = rec["fetched"][0]
+        if packed_layout(batches[0]):  # segments are the samples
+            batches = [unpack(b, packed_layout(b)).batch for b in batches]
         with scoring_mode(model):
             scores = [score_batch(model, b) for b in batches]
         gp = None
@@ -69,17 +73,27 @@ def reference_gradient(records, config, global_pools=None):
 
 
 def trained_rows(rec):
-    """The label tokens of each row the rank trained at step 1 (unpadded)."""
-    return [row[row != -100].tolist() for b in rec["trained"][0] for row in b["labels"]]
+    """The label tokens of each sample (row, or segment of a packed row) the rank trained at step 1."""
+    out = []
+    for b in rec["trained"][0]:
+        layout = packed_layout(b)
+        spans = segments(b, layout) if layout else [(r, 0, b["labels"].shape[1]) for r in range(b["labels"].shape[0])]
+        for r, s, e in spans:
+            row = b["labels"][r, s:e]
+            out.append(row[row != -100].tolist())
+    return out
 
 
 def relative_error(got, want):
     return float((got - want).norm() / want.norm().clamp(min=1e-30))
 
 
-@pytest.mark.parametrize("pool", ["step", "global"])
+@pytest.mark.parametrize("pool", ["step", "global", "packed"])
 def test_first_step_gradient_is_the_mean_ce_over_all_ranks_kept_tokens(runs, pool):
+    """`packed`: padding-free batches (one row per micro-batch, position_ids), pool step."""
     records = runs(pool)
+    if pool == "packed":
+        assert all(packed_layout(b) == "position_ids" for r in records for b in r["fetched"][0])
     assert [r["world_size"] for r in records] == [WORLD, WORLD]
     global_pools = None
     if pool == "global":
@@ -90,8 +104,8 @@ def test_first_step_gradient_is_the_mean_ce_over_all_ranks_kept_tokens(runs, poo
         global_pools = gps[0]
     else:
         assert all(r["global"][0] is None for r in records)
-    want, count, kept_rows = reference_gradient(records, QTuningConfig(sample_ratio=0.25, token_ratio=0.5, pool=pool),
-                                                global_pools)
+    config = QTuningConfig(sample_ratio=0.25, token_ratio=0.5, pool="step" if pool == "packed" else pool)
+    want, count, kept_rows = reference_gradient(records, config, global_pools)
     for rank, rec in enumerate(records):
         assert sorted(trained_rows(rec)) == sorted(kept_rows[rank])  # exactly K = 2 of its 8, its tokens
         assert len(kept_rows[rank]) == 2
@@ -127,3 +141,23 @@ def test_degenerate_rank_neither_hangs_nor_crashes(runs):
         assert rec["totals"]["steps"] == 2 and rec["totals"]["kept_samples"] == 4
     rows = trained_rows(records[1])
     assert len(rows) == 2 and rows[0] == rows[1]  # identical samples, identical scores: still exactly K
+
+
+def test_split_to_count_aligns_the_number_of_training_forwards():
+    """Packed steps on several ranks: a rank whose kept segments re-packed into fewer micro-batches
+    splits them (or, with a single segment, repeats one with every label masked)."""
+    from qtuning_plugin.core.packing import repack
+
+    pieces = [(torch.arange(1, n + 1), torch.cat([torch.tensor([-100]), torch.arange(2, n + 1)])) for n in (5, 3, 4)]
+    template = {"input_ids": torch.zeros(1, 16, dtype=torch.long), "labels": torch.zeros(1, 16, dtype=torch.long),
+                "position_ids": torch.zeros(1, 16, dtype=torch.long)}
+    one = repack(pieces, "position_ids", template, 16, 1)
+    assert len(one) == 1
+    three = split_to_count(one, 3, "position_ids")
+    assert len(three) == 3
+    got = sorted(tuple(b["input_ids"][0, s:e].tolist()) for b in three for _, s, e in segments(b, "position_ids"))
+    assert got == sorted(tuple(x.tolist()) for x, _ in pieces)  # every kept segment once, nothing else
+    labels = sum(int((b["labels"] != -100).sum()) for b in three)
+    assert labels == sum(int((y != -100).sum()) for _, y in pieces)
+    four = split_to_count(three, 4, "position_ids")  # single-segment batches: one all-masked repeat
+    assert len(four) == 4 and int((four[0]["labels"] != -100).sum()) == 0
