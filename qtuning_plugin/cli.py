@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model directory, hub id, 'smollm2' or 'tiny' (default: smollm2 if installed, else tiny)")
     demo.add_argument("--data", default=str(DEMO_DATA), help="dataset (jsonl / json / parquet / saved dataset); "
                       "default: word problems shipped in the package")
-    demo.add_argument("--steps", type=_positive("--steps"), default=12, help="optimizer steps (default 12)")
+    demo.add_argument("--steps", type=_positive("--steps"), default=10, help="optimizer steps (default 10)")
     demo.add_argument("--out", default="qtuning-demo", help="output directory (default ./qtuning-demo)")
     demo.add_argument("--batch-size", type=_positive("--batch-size"), default=8)
     demo.add_argument("--grad-accum", type=_positive("--grad-accum"), default=2,
