@@ -451,8 +451,9 @@ def split_to_count(real: list[dict], target: int, layout: str) -> list[dict]:
             template = out[i]
             cap = template["input_ids"].shape[1]
             rows = template["input_ids"].shape[0]
-            first = repack(pieces[:half], layout, template, cap, rows, _pad_of(template))
-            second = repack(pieces[half:], layout, template, cap, rows, _pad_of(template))
+            pad = _pad_id([template], None)
+            first = repack(pieces[:half], layout, template, cap, rows, pad)
+            second = repack(pieces[half:], layout, template, cap, rows, pad)
             out[i:i + 1] = first + second
         else:
             j = min(range(len(out)), key=lambda k: out[k]["input_ids"].numel())
@@ -462,13 +463,6 @@ def split_to_count(real: list[dict], target: int, layout: str) -> list[dict]:
 
 def _pieces(batch: Mapping[str, Any], layout: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(batch["input_ids"][r, s:e], batch["labels"][r, s:e]) for r, s, e in segments(batch, layout)]
-
-
-def _pad_of(batch: Mapping[str, Any]) -> int:
-    mask = batch.get("attention_mask")
-    if mask is not None and (mask == 0).any():
-        return int(batch["input_ids"][mask == 0][0])
-    return 0
 
 
 def _row_tokens(batch: Mapping[str, Any]) -> list[list[int]]:

@@ -174,17 +174,6 @@ def _dataset(args, tokenizer, limit: int | None = None, records: list | None = N
     return records, fmt, encoded
 
 
-def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
-    import torch
-
-    t = max(len(ids) for ids, _ in rows)
-    return {
-        "input_ids": torch.tensor([ids + [pad_id] * (t - len(ids)) for ids, _ in rows]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (t - len(ids)) for ids, _ in rows]),
-        "labels": torch.tensor([lab + [-100] * (t - len(lab)) for _, lab in rows]),
-    }
-
-
 def _write_rows(rows: list[dict], path: Path) -> None:
     """jsonl or parquet by suffix, atomically."""
     tmp = path.with_name(path.name + ".tmp")
@@ -221,6 +210,7 @@ def analyze(args) -> int:
     import torch
 
     from .core import median_quadrants, score_batch, scoring_mode
+    from .data import to_batch
     from .decisions import sample_id
     from .models import load
 
@@ -274,7 +264,7 @@ def analyze(args) -> int:
     with open(partial, "a", encoding="utf-8") as f, scoring_mode(model), tqdm(total=len(todo), unit="sample") as bar:
         for start in range(0, len(todo), args.batch_size):
             idx = todo[start:start + args.batch_size]
-            batch = {k: v.to(device) for k, v in _collate([encoded[i] for i in idx], pad).items()}
+            batch = {k: v.to(device) for k, v in to_batch([encoded[i] for i in idx], pad).items()}
             s = score_batch(model, batch)
             for r, i in enumerate(idx):
                 n = len(encoded[i][0])

@@ -178,3 +178,14 @@ def encode(record: dict, tokenizer, fmt: str, max_length: int | None = None) -> 
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return ids, labels
+
+
+def to_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """A right-padded batch (input_ids / attention_mask / labels) of :func:`encode`'s outputs."""
+    import torch
+
+    from .core.batch import collate_rows
+
+    rows = [{"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
+             "labels": torch.tensor(labels)} for ids, labels in examples]
+    return collate_rows(rows, side="right", pad_values={"input_ids": pad_id})

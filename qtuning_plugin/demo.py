@@ -19,7 +19,7 @@ import torch
 
 from .callback import QTuning
 from .core import score_batch, scoring_mode
-from .data import DataError, detect_format, encode, load_records
+from .data import DataError, detect_format, encode, load_records, to_batch
 from .decisions import read_log, sample_id
 from .models import load
 from .plots import plot_decisions, plot_scores
@@ -51,11 +51,7 @@ def held_out_loss(model, encoded, pad_id: int, batch_size: int = 8) -> float:
     device = next(model.parameters()).device
     with scoring_mode(model):
         for i in range(0, len(encoded), batch_size):
-            rows = encoded[i:i + batch_size]
-            t = max(len(ids) for ids, _ in rows)
-            batch = {"input_ids": torch.tensor([ids + [pad_id] * (t - len(ids)) for ids, _ in rows]),
-                     "attention_mask": torch.tensor([[1] * len(ids) + [0] * (t - len(ids)) for ids, _ in rows]),
-                     "labels": torch.tensor([lab + [-100] * (t - len(lab)) for _, lab in rows])}
+            batch = to_batch(encoded[i:i + batch_size], pad_id)
             s = score_batch(model, {k: v.to(device) for k, v in batch.items()})
             total += float(s.nll[s.trainable].sum())
             count += int(s.trainable.sum())
