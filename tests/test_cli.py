@@ -43,9 +43,8 @@ def write_jsonl(path, rows):
     return path
 
 
-def run_cli(*argv, capsys=None):
-    code = cli.main([str(a) for a in argv])
-    return code
+def run_cli(*argv):
+    return cli.main([str(a) for a in argv])
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
