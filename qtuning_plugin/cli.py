@@ -211,6 +211,7 @@ def analyze(args) -> int:
 
     from .core import median_quadrants, score_batch, scoring_mode
     from .data import to_batch
+    from .decisions import finite_or_none as _num
     from .decisions import sample_id
     from .models import load
 
@@ -302,11 +303,6 @@ def analyze(args) -> int:
           f"and {picture}; at sample ratio {args.sample_ratio:g}: {sum(r['kept'] for r in rows)} kept, "
           f"triage level {th['level']:.3f}")
     return 0
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _response_text(record: dict, fmt: str) -> str:

@@ -32,7 +32,8 @@ def sample_id(tokens: Sequence[int]) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def _finite(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
+    """``x`` as a float, or None when it is NaN or infinite (JSON has neither)."""
     x = float(x)
     return x if math.isfinite(x) else None
 
@@ -78,8 +79,8 @@ class DecisionLog:
     def write(self, step: int, ids: Iterable[str], ppl, entropy, quadrant, kept, kept_tokens, n_tokens) -> None:
         rows = []
         for i, p, e, q, k, kt, nt in zip(ids, ppl, entropy, quadrant, kept, kept_tokens, n_tokens):
-            rows.append(json.dumps({"step": int(step), "rank": self.rank, "id": i, "ppl": _finite(p),
-                                    "entropy": _finite(e), "quadrant": int(q), "kept": bool(k),
+            rows.append(json.dumps({"step": int(step), "rank": self.rank, "id": i, "ppl": finite_or_none(p),
+                                    "entropy": finite_or_none(e), "quadrant": int(q), "kept": bool(k),
                                     "kept_tokens": int(kt), "n_tokens": int(nt)}))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
