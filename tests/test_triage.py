@@ -1,6 +1,7 @@
 """Sample stage (spec section 2): hand-worked pools and properties over random pools."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -74,13 +75,33 @@ def test_all_equal_scores_tie_to_the_earlier_sample():
     assert result.level == pytest.approx(4 / 8)
 
 
-def test_nan_counts_as_inf_and_inf_normalises_to_one():
-    ppl = t(NAN, 1.0, INF, 2.0, 1.5, 1.2)
-    ent = t(1.0, NAN, 1.0, 1.0, 0.5, 0.7)
-    assert torch.equal(triage(ppl, ent, 0.5).keep,
-                       triage(t(INF, 1.0, INF, 2.0, 1.5, 1.2), t(1.0, INF, 1.0, 1.0, 0.5, 0.7), 0.5).keep)
+def test_nan_samples_are_not_candidates_and_inf_normalises_to_one():
+    """A NaN score (no trainable token, a broken forward) takes no slot and moves no one else:
+    the finite samples kept are those of the pool without it, and K counts only the others."""
+    ppl = t(NAN, 1.0, INF, 2.0, 1.5, 1.2, 3.0)
+    ent = t(1.0, NAN, 1.0, 1.0, 0.5, 0.7, 0.2)
     result = triage(ppl, ent, 0.5)
-    assert result.k == 3 and bool((result.prune_tokens <= result.keep).all())
+    without = triage(t(INF, 2.0, 1.5, 1.2, 3.0), t(1.0, 1.0, 0.5, 0.7, 0.2), 0.5)
+    assert result.k == 2 == without.k  # floor(0.5 * 5), not floor(0.5 * 7)
+    assert not result.keep[:2].any()
+    assert torch.equal(result.keep[2:], without.keep)
+    assert torch.equal(result.prune_tokens[2:], without.prune_tokens)
+    assert result.level == without.level
+    assert bool((result.prune_tokens <= result.keep).all())
+
+
+def test_a_pool_without_any_scored_sample_keeps_nothing():
+    result = triage(t(NAN, NAN), t(1.0, NAN), 0.5)
+    assert result.k == 0 and not result.prune_tokens.any() and result.level == 0.0
+
+
+def test_one_huge_score_does_not_flatten_the_others_in_the_top_up():
+    """Min-max over the finite values only: an infinite PPL no longer maps every finite PPL to 0."""
+    from qtuning_plugin.core.triage import _minmax
+
+    x = t(1.0, 3.0, INF, 2.0)
+    assert _minmax(x).tolist() == [0.0, 1.0, 1.0, 0.5]
+    assert _minmax(t(2.0, 2.0, INF)).tolist() == [0.0, 0.0, 1.0]
 
 
 def test_sample_ratio_one_keeps_everything():
@@ -132,7 +153,7 @@ def test_exactly_k_kept_core_within_k_prune_implies_keep(pool, r):
     ppl, ent = pool
     result = triage(ppl, ent, r)
     n = ppl.numel()
-    assert result.k == kept_count(n, r) == max(1, math.floor(r * n))
+    assert result.k == kept_count(n, r) == max(1, math.floor(Fraction(repr(r)) * n))
     assert int(result.core.sum()) <= result.k
     assert bool((result.prune_tokens <= result.keep).all())
     assert bool((result.core <= result.keep).all())
@@ -199,11 +220,14 @@ def test_core_equals_the_papers_quantile_sets_between_breakpoints(pool, r):
 
 
 def _reference(ppl, ent, r):
-    """A literal, loop-by-loop reading of spec section 2, for cross-checking."""
+    """A literal, loop-by-loop reading of spec section 2, for cross-checking (NaN samples are
+    left out of the pool; the top-up normalises over finite values, +inf -> 1)."""
+    ids = [i for i in range(len(ppl)) if not (math.isnan(ppl[i]) or math.isnan(ent[i]))]
+    if not ids:
+        return set(), set(), 0.0
+    ppl, ent = [ppl[i] for i in ids], [ent[i] for i in ids]
     n = len(ppl)
-    ppl = [INF if math.isnan(x) else x for x in ppl]
-    ent = [INF if math.isnan(x) else x for x in ent]
-    k = max(1, math.floor(r * n))
+    k = max(1, math.floor(Fraction(repr(r)) * n))
     by_ppl = sorted(range(n), key=lambda i: (ppl[i], i))
     by_ent = sorted(range(n), key=lambda i: (ent[i], i))
     core2, core4, level = set(), set(), 0
@@ -214,17 +238,16 @@ def _reference(ppl, ent, r):
             core2, core4, level = q2, q4, m
 
     def norm(x):
-        if any(v == INF for v in x):
-            return [1.0 if v == INF else 0.0 for v in x]
-        lo, hi = min(x), max(x)
-        return [0.0] * n if hi == lo else [(v - lo) / (hi - lo) for v in x]
+        finite = [v for v in x if v != INF]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+        return [1.0 if v == INF else 0.0 if hi == lo else (v - lo) / (hi - lo) for v in x]
 
     p, e = norm(ppl), norm(ent)
     rest = sorted((i for i in range(n) if i not in core2 | core4), key=lambda i: (-abs(p[i] - e[i]), i))
     top = rest[: k - len(core2 | core4)]
     keep = core2 | core4 | set(top)
     prune = core2 | {i for i in top if p[i] >= e[i]}
-    return keep, prune, level / n
+    return {ids[i] for i in keep}, {ids[i] for i in prune}, level / n
 
 
 @settings(max_examples=300, deadline=None)
@@ -286,3 +309,33 @@ def test_a_degenerate_group_still_keeps_its_k():
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     result = triage(ppl, ent, 0.5, groups=groups)
     assert int(result.keep[:4].sum()) == 2 and int(result.keep[4:].sum()) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(pools(max_n=40), ratios, st.integers(0, 39), st.sampled_from(["ppl", "entropy", "both"]))
+def test_one_nan_sample_changes_nothing_for_the_others(pool, r, where, axis):
+    ppl, ent = pool
+    n = ppl.numel()
+    i = where % (n + 1)
+    nan = torch.tensor([NAN], dtype=torch.float64)
+    ppl2 = torch.cat([ppl[:i], nan if axis != "entropy" else t(5.0), ppl[i:]])
+    ent2 = torch.cat([ent[:i], nan if axis != "ppl" else t(5.0), ent[i:]])
+    plain, with_nan = triage(ppl, ent, r), triage(ppl2, ent2, r)
+    others = torch.arange(n + 1) != i
+    assert not with_nan.keep[i]
+    assert torch.equal(with_nan.keep[others], plain.keep)
+    assert torch.equal(with_nan.prune_tokens[others], plain.prune_tokens)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 999), st.integers(1, 5000))
+def test_k_is_exact_for_decimal_ratios(thousandths, n):
+    """K = max(1, floor(r_s n)) with r_s read as the decimal the user wrote: 0.29 x 100 = 29
+    (int(0.29 * 100) is 28), 0.57 x 100 = 57 (not 56)."""
+    r = thousandths / 1000
+    assert kept_count(n, r) == max(1, math.floor(Fraction(thousandths, 1000) * n))
+
+
+def test_k_for_the_decimal_ratios_that_floats_get_wrong():
+    assert kept_count(100, 0.29) == 29 and kept_count(100, 0.57) == 57
+    assert triage(torch.arange(100.0), torch.arange(100.0).flip(0), 0.29).k == 29

@@ -17,7 +17,9 @@ Q4_m = bottom-m PPL ∩ top-m Ent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -29,10 +31,11 @@ QUADRANT_NAMES = {Q1: "harmful noise", Q2: "misconception", Q3: "redundant", Q4:
 class Triage:
     """Decision for one pool of n samples.
 
-    - ``keep``: bool [n], exactly K = max(1, floor(r_s n)) True.
+    - ``keep``: bool [n], exactly K = max(1, floor(r_s n')) True, n' the samples without a NaN
+      score (none when n' = 0).
     - ``prune_tokens``: bool [n], True for kept samples whose tokens are pruned (core Q2 and
       topped-up Q2-like samples); implies ``keep``.
-    - ``level``: the quantile level a = m / n of the core set (0.0 when the core is empty).
+    - ``level``: the quantile level a = m / n' of the core set (0.0 when the core is empty).
     - ``core``: bool [n], the samples of Q2_m ∪ Q4_m (the rest of ``keep`` is the top-up).
     """
 
@@ -47,8 +50,14 @@ class Triage:
 
 
 def kept_count(n: int, sample_ratio: float) -> int:
-    """K = max(1, floor(r_s n)) for a pool of n >= 1 samples."""
-    return max(1, int(sample_ratio * n))
+    """K = max(1, floor(r_s n)) for a pool of n >= 1 samples (0 for an empty pool).
+
+    Exact for the ratio as written in decimal: ``0.29`` is read as 29/100 (the shortest decimal
+    that round-trips the float), so 0.29 x 100 keeps 29, where ``int(0.29 * 100)`` gives 28.
+    """
+    if n <= 0:
+        return 0
+    return max(1, math.floor(Fraction(repr(float(sample_ratio))) * n))
 
 
 def _ascending_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -60,24 +69,30 @@ def _ascending_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise to [0, 1]; all zeros when max == min; +inf -> 1 and the finite values -> 0."""
+    """Min-max normalise to [0, 1] over the finite values; +inf -> 1; all zeros when the finite
+    values are all equal. One infinite score does not flatten the others (spec section 2 says
+    "the finite ones to 0"; the project normalises them among themselves instead)."""
     inf = torch.isposinf(x)
-    if inf.any():
-        return inf.to(torch.float64)
-    lo, hi = x.min(), x.max()
-    if hi == lo:
-        return torch.zeros_like(x)
-    return (x - lo) / (hi - lo)
+    finite = torch.isfinite(x)
+    out = torch.zeros_like(x)
+    if finite.any():
+        lo, hi = x[finite].min(), x[finite].max()
+        if hi > lo:
+            out = torch.where(finite, (x - lo) / (hi - lo), out)
+    return torch.where(inf, torch.ones_like(out), out)
 
 
 def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
            groups: torch.Tensor | None = None) -> Triage:
     """Pick the samples to train from one pool (spec section 2, rank form).
 
-    ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. NaN counts as +inf
-    (highest error / uncertainty). K = max(1, floor(r_s n)) samples are kept: the core
-    Q2_m ∪ Q4_m for the largest m in 1..floor(n/2) with at most K members, topped up in
-    descending order of |p - e| (min-max normalised PPL and Ent), ties to the earlier sample.
+    ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. A sample whose PPL or
+    Ent is NaN (no trainable token, or a numerically broken forward) is not a candidate: it is
+    never kept and the others are triaged as if it were not there, so K = max(1, floor(r_s n'))
+    over the n' scored samples (none kept when n' = 0). +inf counts as the highest value.
+    K samples are kept: the core Q2_m ∪ Q4_m for the largest m in 1..floor(n'/2) with at most K
+    members, topped up in descending order of |p - e| (PPL and Ent min-max normalised over
+    their finite values, +inf -> 1), ties to the earlier sample.
 
     ``groups`` (long [n], ids 0..G-1; ``pool: global``): the pool is every rank's samples and
     group g is rank g's. Ranks, quantile levels and the normalisation of the top-up score come
@@ -97,12 +112,23 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
         groups = torch.zeros(n, dtype=torch.long, device=ppl.device)
     elif groups.shape != ppl.shape or groups.dtype != torch.long or int(groups.min()) < 0:
         raise ValueError("triage: groups must be a long tensor of group ids >= 0, one per sample")
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=ppl.device)
-    ppl = torch.where(torch.isnan(ppl), inf, ppl.to(torch.float64))
-    entropy = torch.where(torch.isnan(entropy), inf, entropy.to(torch.float64, copy=False))
+    scored = ~(torch.isnan(ppl) | torch.isnan(entropy))
+    none = torch.zeros(n, dtype=torch.bool, device=ppl.device)
+    if not scored.any():
+        return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone())
+    idx = scored.nonzero().squeeze(1)
+    keep, prune_tokens, core, level = _triage_scored(ppl[idx].to(torch.float64), entropy[idx].to(torch.float64),
+                                                     sample_ratio, groups[idx])
+    out = [none.clone().index_put_((idx,), x) for x in (keep, prune_tokens, core)]
+    return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2])
+
+
+def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float, groups: torch.Tensor):
+    """:func:`triage` on n >= 1 samples without NaN: (keep, prune_tokens, core, level)."""
+    n = ppl.numel()
     group_sizes = torch.bincount(groups)
-    k = (group_sizes.to(torch.float64) * sample_ratio).long().clamp(min=1)  # K_g = max(1, floor(r_s n_g))
-    k = torch.where(group_sizes > 0, k, 0)
+    k = torch.tensor([kept_count(int(s), sample_ratio) for s in group_sizes.tolist()],
+                     dtype=torch.long, device=ppl.device)  # K_g = max(1, floor(r_s n_g)), 0 if empty
 
     # Sample i joins Q2_m from m2 = max(n - rank_ppl, rank_ent + 1) on (top-m PPL, bottom-m Ent),
     # and Q4_m from m4 = max(rank_ppl + 1, n - rank_ent) on. For m <= n/2 it can't be in both.
@@ -132,7 +158,7 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
         top_up = rest[torch.sort(-gap, stable=True).indices[: int(k[g]) - int((core & (groups == g)).sum())]]
         keep[top_up] = True
         prune_tokens[top_up] = p[top_up] >= e[top_up]
-    return Triage(keep=keep, prune_tokens=prune_tokens, level=m / n, core=core)
+    return keep, prune_tokens, core, m / n
 
 
 def median_quadrants(ppl: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
