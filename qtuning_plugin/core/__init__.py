@@ -8,7 +8,7 @@ decision to a padded batch).
 from .batch import apply_decision
 from .config import QTuningConfig
 from .decision import Decision, GlobalPool, decide
-from .scoring import Scores, score_batch, scoring_mode, trainable_positions
+from .scoring import Scores, choose_scoring_path, score_batch, scoring_mode, trainable_positions
 from .tokens import context_scores, pooled_token_keep_mask, token_keep_mask
 from .triage import QUADRANT_NAMES, Triage, kept_count, median_quadrants, triage
 
@@ -16,6 +16,7 @@ __all__ = [
     "QTuningConfig",
     "Scores",
     "score_batch",
+    "choose_scoring_path",
     "scoring_mode",
     "trainable_positions",
     "Triage",

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .scoring import IGNORE_INDEX, trainable_positions
+from .scoring import IGNORE_INDEX
 
 
 def apply_decision(
@@ -20,9 +20,9 @@ def apply_decision(
     that is padding in every remaining row.
 
     - ``keep`` bool [B]: rows to keep (at least one).
-    - ``token_keep`` bool [B, T] or None: for each row, the trainable positions that stay in the
-      loss (aligned with ``labels``, as :func:`~qtuning_plugin.core.token_keep_mask` returns);
-      every other label becomes ``ignore_index``. None leaves the labels as they are. Positions
+    - ``token_keep`` bool [B, T] or None: for each row, the positions that stay in the loss
+      (aligned with ``labels``, as :func:`~qtuning_plugin.core.decide` returns); every other
+      label becomes ``ignore_index``, so the loss counts exactly these positions. None leaves the labels as they are. Positions
       are only removed from the loss, never from the input: pruned tokens stay as context.
     - Every tensor whose first dimension is B is indexed by row; those with a second dimension T
       lose the leading and trailing columns where ``attention_mask`` is 0 in all kept rows (left
@@ -55,9 +55,9 @@ def apply_decision(
             if value.ndim >= 2 and value.shape[1] == t:
                 value = value[:, cols]
         out[key] = value
-    if token_keep is not None:
-        pruned = trainable_positions(labels[rows], ignore_index) & ~token_keep.to(labels.device)[rows].bool()
-        out["labels"] = out["labels"].masked_fill(pruned[:, cols], ignore_index)
+    if token_keep is not None:  # exactly the decided positions stay in the loss
+        dropped = ~token_keep.to(labels.device)[rows].bool()
+        out["labels"] = out["labels"].masked_fill(dropped[:, cols], ignore_index)
     return out
 
 

@@ -33,7 +33,8 @@ class Scores:
       without any trainable position.
     - ``entropy`` [B] float64: uncertainty, mean predictive entropy (natural log) over the same.
     - ``nll`` / ``token_entropy`` [B, T] float32: per token, 0 off the trainable positions.
-    - ``trainable`` [B, T] bool: labels != -100 after the causal shift (column 0 is False).
+    - ``trainable`` [B, T] bool: labels != -100 after the causal shift (column 0 is False, and so
+      is a position right after padding, see :func:`trainable_positions`).
     - ``input_tokens`` [B] long: non-padding tokens of each row (prompt included).
     """
 
@@ -49,10 +50,17 @@ class Scores:
         return self.trainable.sum(1)
 
 
-def trainable_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """bool [B, T]: positions whose label is trained on after the causal shift."""
+def trainable_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B, T]: positions whose label is trained on after the causal shift.
+
+    Column 0 never is; with ``attention_mask``, neither is a position whose predecessor is
+    padding (the first token of a left-padded row is "predicted" from a pad token, and lands in
+    column 0, out of the loss, once the row is re-batched without its padding)."""
     mask = labels != ignore_index
     mask[:, 0] = False
+    if attention_mask is not None and attention_mask.shape == labels.shape:
+        mask[:, 1:] &= attention_mask[:, :-1] != 0
     return mask
 
 
@@ -128,8 +136,10 @@ def _logit_postprocess(lm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return apply
 
 
-# Models whose own logits our head did not reproduce: scored from their full logits from then on.
+# The scoring path of each model, decided once (at its first scoring call, or by choose_scoring_path):
+# models whose own logits our head did not reproduce are scored from their full logits from then on.
 _FALLBACK: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_HEAD_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _WARNED: set[str] = set()
 
 
@@ -209,14 +219,16 @@ def score_batch(
     positions only, ``chunk_size`` positions at a time (the memory knob: about
     3 x chunk_size x vocab floats at the peak).
 
-    The model's own logits at the last position check that the output embedding plus known
-    post-processing (softcapping, logit scales) reproduce the forward; if they do not, the model
-    is scored from its full logits from then on, with a one-time warning.
+    The scoring path is decided once per model (at its first call, or before training by
+    :func:`choose_scoring_path`): if the output embedding plus known post-processing (softcapping,
+    logit scales) do not reproduce the model's own logits at the last position, or the forward
+    does not run the backbone module, the model is scored from its full logits from then on,
+    with a one-time warning.
 
     Dropout is not switched off here: wrap the call in :func:`scoring_mode`.
     """
     labels = batch["labels"]
-    trainable = trainable_positions(labels, ignore_index)
+    trainable = trainable_positions(labels, ignore_index, batch.get("attention_mask"))
     lm = unwrap_causal_lm(model)
     backbone, head = _backbone_and_head(lm)
     targets = labels[:, 1:][trainable[:, 1:]]
@@ -225,36 +237,19 @@ def score_batch(
     if lm in _FALLBACK:
         nll, ent = _score_from_logits(model, lm, batch, trainable, targets, chunk_size)
     else:
-        captured: list[tuple[torch.Tensor, torch.dtype | None]] = []
-
-        def hook(module, args, out):  # the hidden state, and the autocast the forward runs under
-            device = out[0].device.type
-            on = torch.is_autocast_enabled(device)
-            captured.append((out[0], torch.get_autocast_dtype(device) if on else None))
-
-        handle = backbone.register_forward_hook(hook)
-        try:
-            out = model(**_forward_kwargs(lm, batch, logits_to_keep=1))
-        finally:
-            handle.remove()
-        hidden, forward_autocast = captured[-1]
-        head_fn = _head_fn(head, _logit_postprocess(lm), hidden.dtype, hidden.device, forward_autocast)
-        low_precision = forward_autocast in (torch.bfloat16, torch.float16)
-        if _reproduces_logits(head_fn, hidden, getattr(out, "logits", None), low_precision):
+        forward = _forward_with_hidden(model, lm, backbone, batch)
+        if forward is None and lm in _HEAD_CHECKED:
+            raise RuntimeError(f"score_batch: {type(lm).__name__}'s forward no longer ran its backbone module")
+        if lm not in _HEAD_CHECKED:  # the first call decides the path, for good
+            _set_path(lm, _verdict(head, lm, forward))
+        if lm in _FALLBACK:
+            del forward
+            nll, ent = _score_from_logits(model, lm, batch, trainable, targets, chunk_size)
+        else:
+            _, hidden, forward_autocast = forward
+            head_fn = _head_fn(head, _logit_postprocess(lm), hidden.dtype, hidden.device, forward_autocast)
             selected = hidden[:, :-1][trainable[:, 1:]]
             nll, ent = _token_stats(lambda s, e: head_fn(selected[s:e]), n, targets, chunk_size)
-        else:
-            _FALLBACK.add(lm)
-            name = type(lm).__name__
-            if name not in _WARNED:
-                _WARNED.add(name)
-                warnings.warn(
-                    f"qtuning: {name}'s forward post-processes its logits in a way the scorer does "
-                    "not reproduce; scoring from the model's full logits instead (more memory).",
-                    stacklevel=2,
-                )
-            del out, hidden, captured
-            nll, ent = _score_from_logits(model, lm, batch, trainable, targets, chunk_size)
     mask = batch.get("attention_mask")
     input_tokens = mask.ne(0).sum(1) if mask is not None else torch.full_like(labels[:, 0], labels.shape[1])
     return _assemble(nll, ent, trainable, input_tokens.long())
@@ -268,6 +263,80 @@ def _reproduces_logits(head_fn, hidden: torch.Tensor, logits: torch.Tensor | Non
     low_precision = low_precision or any(t in (hidden.dtype, logits.dtype) for t in (torch.bfloat16, torch.float16))
     rtol = 3e-2 if low_precision else 1e-4
     return bool(((ours - theirs).abs().max() <= rtol * (1.0 + theirs.abs().max())).item())
+
+
+def _forward_with_hidden(model, lm, backbone, batch):
+    """One forward of ``model`` (logits for the last position only): (output, the backbone's last
+    hidden state, the autocast dtype the forward ran under), or None when the forward did not run
+    the backbone module (e.g. ``BartForCausalLM`` calls ``model.decoder`` directly)."""
+    captured: list[tuple[torch.Tensor, torch.dtype | None]] = []
+
+    def hook(module, args, out):  # the hidden state, and the autocast the forward runs under
+        device = out[0].device.type
+        on = torch.is_autocast_enabled(device)
+        captured.append((out[0], torch.get_autocast_dtype(device) if on else None))
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        out = model(**_forward_kwargs(lm, batch, logits_to_keep=1))
+    finally:
+        handle.remove()
+    if not captured or not isinstance(captured[-1][0], torch.Tensor):
+        return None
+    return out, captured[-1][0], captured[-1][1]
+
+
+def _head_matches(head, lm, out, hidden, forward_autocast) -> bool:
+    head_fn = _head_fn(head, _logit_postprocess(lm), hidden.dtype, hidden.device, forward_autocast)
+    low_precision = forward_autocast in (torch.bfloat16, torch.float16)
+    return _reproduces_logits(head_fn, hidden, getattr(out, "logits", None), low_precision)
+
+
+_BYPASS = "does not run its backbone module, so the scorer cannot read its last hidden state"
+_MISMATCH = "post-processes its logits in a way the scorer does not reproduce"
+
+
+def _verdict(head, lm, forward) -> str | None:
+    """None when the scorer's own head reproduces the forward, else why not."""
+    if forward is None:
+        return _BYPASS
+    return None if _head_matches(head, lm, *forward) else _MISMATCH
+
+
+def _set_path(lm: nn.Module, why_not: str | None) -> None:
+    _HEAD_CHECKED.add(lm)
+    if why_not is None:
+        _FALLBACK.discard(lm)
+        return
+    _FALLBACK.add(lm)
+    name = type(lm).__name__
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(
+            f"qtuning: {name}'s forward {why_not}; scoring from the model's full logits instead "
+            "(more memory).",
+            stacklevel=3,
+        )
+
+
+@torch.no_grad()
+def choose_scoring_path(model: nn.Module, agree: Callable[[bool], bool] | None = None) -> bool:
+    """Decide once, before training, how :func:`score_batch` scores ``model``: from the backbone's
+    last hidden state and the output embedding (True), or from the model's full logits (False),
+    by one probe forward on 8 tokens. ``agree`` turns this process's verdict into the one every
+    process uses (the callback passes an all-reduce, so that no rank runs a second forward alone).
+    Call it in :func:`scoring_mode`, through the wrapper training uses."""
+    lm = unwrap_causal_lm(model)
+    backbone, head = _backbone_and_head(lm)
+    param = next(lm.parameters())
+    vocab = int(getattr(lm.config, "vocab_size", 0) or 0) or 8
+    ids = (torch.arange(1, 9, device=param.device) % vocab)[None]
+    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    why_not = _verdict(head, lm, _forward_with_hidden(model, lm, backbone, probe))
+    if agree is not None and not agree(why_not is None):
+        why_not = why_not or "does not reproduce its logits on another process"
+    _set_path(lm, why_not)
+    return why_not is None
 
 
 def _score_from_logits(model, lm, batch, trainable, targets, chunk_size):
