@@ -12,6 +12,13 @@ The Trainer decides when to step the optimizer by counting micro-batches, so the
 back keeps its length: the micro-batches that are no longer needed are replaced, at the front,
 by empty stand-ins that ``training_step`` (also wrapped) skips without any forward or backward.
 The last entry is always a real micro-batch, so DDP's gradient all-reduce still happens.
+
+Under several processes every rank runs the same forwards and collectives: the scoring path is
+chosen by all ranks together at train start, and each step's count of real micro-batches (and
+whether any rank kept a label token at all) by one all-reduce; a rank that needs fewer
+micro-batches splits its rows, or adds one-row micro-batches whose labels are all masked.
+Rows without any label token are not samples: they take no kept slot (see ``core.triage``).
+A step that did not go through the hook stops training with an error before its optimizer step.
 """
 
 from __future__ import annotations
@@ -32,14 +39,16 @@ from .core import (
     GlobalPool,
     QTuningConfig,
     apply_decision,
+    choose_scoring_path,
     decide,
     median_quadrants,
     score_batch,
     scoring_mode,
 )
 from .core.batch import collate_rows, padding_side, split_rows
+from .core.distributed import all_agree, all_reduce_max
 from .core.packing import packed_layout, repack, segments, unpack
-from .core.scoring import DEFAULT_CHUNK_SIZE, unwrap_causal_lm
+from .core.scoring import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, unwrap_causal_lm
 from .decisions import DecisionLog, sample_id
 
 logger = logging.getLogger(__name__)
@@ -67,7 +76,8 @@ class QTuning(TrainerCallback, ExportableState):
     uncertainty, quadrant and fate (see :mod:`qtuning_plugin.decisions`; ``qtuning plot`` draws it).
 
     Logged every ``logging_steps`` (averaged over the interval), see README for the meaning:
-    ``qtuning/kept_samples``, ``qtuning/pool_samples``, ``qtuning/kept_tokens_ratio``,
+    ``qtuning/kept_samples``, ``qtuning/pool_samples`` (samples with a label token),
+    ``qtuning/unscored_samples`` (rows without one: never kept), ``qtuning/kept_tokens_ratio``,
     ``qtuning/share_q1_noise`` .. ``qtuning/share_q4_calibration``, ``qtuning/level``,
     ``qtuning/score_seconds``, ``qtuning/score_share``, ``qtuning/kept_ppl``,
     ``qtuning/kept_entropy``, ``qtuning/dropped_ppl``, ``qtuning/dropped_entropy``.
@@ -80,6 +90,10 @@ class QTuning(TrainerCallback, ExportableState):
             if fields:
                 raise ValueError("QTuning: pass either a QTuningConfig or its fields, not both")
             self.config = config
+        elif config is not None and not isinstance(config, Mapping):
+            raise ValueError(
+                f"QTuning: the settings are passed by name, e.g. QTuning(sample_ratio=0.25, token_ratio=0.5); "
+                f"got {config!r} as the first argument (it takes a QTuningConfig or a mapping of its fields)")
         else:
             self.config = QTuningConfig.from_dict({**(config or {}), **fields})
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -90,16 +104,21 @@ class QTuning(TrainerCallback, ExportableState):
         if log_decisions is not None and os.path.isdir(log_decisions):
             raise ValueError(f"QTuning.log_decisions must be a file path, {str(log_decisions)!r} is a directory")
         self.log_decisions = log_decisions
+        self._trainer_ref: weakref.ref | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """The state of one training run (a fresh one when the callback moves to another trainer)."""
         self._log: DecisionLog | None = None
         # Running totals over the whole run; saved with checkpoints and restored on resume.
         self.totals: dict[str, float] = {"steps": 0, "pool_samples": 0, "kept_samples": 0,
                                          "label_tokens": 0, "kept_label_tokens": 0, "score_seconds": 0.0}
         self.last_pool: dict[str, torch.Tensor] | None = None  # the latest pool's scores, for plots
         self.last_global_pool: GlobalPool | None = None  # pool: global, the latest step's whole pool
-        self._trainer_ref: weakref.ref | None = None
         self._interval: dict[str, list[float]] = defaultdict(list)
         self._step_seconds = 0.0
         self._last_mark: float | None = None
+        self._fetched = False  # did this optimizer step's batches go through the hook?
 
     # ------------------------------------------------------------------ attaching
 
@@ -111,16 +130,23 @@ class QTuning(TrainerCallback, ExportableState):
         """Hook into ``trainer`` (a ``transformers.Trainer`` or TRL ``SFTTrainer``) before ``train()``.
 
         Refuses, with a ``ValueError`` saying what to change, what Q-Tuning cannot do exactly:
-        RL / preference trainers, sequence or context parallelism, a model that is not a causal
-        LM, a trainer that does not count label tokens. Packed batches are supported (a sample
-        is a segment, see :mod:`qtuning_plugin.core.packing`).
+        RL / preference trainers, sequence or context parallelism, ``torch.compile``, PEFT prompt
+        learning, a model that is not a causal LM, a trainer that does not count label tokens.
+        Packed batches are supported (a sample is a segment, see :mod:`qtuning_plugin.core.packing`).
+        Attaching to a second trainer moves the callback there (the first gets its methods back).
         """
         if not isinstance(trainer, Trainer):
             raise TypeError(f"QTuning.attach: expected a transformers.Trainer, got {type(trainer).__name__}")
-        _refuse_unsupported(trainer)
+        _refuse_unsupported(trainer, self.config)
         others = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, QTuning) and cb is not self]
         if others:
             raise ValueError("QTuning: this trainer already has another QTuning callback; use one")
+        previous = self.trainer
+        if previous is not None and previous is not trainer:
+            # One QTuning object handed to a second trainer: it moves there (the first trainer gets
+            # its own methods back) and starts counting afresh.
+            _detach(previous)
+            self._reset()
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         originals = trainer.__dict__.setdefault("_qtuning_originals", {
@@ -140,16 +166,23 @@ class QTuning(TrainerCallback, ExportableState):
         return self
 
     def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer or _find_trainer(self)
+        trainer = _find_trainer(self)
         if trainer is None:
             raise RuntimeError(
                 "QTuning could not find its trainer: call QTuning(...).attach(trainer) before "
                 "trainer.train()"
             )
-        if getattr(trainer, "_qtuning_callback", None) is not self:
+        if getattr(trainer, "_qtuning_callback", None) is not self or self.trainer is not trainer:
             self.attach(trainer)
         else:  # attached before train(): check again, the arguments may have changed since
-            _refuse_unsupported(trainer)
+            _refuse_unsupported(trainer, self.config)
+        if not self.config.prunes_nothing:
+            # Decide, on every rank together, whether scoring can use its own head or needs the
+            # model's full logits (a second forward): never a per-rank, per-step branch.
+            model = getattr(trainer, "model_wrapped", None) or trainer.model
+            with scoring_mode(model):
+                choose_scoring_path(model, agree=lambda ok: all_agree(ok, args.device))
+        self._fetched = False
         self._restore_from(state)
         if self.log_decisions is not None:
             self._log = DecisionLog(self.log_decisions, rank=args.process_index, world_size=args.world_size)
@@ -167,21 +200,37 @@ class QTuning(TrainerCallback, ExportableState):
         totals = saved.get("attributes", {}).get("totals")
         if isinstance(totals, dict):
             self.totals.update(totals)
-        if saved.get("args") and saved["args"] != self.config.to_dict():
+        saved_config = {k: v for k, v in (saved.get("args") or {}).items() if k not in ("chunk_size", "log_decisions")}
+        if saved_config and saved_config != self.config.to_dict():
             logger.warning(
                 "QTuning: resuming with %s, but the checkpoint was trained with %s. Set "
                 "restore_callback_states_from_checkpoint=True to continue with the checkpoint's.",
-                self.config.to_dict(), saved["args"],
+                self.config.to_dict(), saved_config,
             )
 
     def state(self) -> dict:
-        return {"args": self.config.to_dict(), "attributes": {"totals": dict(self.totals)}}
+        """Saved in checkpoints. ``args`` are every constructor argument: with
+        ``restore_callback_states_from_checkpoint=True`` the Trainer rebuilds the callback from them."""
+        log = None if self.log_decisions is None else os.fspath(self.log_decisions)
+        return {"args": {**self.config.to_dict(), "chunk_size": self.chunk_size, "log_decisions": log},
+                "attributes": {"totals": dict(self.totals)}}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self._fetched:
+            raise RuntimeError(
+                f"QTuning: optimizer step {state.global_step + 1} was not fetched through the Trainer's "
+                "get_batch_samples, so it was neither scored nor pruned (did this transformers version "
+                "change how the Trainer fetches batches, or was the trainer's get_batch_samples replaced "
+                "after QTuning attached?). Stopping rather than training unpruned without a word."
+            )
+        self._fetched = False
 
     # ------------------------------------------------------------------ the step
 
     def _get_batch_samples(self, trainer: Trainer, epoch_iterator, num_batches: int, device):
         originals = trainer._qtuning_originals
         batches, num_items = originals["get_batch_samples"](epoch_iterator, num_batches, device)
+        self._fetched = True  # checked before the optimizer step (on_pre_optimizer_step)
         now = time.perf_counter()
         if self._last_mark is not None:
             self._step_seconds += now - self._last_mark
@@ -207,17 +256,26 @@ class QTuning(TrainerCallback, ExportableState):
         with scoring_mode(model):
             scores = [score_batch(model, b, chunk_size=self.chunk_size) for b in inputs]
         keep, prune, token_keep, levels = self._decide(scores)
-        if not any(t.any() for t in token_keep):
-            # Only samples without any response token were kept (e.g. truncated away): a loss over
-            # zero tokens is 0/0. Train this step unpruned rather than step on a NaN.
-            logger.warning("QTuning: the kept samples of step %d have no label token; this step "
-                           "is trained unpruned", trainer.state.global_step + 1)
-            return batches, num_items
         if layout is None:
             real = _rebatch(trainer, batches, keep, token_keep)
-        else:  # re-packing: the count of micro-batches depends on segment lengths; align it across ranks
+        else:
             real = _repack_step(trainer, batches, unpacked, keep, token_keep, layout)
-            real = split_to_count(real, _max_over_ranks(len(real), device), layout)
+        # Every rank must run the same number of training forwards (DDP broadcasts buffers in each,
+        # FSDP / ZeRO-3 gather parameters, TRL gathers metrics) and the same collectives, so both
+        # branches below are decided together: one all-reduce per step, on every rank.
+        kept_tokens = sum(int(t.sum()) for t in token_keep)
+        target, any_tokens = all_reduce_max([len(real), int(kept_tokens > 0)], device)
+        if not any_tokens:
+            # No rank kept a label token: every sample of the step lacks one (e.g. all truncated
+            # away). There is nothing to prune; train the step as fetched, as without Q-Tuning.
+            logger.warning("QTuning: no sample of step %d has a label token; the step is trained as fetched",
+                           trainer.state.global_step + 1)
+            self._record(inputs, scores, keep, prune, token_keep, levels, time.perf_counter() - now)
+            return batches, num_items
+        if layout is None:
+            real = _to_count(real, target, batches, trainer)
+        else:
+            real = split_to_count(real or [_masked_segment(batches[0], layout, pad)], target, layout)
         stand_ins = [SkippedMicroBatch(input_ids=torch.empty(0, 0, dtype=torch.long, device=device))
                      for _ in range(len(batches) - len(real))]
         num_items = trainer._get_num_items_in_batch(real, device)  # collective under DDP: every rank
@@ -266,13 +324,17 @@ class QTuning(TrainerCallback, ExportableState):
         label_tokens = sum(int(s.trainable.sum()) for s in scores)
         kept_tokens = sum(int(t.sum()) for t in token_keep)
         quadrant = median_quadrants(ppl, ent)
-        n, k = ppl.numel(), int(kept.sum())
+        scored = ~(torch.isnan(ppl) | torch.isnan(ent))  # rows without a label token are no samples
+        n, k = int(scored.sum()), int(kept.sum())
         m = self._interval
         m["kept_samples"].append(k)
         m["pool_samples"].append(n)
+        m["unscored_samples"].append(ppl.numel() - n)
         m["kept_tokens_ratio"].append(kept_tokens / max(1, label_tokens))
-        for q, name in ((1, "q1_noise"), (2, "q2_misconception"), (3, "q3_redundant"), (4, "q4_calibration")):
-            m[f"share_{name}"].append(float((quadrant == q).float().mean()))
+        if n:
+            scored_quadrant = median_quadrants(ppl[scored], ent[scored])
+            for q, name in ((1, "q1_noise"), (2, "q2_misconception"), (3, "q3_redundant"), (4, "q4_calibration")):
+                m[f"share_{name}"].append(float((scored_quadrant == q).float().mean()))
         m["level"].append(sum(levels) / len(levels))
         m["score_seconds"].append(seconds)
         for name, mask in (("kept", kept), ("dropped", ~kept)):
@@ -314,7 +376,7 @@ class QTuning(TrainerCallback, ExportableState):
 
 # ---------------------------------------------------------------------- checks and helpers
 
-def _refuse_unsupported(trainer: Trainer) -> None:
+def _refuse_unsupported(trainer: Trainer, config: QTuningConfig) -> None:
     trl_classes = [c.__name__ for c in type(trainer).__mro__
                    if c.__module__.split(".")[0] == "trl" and c.__name__ not in _SFT_TRAINERS]
     if trl_classes:
@@ -332,11 +394,25 @@ def _refuse_unsupported(trainer: Trainer) -> None:
     for name in ("sequence_parallel_degree", "context_parallel_size", "sequence_parallel_size"):
         if (getattr(trainer.args, name, 1) or 1) > 1:
             raise ValueError(f"QTuning does not support sequence / context parallelism ({name} > 1).")
+    if getattr(trainer.args, "torch_compile", False) or any(
+            type(m).__name__ == "OptimizedModule" for m in (trainer.model, getattr(trainer, "model_wrapped", None))):
+        raise ValueError("QTuning does not support torch.compile (torch_compile=True or a compiled model): "
+                         "the scoring pass reads the backbone's hidden state through a module hook, which a "
+                         "compiled graph does not run. Train with torch_compile=False.")
+    peft_config = getattr(trainer.model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(
+            f"QTuning does not support PEFT prompt learning ({type(peft_config).__name__}: prompt / prefix / "
+            "p-tuning add virtual tokens that the scorer's per-token alignment with the labels does not "
+            "account for). Use LoRA / QLoRA or full fine-tuning."
+        )
     lm = unwrap_causal_lm(trainer.model)
     if not _is_causal_lm(lm):
         raise ValueError(
             f"QTuning needs a decoder-only causal LM (a *ForCausalLM model); got {type(lm).__name__}."
         )
+    if config.prunes_nothing:
+        return  # every step passes through untouched: the trainer's loss normalisation stays its own
     if not (getattr(trainer, "model_accepts_loss_kwargs", False) or getattr(trainer, "compute_loss_func", None)):
         # The Trainer would average per-micro-batch means instead of dividing the step's summed
         # loss by its label-token count. Axolotl 0.19 switches this off for every model whose
@@ -423,17 +499,6 @@ def _repack_step(trainer, batches, unpacked, keep, token_keep, layout) -> list[d
     return masked
 
 
-def _max_over_ranks(n: int, device) -> int:
-    """The largest ``n`` over all ranks (a collective), ``n`` itself in one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return n
-    t = torch.tensor([n], device=device if dist.get_backend() != "gloo" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def split_to_count(real: list[dict], target: int, layout: str) -> list[dict]:
     """Packed steps under several processes: every rank must run the same number of training
     forwards (FSDP / ZeRO-3 gather parameters in each, TRL gathers metrics in each), but how many
@@ -476,19 +541,50 @@ def _row_tokens(batch: Mapping[str, Any]) -> list[list[int]]:
 
 
 def _rebatch(trainer, batches, keep, token_keep) -> list[dict]:
-    """The kept rows of the step, pruned tokens masked, sorted by length and padded into as few
-    micro-batches as the collator's batch size allows (padding side and pad id as it used)."""
+    """The kept rows of the step, labels outside ``token_keep`` masked, sorted by length and
+    padded into as few micro-batches as the collator's batch size allows (padding side and pad
+    id as it used). An empty list when no row is kept."""
     rows = []
     for batch, k, t in zip(batches, keep, token_keep):
         if k.any():
             rows += split_rows(apply_decision(batch, k, t))
     rows.sort(key=lambda r: -r["labels"].shape[0])  # similar lengths together: less padding
     size = max(b["labels"].shape[0] for b in batches)
+    return _collate_groups([rows[i:i + size] for i in range(0, len(rows), size)], batches, trainer)
+
+
+def _collate_groups(groups, batches, trainer) -> list[dict]:
     pad = {"input_ids": _pad_id(batches, trainer)}
     side = _padding_side(batches, trainer)
     extras = {k: v for k, v in batches[0].items() if not isinstance(v, torch.Tensor)}
-    return [{**collate_rows(rows[i:i + size], side=side, pad_values=pad), **extras}
-            for i in range(0, len(rows), size)]
+    return [{**collate_rows(g, side=side, pad_values=pad), **extras} for g in groups if g]
+
+
+def _to_count(real: list[dict], target: int, batches, trainer) -> list[dict]:
+    """Padded steps under several processes: ``target`` micro-batches (the most any rank needs).
+    The kept rows are spread over more, smaller micro-batches; if there are fewer rows than
+    ``target`` (or none, on a rank whose samples all lack a label token), the rest are one-row
+    micro-batches whose labels are all masked: a forward and a zero gradient, so the loss and
+    its token count are unchanged."""
+    if len(real) >= target:
+        return real
+    rows = [r for b in real for r in split_rows(b)]
+    n = min(len(rows), target)
+    groups = [rows[i::n] for i in range(n)] if n else []
+    out = _collate_groups(groups, batches, trainer) if groups else []
+    filler = split_rows(batches[0])[:1]
+    filler = [{**filler[0], "labels": torch.full_like(filler[0]["labels"], IGNORE_INDEX)}]
+    while len(out) < target:
+        out.insert(0, _collate_groups([filler], batches, trainer)[0])
+    return out
+
+
+def _masked_segment(batch, layout: str, pad: int) -> dict:
+    """One segment of a packed micro-batch, re-packed alone with every label masked (a rank that
+    kept nothing still runs the forwards the others run)."""
+    row, start, end = segments(batch, layout)[0]
+    piece = (batch["input_ids"][row, start:end], torch.full_like(batch["labels"][row, start:end], IGNORE_INDEX))
+    return repack([piece], layout, batch, row_capacity=end - start, rows_per_batch=1, pad_id=pad)[0]
 
 
 def _padding_side(batches, trainer) -> str:
@@ -510,12 +606,20 @@ def _pad_id(batches, trainer) -> int:
     return int(pad) if pad is not None else 0
 
 
+def _detach(trainer: Trainer) -> None:
+    """Give ``trainer`` its own methods back (its QTuning callback moved to another trainer)."""
+    for name, method in trainer.__dict__.pop("_qtuning_originals", {}).items():
+        trainer.__dict__.pop(name, None)
+        if getattr(trainer, name) != method:  # it was wrapped on the instance before QTuning came
+            setattr(trainer, name, method)
+    trainer.__dict__.pop("_qtuning_callback", None)
+    _ATTACHED.discard(trainer)
+
+
 def _find_trainer(callback: QTuning) -> Trainer | None:
-    """The trainer running ``callback``: one it was attached to earlier (the Trainer may have
-    recreated the callback from a checkpoint), else the ``self`` of a caller frame."""
-    for trainer in list(_ATTACHED):
-        if callback in trainer.callback_handler.callbacks:
-            return trainer
+    """The trainer running ``callback`` now: the ``self`` of a caller frame (the Trainer calling
+    ``on_train_begin``), else the one live trainer it was attached to (the Trainer may have
+    recreated the callback from a checkpoint)."""
     frame = sys._getframe(1)
     for _ in range(16):
         if frame is None:
@@ -524,4 +628,10 @@ def _find_trainer(callback: QTuning) -> Trainer | None:
         if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
             return candidate
         frame = frame.f_back
-    return None
+    holders = [t for t in list(_ATTACHED) if callback in t.callback_handler.callbacks]
+    if len(holders) == 1:
+        return holders[0]
+    if len(holders) > 1:
+        raise RuntimeError("QTuning is in the callbacks of several trainers and could not tell which one "
+                           "is training: call QTuning(...).attach(trainer) on the one you train")
+    return callback.trainer

@@ -1,9 +1,12 @@
 """One rank of a 2-process CPU (gloo) run, launched by tests/test_distributed.py with
 ``accelerate launch --cpu --num_processes 2 tests/ddp_worker.py OUT MODE``.
 
-MODE: ``step`` or ``global`` (the pool option), ``degenerate`` (rank 1's data all identical) or
+MODE: ``step`` or ``global`` (the pool option), ``degenerate`` (rank 1's data all identical),
 ``packed`` (padding-free batches from transformers' DataCollatorWithFlattening; rank 1's samples
-longer, so the ranks re-pack into different shapes).
+longer, so the ranks re-pack into different shapes), ``unlabelled`` / ``unlabelled-global``
+(3 of 4 of rank 1's samples without any label token, as truncation leaves them; pool step /
+global), ``unlabelled-all`` (no label token at all on rank 1), ``mismatch`` (rank 1's model
+rescales its logits, so only rank 1 would need the scorer's full-logits path).
 Each rank saves, for the first optimizer step: the micro-batches it fetched (before pruning),
 the kept micro-batches it trained, the label-token count the Trainer divided by, the gradient
 after the step's backward passes (all-reduced by DDP), and, with ``pool: global``, the whole pool
@@ -37,6 +40,28 @@ class FirstStepGradient(TrainerCallback):
             self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+class TrainingForwards(TrainerCallback):
+    """Training forwards (grad enabled) per optimizer step: every rank must run as many."""
+
+    def __init__(self, model):
+        self.per_step, self._n = [], 0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self._n += torch.is_grad_enabled()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step.append(self._n)
+        self._n = 0
+
+
+class ScaledLogitsLlama(transformers.LlamaForCausalLM):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        out.logits = out.logits / 0.3
+        return out
+
+
 def main(out: str, mode: str) -> None:
     tok = tiny_tokenizer()
     rank_hint = int(__import__("os").environ.get("RANK", "0"))
@@ -47,7 +72,9 @@ def main(out: str, mode: str) -> None:
         if mode == "packed" and rank_hint == 1:
             r = {**r, "completion": r["completion"] * 3}
         p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"] + [tok.eos_token_id]
-        rows.append({"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": [-100] * len(p) + c})
+        unlabelled = rank_hint == 1 and (mode == "unlabelled-all" or (mode.startswith("unlabelled") and i % 4))
+        labels = [-100] * (len(p) + len(c)) if unlabelled else [-100] * len(p) + c
+        rows.append({"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": labels})
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, gradient_accumulation_steps=GA,
         max_steps=2, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0, bf16=False,
@@ -55,13 +82,19 @@ def main(out: str, mode: str) -> None:
         ddp_backend="gloo",
     )
     grads = FirstStepGradient()
-    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode == "global" else "step")
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode.endswith("global") else "step")
     collator = (transformers.DataCollatorWithFlattening(return_position_ids=True) if mode == "packed"
                 else transformers.DataCollatorForSeq2Seq(tok, padding=True))
     if mode == "packed":
         rows = [{k: v for k, v in r.items() if k != "attention_mask"} for r in rows]
-    trainer = Trainer(model=tiny_model("llama", vocab_size=len(tok)), args=args,
-                      train_dataset=datasets.Dataset.from_list(rows), data_collator=collator, callbacks=[grads, cb])
+    model = tiny_model("llama", vocab_size=len(tok))
+    if mode == "mismatch" and rank_hint == 1:
+        scaled = ScaledLogitsLlama(model.config)
+        scaled.load_state_dict(model.state_dict())
+        model = scaled
+    forwards = TrainingForwards(model)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), data_collator=collator,
+                      callbacks=[grads, cb, forwards])
     cb.attach(trainer)
     fetch, pruned_fetch = trainer._qtuning_originals["get_batch_samples"], trainer.get_batch_samples
     record = {"fetched": [], "trained": [], "num_items": [], "global": []}
@@ -86,6 +119,11 @@ def main(out: str, mode: str) -> None:
     record["grads"] = grads.grads
     record["world_size"] = trainer.args.world_size
     record["totals"] = dict(cb.totals)
+    record["forwards"] = forwards.per_step
+    record["steps"] = trainer.state.global_step
+    from qtuning_plugin.core import scoring
+
+    record["full_logits"] = model in scoring._FALLBACK
     torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")
 
 

@@ -161,3 +161,38 @@ def test_split_to_count_aligns_the_number_of_training_forwards():
     assert labels == sum(int((y != -100).sum()) for _, y in pieces)
     four = split_to_count(three, 4, "position_ids")  # single-segment batches: one all-masked repeat
     assert len(four) == 4 and int((four[0]["labels"] != -100).sum()) == 0
+
+
+@pytest.mark.parametrize("mode", ["unlabelled", "unlabelled-global", "unlabelled-all"])
+def test_a_rank_with_label_less_samples_neither_hangs_nor_trains_them(runs, mode):
+    """Rank 1's samples mostly (or all) lack a label token, as truncation leaves them. Such rows
+    are not samples: each rank keeps K of its labelled ones (none where it has none), both ranks
+    run the same number of training forwards and steps, and the gradient is still the mean CE over
+    every rank's kept tokens. (Before: rank 1 trained its step unpruned alone and the job hung.)"""
+    records = runs(mode)
+    assert [r["steps"] for r in records] == [2, 2]
+    assert records[0]["forwards"] == records[1]["forwards"]
+    config = QTuningConfig(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode.endswith("global") else "step")
+    gp = records[0]["global"][0] if mode.endswith("global") else None
+    if gp is not None:
+        for a, b in zip(gp, records[1]["global"][0]):  # the same whole pool on both ranks (NaN: unlabelled)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    want, count, kept_rows = reference_gradient(records, config, gp)
+    labelled = sum(int((b["labels"][:, 1:] != -100).any(1).sum()) for b in records[1]["fetched"][0])
+    if mode == "unlabelled-all":
+        assert labelled == 0 and kept_rows[1] == [] and trained_rows(records[1]) == [[]]  # one masked row
+    else:
+        assert 0 < labelled < 8 and len(kept_rows[1]) == max(1, labelled // 4)
+        assert sorted(trained_rows(records[1])) == sorted(kept_rows[1])
+    assert sorted(trained_rows(records[0])) == sorted(kept_rows[0]) and len(kept_rows[0]) == 2
+    assert records[0]["num_items"][0] == records[1]["num_items"][0] == count
+    for name, g in want.items():
+        assert relative_error(records[0]["grads"][name], g) < 1e-5, name
+
+
+def test_the_scoring_path_is_chosen_by_all_ranks_together(runs):
+    """Only rank 1's model post-processes its logits (so only rank 1 would need the full-logits path,
+    a second forward): both ranks take it, and neither hangs."""
+    records = runs("mismatch")
+    assert [r["full_logits"] for r in records] == [True, True]
+    assert [r["steps"] for r in records] == [2, 2] and records[0]["forwards"] == records[1]["forwards"]

@@ -350,25 +350,217 @@ def test_batches_without_labels_are_refused_at_the_first_step():
         trainer.train()
 
 
-def test_a_step_whose_kept_samples_have_no_label_token_trains_unpruned(caplog):
-    """Truncation can leave samples without any response token; if only such samples were kept,
-    the loss would be 0/0. The step is trained on the whole pool instead."""
-    tok = tiny_tokenizer()
+def _plain_rows(tok, labelled, n=8):
+    """Prompt / completion rows for a plain Trainer; row i has label tokens only if labelled(i)."""
     rows = []
-    for i, r in enumerate(arithmetic_dataset(8)):
+    for i, r in enumerate(arithmetic_dataset(n)):
         p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"]
-        labels = [-100] * len(p) + (c if i == 0 else [-100] * len(c))  # one trainable sample of 8
+        labels = [-100] * len(p) + (c if labelled(i) else [-100] * len(c))
         rows.append({"input_ids": p + c, "attention_mask": [1] * (len(p) + len(c)), "labels": labels})
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, max_steps=1,
-                             **COMMON_ARGS)
+    return rows
+
+
+def _trainer_on_rows(rows, tok, callbacks, bs, steps, **kw):
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=bs, max_steps=steps,
+                             **{**COMMON_ARGS, **kw})
     model = tiny_model("llama", vocab_size=len(tok))
-    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                      data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True),
-                      callbacks=[QTuning(sample_ratio=0.125, token_ratio=1)])
-    counter = TrainingRows(model)
+    return Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                   data_collator=transformers.DataCollatorForSeq2Seq(tok, padding=True), callbacks=callbacks)
+
+
+class TrainedLabels(TrainerCallback):
+    """Per optimizer step: the label tokens (after the shift) of the rows in each training forward."""
+
+    def __init__(self, model):
+        self.per_step, self._rows = [], []
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            self._rows += [row[1:][row[1:] != -100].tolist() for row in kwargs["labels"]]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step.append(self._rows)
+        self._rows = []
+
+
+def test_rows_without_a_label_token_are_not_samples(caplog):
+    """Truncation can leave rows without any response token. They take no kept slot: K comes from
+    the labelled rows, and the step trains exactly K labelled rows (before: 4 x 1 at 0.25 with one
+    unlabelled row trained all 4 rows, "trained unpruned")."""
+    tok = tiny_tokenizer()
+    rows = _plain_rows(tok, lambda i: i % 4 != 0, n=16)  # 3 of 4 rows labelled, 1 not
+    cb = QTuning(sample_ratio=0.5, token_ratio=1)
+    trainer = _trainer_on_rows(rows, tok, [cb], bs=4, steps=4)
+    seen = TrainedLabels(trainer.model)
+    trainer.add_callback(seen)
+    with caplog.at_level(logging.WARNING, logger="qtuning_plugin.callback"):
+        trainer.train()
+    assert "trained" not in caplog.text
+    for step in seen.per_step:  # a step holds 3 labelled rows or 4, whatever the shuffle: K = 1 or 2
+        assert all(step) and 1 <= len(step) <= 2
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for h in logs:
+        assert h["qtuning/kept_samples"] == max(1, h["qtuning/pool_samples"] // 2)
+        assert h["qtuning/pool_samples"] + h["qtuning/unscored_samples"] == 4
+    assert sum(h["qtuning/unscored_samples"] for h in logs) == 4  # the 4 unlabelled rows, each seen once
+    assert cb.totals["pool_samples"] == 12
+
+
+def test_a_step_without_any_label_token_is_trained_as_fetched(caplog):
+    tok = tiny_tokenizer()
+    rows = _plain_rows(tok, lambda i: False, n=8)
+    trainer = _trainer_on_rows(rows, tok, [QTuning(sample_ratio=0.25, token_ratio=0.5)], bs=4, steps=1)
+    counter = TrainingRows(trainer.model)
     trainer.add_callback(counter)
     with caplog.at_level(logging.WARNING, logger="qtuning_plugin.callback"):
         trainer.train()
-    assert "trained unpruned" in caplog.text
-    assert counter.per_step == [8]
-    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    assert "no sample of step 1 has a label token" in caplog.text
+    assert counter.per_step == [4]  # as without Q-Tuning (whose loss is then 0 / 0 too)
+
+
+def test_left_padding_with_labels_on_every_token_trains_exactly_the_decided_tokens():
+    """Labels on every token (a plain LM collator) with left padding: a row's first token is
+    'predicted' from padding. Once re-batched it may land in column 0, out of the loss, so such a
+    position is not trainable in the first place: the trained tokens are the decided ones."""
+    tok = tiny_tokenizer("left")
+    rows = [{"input_ids": tok(r["prompt"] + r["completion"])["input_ids"]} for r in arithmetic_dataset(32)]
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, max_steps=4, **COMMON_ARGS)
+    model = tiny_model("llama", vocab_size=len(tok))
+    cb = QTuning(sample_ratio=0.5, token_ratio=0.5)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[cb])
+    seen = TrainedLabels(model)
+    trainer.add_callback(seen)
+    trainer.train()
+    trained = sum(len(r) for step in seen.per_step for r in step)
+    assert trained == cb.totals["kept_label_tokens"] > 0
+
+
+# ---------------------------------------------------------------- no silent failure
+
+def test_resume_with_restored_callback_state_keeps_the_decision_log_whole(tmp_path):
+    """restore_callback_states_from_checkpoint=True rebuilds the callback from its saved arguments:
+    every constructor argument must be there (before, log_decisions and chunk_size were lost and the
+    log stopped at the checkpoint). Interrupted at step 2 and resumed = one uninterrupted run."""
+    from qtuning_plugin.decisions import read_log
+
+    def run(out, log, stop_at=None, resume=None, callback=None):
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop_at is not None and state.global_step == stop_at:
+                    control.should_training_stop = True
+
+        cb = callback or QTuning(sample_ratio=0.5, token_ratio=0.5, chunk_size=7, log_decisions=log)
+        trainer = sft_trainer([cb, Stop()], ga=2, bs=2, steps=4, output_dir=str(out), save_strategy="steps",
+                              save_steps=2, restore_callback_states_from_checkpoint=True)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run(tmp_path / "whole", tmp_path / "whole.jsonl")
+    run(tmp_path / "cut", tmp_path / "cut.jsonl", stop_at=2)
+    assert {r["step"] for r in read_log(tmp_path / "cut.jsonl")} == {1, 2}
+    # The resumed trainer is given a bare QTuning: the checkpoint's arguments replace it.
+    resumed = run(tmp_path / "cut", None, resume=str(tmp_path / "cut" / "checkpoint-2"), callback=QTuning())
+    live = [c for c in resumed.callback_handler.callbacks if isinstance(c, QTuning)]
+    assert len(live) == 1 and live[0].chunk_size == 7 and str(live[0].log_decisions) == str(tmp_path / "cut.jsonl")
+    assert live[0].config == QTuningConfig(sample_ratio=0.5, token_ratio=0.5)
+    key = lambda r: (r["step"], r["id"], r["kept"], r["kept_tokens"], r["quadrant"])  # noqa: E731
+    assert sorted(map(key, read_log(tmp_path / "cut.jsonl"))) == sorted(map(key, read_log(tmp_path / "whole.jsonl")))
+    whole_cb = next(c for c in whole.callback_handler.callbacks if isinstance(c, QTuning))
+    assert live[0].totals["steps"] == whole_cb.totals["steps"] == 4
+    assert live[0].totals["kept_label_tokens"] == whole_cb.totals["kept_label_tokens"]
+    for (name, a), b in zip(params(whole.model).items(), params(resumed.model).values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_one_qtuning_object_moves_to_a_second_trainer():
+    """Reused for a second trainer, the callback prunes that one (before: it stayed bound to the
+    first, alive trainer, and the second trained unpruned without a word)."""
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    first = sft_trainer([cb], ga=2, bs=4, steps=1)
+    first.train()
+    second = sft_trainer([cb], ga=2, bs=4, steps=2)
+    counter = TrainingRows(second.model)
+    second.add_callback(counter)
+    second.train()
+    assert cb.trainer is second and counter.per_step == [2, 2]
+    assert cb.totals["steps"] == 2  # counted afresh for the second run
+    assert "get_batch_samples" not in first.__dict__  # the first trainer has its own method back
+
+
+def test_a_step_that_bypasses_the_hook_stops_training():
+    """If the Trainer ever fetched a step without the patched get_batch_samples, the step would be
+    trained unpruned; QTuning raises before the optimizer step instead."""
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    trainer = sft_trainer([cb], ga=2, bs=4, steps=2)
+
+    class Bypass(TrainerCallback):  # runs after QTuning attached: undoes its hook
+        def on_train_begin(self, *a, **kw):
+            trainer.get_batch_samples = trainer._qtuning_originals["get_batch_samples"]
+
+    trainer.add_callback(Bypass())
+    with pytest.raises(RuntimeError, match="optimizer step 1 was not fetched through"):
+        trainer.train()
+
+
+def test_ratio_one_leaves_the_trainers_loss_normalisation_alone():
+    """At 1 x 1 nothing is pruned and the trainer must train exactly as without the plugin, also
+    where it averages per-micro-batch losses (Axolotl 0.19 sets model_accepts_loss_kwargs=False)."""
+    def run(callbacks):
+        trainer = plain_trainer(callbacks, ga=2, bs=2, steps=3)
+        trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        return trainer
+
+    base = run([])
+    ours = run([QTuning(sample_ratio=1, token_ratio=1)])
+    assert ours.model_accepts_loss_kwargs is False
+    torch.testing.assert_close(losses(ours), losses(base), rtol=1e-6, atol=0)
+    pruned = run([QTuning(sample_ratio=0.5, token_ratio=1)])
+    assert pruned.model_accepts_loss_kwargs is True  # pruning needs the step's token count
+
+
+# ---------------------------------------------------------------- clear refusals
+
+def test_positional_ratio_is_refused_with_what_to_write():
+    with pytest.raises(ValueError, match=r"QTuning\(sample_ratio=0.25, token_ratio=0.5\)"):
+        QTuning(0.25)
+
+
+def test_torch_compile_is_refused_at_attach():
+    trainer = sft_trainer([], steps=1)
+    trainer.args.torch_compile = True
+    with pytest.raises(ValueError, match="torch.compile.*torch_compile=False"):
+        QTuning().attach(trainer)
+
+
+def test_peft_prompt_learning_is_refused_at_attach():
+    peft = pytest.importorskip("peft")
+    tok = tiny_tokenizer()
+    model = peft.get_peft_model(tiny_model("llama", vocab_size=len(tok)),
+                                peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    trainer = sft_trainer([], steps=1, model=model)
+    with pytest.raises(ValueError, match="PEFT prompt learning.*Use LoRA"):
+        QTuning().attach(trainer)
+
+
+def test_a_model_whose_forward_bypasses_its_backbone_module_is_scored_from_its_logits():
+    """BartForCausalLM calls model.decoder directly, never its `model` wrapper: the scorer's hook on
+    the backbone sees nothing (before: IndexError at step 1). The path is chosen at train start."""
+    tok = tiny_tokenizer()
+    cfg = transformers.BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=256, is_decoder=True,
+                                  is_encoder_decoder=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  decoder_start_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.BartForCausalLM(cfg)
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    trainer = sft_trainer([cb], ga=2, bs=4, steps=2, model=model)
+    counter = TrainingRows(model)
+    trainer.add_callback(counter)
+    with pytest.warns(UserWarning, match="does not run its backbone module"):
+        trainer.train()
+    assert counter.per_step == [2, 2]
