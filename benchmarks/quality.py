@@ -221,6 +221,8 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
+    from qtuning_plugin.precision import native_bf16
+
     torch.manual_seed(seed)
     model, tok, model_name = load_model(args.quick, args.tiny)
     if tok.pad_token is None:
@@ -236,10 +238,11 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
         callbacks.append(RandomPruning(sample_ratio=spec[1], token_ratio=spec[2], seed=seed))
     elif spec:
         callbacks.append(Recording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok))
+    bf16 = native_bf16("cpu") and not args.quick  # emulated bf16 is 15-50x slower on CPUs without it
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
                        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=seed,
-                       bf16=not args.quick, use_cpu=True, max_length=256, dataloader_drop_last=True)
+                       bf16=bf16, use_cpu=True, max_length=256, dataloader_drop_last=True)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     # prompt / completion: TRL trains on the completion only (the paper's answers-only loss)
     data = datasets.Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in train])
@@ -252,6 +255,7 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     cb = callbacks[0] if callbacks else None
     kept_tokens = (cb.totals["kept_label_tokens"] / cb.totals["label_tokens"]) if cb else 1.0
     return {"regime": regime, "arm": arm, "seed": seed, "model": model_name, "train_seconds": seconds,
+            "precision": "bf16 autocast" if bf16 else "fp32",
             "kept_tokens_ratio": kept_tokens, **metrics,
             "decisions": getattr(cb, "steps", None)}
 
@@ -278,8 +282,10 @@ def report(results, args) -> str:
     lines = []
     for regime in args.regimes:
         rows = [r for r in results if r["regime"] == regime]
+        precision = " / ".join(sorted({r["precision"] for r in rows if "precision" in r}))  # older runs: none
         lines += [f"### Regime `{regime}` ({len({r['seed'] for r in rows})} seeds, {args.steps} steps, pool "
-                  f"{args.batch * args.grad_accum}, {args.n_test} test problems, model {rows[0]['model']})", "",
+                  f"{args.batch * args.grad_accum}, {args.n_test} test problems, model {rows[0]['model']}"
+                  f"{', ' + precision if precision else ''})", "",
                   "| arm | accuracy (mean ± sd) | NLL of correct answers | label tokens trained | train seconds |",
                   "|---|---|---|---|---|"]
         for arm in args.arms:
@@ -416,6 +422,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     results = []
+    if not args.from_json:
+        from qtuning_plugin.precision import describe_precision
+
+        print(describe_precision("cpu") if not args.quick else "precision: fp32 (--quick)", flush=True)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         results = saved["results"]

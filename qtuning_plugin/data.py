@@ -180,6 +180,16 @@ def encode(record: dict, tokenizer, fmt: str, max_length: int | None = None) -> 
     return ids, labels
 
 
+def check_token_ids(encoded: Sequence[tuple[list[int], list[int]]], vocab_size: int, source: str = "dataset") -> None:
+    """A :class:`DataError` if a token id is beyond the model's embeddings (a tokenizer that is not the model's)."""
+    for i, (ids, _) in enumerate(encoded):
+        top = max(ids, default=0)
+        if top >= vocab_size:
+            raise DataError(f"{source}: record {i} has token id {top}, but the model has only {vocab_size} token "
+                            "embeddings: the tokenizer does not match the model (save the model's own tokenizer "
+                            "with it)")
+
+
 def to_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict:
     """A right-padded batch (input_ids / attention_mask / labels) of :func:`encode`'s outputs."""
     import torch

@@ -19,10 +19,11 @@ import torch
 
 from .callback import QTuning
 from .core import score_batch, scoring_mode
-from .data import DataError, detect_format, encode, load_records, to_batch
+from .data import DataError, check_token_ids, detect_format, encode, load_records, to_batch
 from .decisions import read_log, sample_id
 from .models import load
 from .plots import plot_decisions, plot_scores
+from .precision import describe_precision, native_bf16
 
 N_HELD_OUT = 32
 
@@ -87,20 +88,25 @@ def run_demo(args) -> int:
     n_eval = min(N_HELD_OUT, max(1, len(records) // 10))
     train_records, eval_records = records[:-n_eval], records[-n_eval:]
     eval_encoded = [encode(r, tok, fmt, args.max_length) for r in eval_records]
+    check_token_ids(eval_encoded, model.get_input_embeddings().num_embeddings, args.data)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     print(f"qtuning demo: {description}, LoRA r=8, Q-Tuning sample ratio {args.sample_ratio:g} x token ratio "
           f"{args.token_ratio:g}; {len(train_records)} training samples of {args.data} ({fmt}), {n_eval} held out; "
           f"{args.steps} steps of {args.batch_size} x {args.grad_accum} samples", file=sys.stderr)
+    on_cpu = not torch.cuda.is_available()
+    device = "cpu" if on_cpu else "cuda"
+    bf16 = args.model != "tiny" and native_bf16(device)  # emulated bf16 is 15-50x slower on CPUs without it
+    print(describe_precision(device) if args.model != "tiny" else "precision: fp32 (the tiny model)",
+          file=sys.stderr)
     loss_before = held_out_loss(model, eval_encoded, pad_id)
 
     rows = [{**_to_trl(r, fmt, has_template), **({"kind": r["kind"]} if "kind" in r else {})}
             for r in train_records]
-    on_cpu = not torch.cuda.is_available()
     config = SFTConfig(
         output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=0,
-        use_cpu=on_cpu, bf16=args.model != "tiny" and (on_cpu or torch.cuda.is_bf16_supported()),
+        use_cpu=on_cpu, bf16=bf16,
         max_length=args.max_length, dataloader_drop_last=True, disable_tqdm=False,
     )
     qtuning = QTuning(sample_ratio=args.sample_ratio, token_ratio=args.token_ratio,

@@ -17,7 +17,7 @@ class ModelError(ValueError):
     """A model that cannot be loaded, with a message for the user."""
 
 
-TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-=x?.,:;'!\n"
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-=?.,:;'!\n"
 TINY_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
@@ -30,7 +30,7 @@ def tiny(seed: int = 0):
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>", "<system>"]
     vocab = {t: i for i, t in enumerate(specials)}
-    vocab.update({c: i + len(specials) for i, c in enumerate(TINY_CHARS)})
+    vocab.update({c: i + len(specials) for i, c in enumerate(dict.fromkeys(TINY_CHARS))})  # ids 0..len-1
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -47,6 +47,8 @@ def tiny(seed: int = 0):
 def load(name: str, *, load_in_4bit: bool = False, dtype: torch.dtype | None = None, device: str | None = None):
     """(model, tokenizer, description). Raises :class:`ModelError` with a one-line message."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .precision import compute_dtype
 
     if name == "tiny":
         if load_in_4bit:
@@ -85,7 +87,7 @@ def load(name: str, *, load_in_4bit: bool = False, dtype: torch.dtype | None = N
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+            bnb_4bit_compute_dtype=dtype or compute_dtype(device))  # fp32 where bf16 is emulated
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
     except Exception as err:  # noqa: BLE001

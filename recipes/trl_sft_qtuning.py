@@ -78,15 +78,19 @@ def main(argv=None):
     from trl import SFTConfig, SFTTrainer
 
     from qtuning_plugin import QTuning
+    from qtuning_plugin.precision import describe_precision, native_bf16
 
     cuda = torch.cuda.is_available()
     load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    model_kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    # bf16 only where the hardware computes it (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX): on other
+    # CPUs bf16 is emulated and 15-50x slower than fp32.
+    bf16 = native_bf16()
+    print(describe_precision(), flush=True)
+    model_kwargs = {"dtype": torch.bfloat16 if (bf16 and cuda) else torch.float32}  # CPU: fp32 weights
     if load_in_4bit:
         model_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if (bf16 or not cuda) else torch.float16)
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16 if cuda else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -122,6 +122,17 @@ def test_analyze_parquet(tiny_dir, tmp_path):
     assert datasets.Dataset.from_parquet(str(out)).num_rows == 6
 
 
+def test_analyze_alpaca_with_input_on_the_built_in_tiny_model(tmp_path):
+    """Regression: the tiny tokenizer gave '\n' (Alpaca's instruction/input separator) the id
+    vocab_size (a duplicated character), and the embedding lookup failed with an IndexError."""
+    rows = [{"instruction": "Answer with the sum.", "input": p, "output": a} for p, a in PROBLEMS[:4]]
+    out = tmp_path / "s.jsonl"
+    assert run_cli("analyze", "--model", "tiny", "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--out", out) == 0
+    assert len(out.read_text().splitlines()) == 4
+    model, tok = tiny()
+    assert max(tok.get_vocab().values()) < model.get_input_embeddings().num_embeddings == len(tok)
+
+
 def test_prune_writes_the_core_decision_and_trains_in_trl(tiny_dir, tmp_path):
     trl = pytest.importorskip("trl")
     data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["messages"](p, a) for p, a in PROBLEMS])
@@ -234,7 +245,7 @@ def test_sample_id_is_stable():
 
 
 @pytest.mark.parametrize("case", ["missing", "unknown-format", "empty", "no-tokenizer", "ratio", "bad-json",
-                                  "plot-missing", "scores-missing", "bad-suffix"])
+                                  "plot-missing", "scores-missing", "bad-suffix", "tokenizer-mismatch"])
 def test_errors_are_one_line(case, tiny_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["messages"](p, a) for p, a in PROBLEMS[:4]])
     argv = {
@@ -247,10 +258,12 @@ def test_errors_are_one_line(case, tiny_dir, tmp_path, capsys):
         "plot-missing": ["plot", tmp_path / "nope.jsonl"],
         "scores-missing": ["prune", "--scores", tmp_path / "nope.jsonl", "--data", data, "--out", tmp_path / "o.jsonl"],
         "bad-suffix": ["analyze", "--model", tiny_dir, "--data", data, "--out", tmp_path / "s.csv"],
+        "tokenizer-mismatch": ["analyze", "--model", _model_smaller_than_tokenizer(tmp_path), "--data", data],
     }[case]
     want = {"missing": "no such file", "unknown-format": "unknown format", "empty": "empty",
             "no-tokenizer": "no tokenizer", "ratio": "--sample-ratio must be in (0, 1]", "bad-json": "not valid JSON",
-            "plot-missing": "no such decision log", "scores-missing": "no such file", "bad-suffix": ".jsonl or .parquet"}
+            "plot-missing": "no such decision log", "scores-missing": "no such file", "bad-suffix": ".jsonl or .parquet",
+            "tokenizer-mismatch": "the tokenizer does not match the model"}
     try:
         code = run_cli(*argv)
     except SystemExit as exit_:  # argparse's own errors
@@ -263,6 +276,15 @@ def test_errors_are_one_line(case, tiny_dir, tmp_path, capsys):
 def _model_without_tokenizer(tmp_path):
     path = tmp_path / "no-tok"
     tiny()[0].save_pretrained(path)
+    return path
+
+
+def _model_smaller_than_tokenizer(tmp_path):
+    path = tmp_path / "small-vocab"
+    model, tok = tiny()
+    model.resize_token_embeddings(20)  # the tokenizer has 81 tokens
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
     return path
 
 
