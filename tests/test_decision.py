@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from qtuning_plugin.core import QTuningConfig, apply_decision, decide, score_batch, token_keep_mask, triage
@@ -57,3 +58,17 @@ def test_batch_budget_is_the_authors_rule():
     for s, k, p, tk in zip(scores, d.keep, prune, d.token_keep):
         q4 = k & ~p
         assert torch.equal(tk[q4], s.trainable[q4])
+
+
+@pytest.mark.parametrize("budget", ["sample", "batch"])
+def test_a_row_without_label_tokens_changes_nothing(budget):
+    """A row whose answer was truncated away is not a sample: the pool with it decides exactly as
+    the pool without it (K, kept rows, kept tokens, the batch budget)."""
+    model, batches, scores = pool()
+    cfg = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, token_budget=budget)
+    without = decide(scores, cfg)
+    empty = padded_batch([40], [40], seed=3)  # every label masked (long enough to move the batch budget)
+    with_it = decide(scores + [score_batch(model, empty)], cfg)
+    assert not with_it.keep[2].any() and not with_it.token_keep[2].any()
+    for a, b in zip(without.keep + without.token_keep, with_it.keep[:2] + with_it.token_keep[:2]):
+        assert torch.equal(a, b)

@@ -46,6 +46,9 @@ class Decision:
 def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalPool | None = None) -> Decision:
     """Run both stages of Q-Tuning on a pool whose batches were scored by ``score_batch``.
 
+    Rows without a score (no trainable token, or a NaN from a broken forward) are not samples:
+    they are never kept and do not count in K or in the batch token budget (see :func:`triage`).
+
     With ``global_pool`` the sample stage ranks this rank's samples (``scores``) against every
     rank's; the token stage is per sample and needs only this rank's scores."""
     if not scores:
@@ -74,7 +77,8 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
         pruned_keep = [token_keep_mask(s.nll, c, config.token_ratio, config.neighbor_lambda)
                        for s, c in zip(scores, candidates)]
     else:  # "batch": the authors' code drop, one budget round(r_s r_t N) over the pool's N tokens
-        pool_tokens = sum(int(s.input_tokens.sum()) for s in scores)
+        # (of its samples: rows without a score, e.g. without any label token, are not in the pool)
+        pool_tokens = sum(int(s.input_tokens[~(s.ppl.isnan() | s.entropy.isnan())].sum()) for s in scores)
         kept_tokens = sum(int(s.input_tokens[k].sum()) for s, k in zip(scores, keep))
         n_drop = max(0, kept_tokens - round(config.sample_ratio * config.token_ratio * pool_tokens))
         pruned_keep = pooled_token_keep_mask([s.nll for s in scores], candidates, n_drop,
