@@ -22,8 +22,9 @@ def apply_decision(
     - ``keep`` bool [B]: rows to keep (at least one).
     - ``token_keep`` bool [B, T] or None: for each row, the positions that stay in the loss
       (aligned with ``labels``, as :func:`~qtuning_plugin.core.decide` returns); every other
-      label becomes ``ignore_index``, so the loss counts exactly these positions. None leaves the labels as they are. Positions
-      are only removed from the loss, never from the input: pruned tokens stay as context.
+      label becomes ``ignore_index``, so the loss counts exactly these positions. None leaves
+      the labels as they are. Positions are only removed from the loss, never from the input:
+      pruned tokens stay as context.
     - Every tensor whose first dimension is B is indexed by row; those with a second dimension T
       lose the leading and trailing columns where ``attention_mask`` is 0 in all kept rows (left
       or right padding). Without ``attention_mask`` no column is trimmed. Other values are kept.
