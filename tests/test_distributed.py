@@ -163,6 +163,34 @@ def test_split_to_count_aligns_the_number_of_training_forwards():
     assert len(four) == 4 and int((four[0]["labels"] != -100).sum()) == 0
 
 
+@pytest.mark.parametrize("layout", ["position_ids", "segment_ids"])
+def test_a_rank_that_kept_nothing_runs_masked_forwards(layout):
+    """The filler micro-batches of a rank that kept no sample while the others did: as many as
+    the others run, real tokens, every label masked (a forward and a zero gradient)."""
+    from qtuning_plugin.callback import _masked_segment, _to_count
+
+    if layout == "position_ids":  # TRL padding-free: one row, segments restart position_ids
+        batch = {"input_ids": torch.arange(1, 11)[None], "labels": torch.full((1, 10), -100),
+                 "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])}
+    else:  # Axolotl multipack: segment ids in attention_mask
+        batch = {"input_ids": torch.arange(1, 11)[None], "labels": torch.full((1, 10), -100),
+                 "attention_mask": torch.tensor([[1, 1, 1, 1, 2, 2, 2, 0, 0, 0]]),
+                 "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 0, 0]])}
+    out = split_to_count([_masked_segment(batch, layout, 0)], 2, layout)
+    assert len(out) == 2
+    for b in out:
+        assert b["input_ids"][0, :4].tolist() == [1, 2, 3, 4] and int((b["labels"] != -100).sum()) == 0
+    padded = {"input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+              "labels": torch.tensor([[-100, 6, 7, -100], [-100, -100, 10, 11]])}
+    filled = _to_count([], 2, [padded], None)
+    assert len(filled) == 2 and all(int((b["labels"] != -100).sum()) == 0 for b in filled)
+    assert filled[0]["input_ids"].tolist() == [[5, 6, 7]]
+    spread = _to_count([padded], 3, [padded], None)  # 2 kept rows, 3 forwards: one row each + a filler
+    assert len(spread) == 3 and sum(int((b["labels"] != -100).sum()) for b in spread) == 4
+    assert sorted(b["input_ids"].shape[0] for b in spread) == [1, 1, 1]
+
+
 @pytest.mark.parametrize("mode", ["unlabelled", "unlabelled-global", "unlabelled-all"])
 def test_a_rank_with_label_less_samples_neither_hangs_nor_trains_them(runs, mode):
     """Rank 1's samples mostly (or all) lack a label token, as truncation leaves them. Such rows
