@@ -14,6 +14,9 @@ def test_defaults_are_the_papers():
         "neighbor_lambda": 0.5,
         "pool": "step",
         "token_budget": "sample",
+        "top_up": "minmax",
+        "keep_tokens": "lowest",
+        "warmup_steps": 0,
     }
     assert not cfg.prunes_nothing
     assert QTuningConfig(sample_ratio=1, token_ratio=1).prunes_nothing
@@ -50,8 +53,10 @@ def test_boundaries_accepted():
 
 
 @pytest.mark.parametrize("field,allowed", [("pool", "'step', 'micro_batch', 'global'"),
-                                           ("token_budget", "'sample', 'batch'")])
-@pytest.mark.parametrize("value", ["rank", "", None, 1, "STEP"])
+                                           ("token_budget", "'sample', 'batch'"),
+                                           ("top_up", "'minmax', 'rank'"),
+                                           ("keep_tokens", "'lowest', 'highest'")])
+@pytest.mark.parametrize("value", ["ranked", "", None, 1, "STEP"])
 def test_choices(field, allowed, value):
     with pytest.raises(ValueError, match=rf"QTuningConfig\.{field} must be one of \[{allowed}\]"):
         QTuningConfig(**{field: value})
@@ -64,3 +69,14 @@ def test_unknown_field_names_the_field_and_the_allowed_ones():
         QTuningConfig.from_dict({"sample_ratio": 0.5, "tokens": 1})
     with pytest.raises(ValueError, match="expected a mapping"):
         QTuningConfig.from_dict([("sample_ratio", 0.5)])
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "3", True, None])
+def test_warmup_steps_must_be_a_non_negative_integer(value):
+    with pytest.raises(ValueError, match=r"QTuningConfig\.warmup_steps must be an integer >= 0"):
+        QTuningConfig(warmup_steps=value)
+
+
+def test_options_beyond_the_paper_round_trip():
+    cfg = QTuningConfig(top_up="rank", keep_tokens="highest", warmup_steps=3)
+    assert QTuningConfig.from_dict(cfg.to_dict()) == cfg and cfg.warmup_steps == 3

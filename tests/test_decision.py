@@ -72,3 +72,14 @@ def test_a_row_without_label_tokens_changes_nothing(budget):
     assert not with_it.keep[2].any() and not with_it.token_keep[2].any()
     for a, b in zip(without.keep + without.token_keep, with_it.keep[:2] + with_it.token_keep[:2]):
         assert torch.equal(a, b)
+
+
+def test_options_beyond_the_paper_reach_both_stages():
+    _, _, scores = pool()
+    cfg = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, top_up="rank", keep_tokens="highest")
+    d = decide(scores, cfg)
+    want = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores]), 0.5, top_up="rank")
+    assert torch.equal(torch.cat(d.keep), want.keep)
+    for s, p, tk in zip(scores, want.prune_tokens.split([4, 4]), d.token_keep):
+        mask = token_keep_mask(s.nll, s.trainable, 0.5, 0.5, keep="highest")
+        assert torch.equal(tk[p], mask[p])

@@ -130,3 +130,27 @@ def test_pooled_budget_drops_the_highest_scores_across_batches():
     assert torch.equal(a, tr_a) and torch.equal(b, tr_b)
     a, b = pooled_token_keep_mask([nll_a, nll_b], [tr_a, tr_b], 99, 0.0)
     assert not a.any() and not b.any()
+
+
+# ---------------------------------------------------------------- keep_tokens="highest" (beyond the paper)
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 8.0), min_size=1, max_size=30), st.floats(0.05, 1.0), st.floats(0.0, 1.0))
+def test_keep_highest_keeps_the_complement_order(nlls, r, lam):
+    """keep="highest" keeps the k highest context scores, ties to the earlier position."""
+    nll = torch.tensor([nlls], dtype=torch.float32)
+    trainable = torch.ones_like(nll, dtype=torch.bool)
+    got = token_keep_mask(nll, trainable, r, lam, keep="highest")[0]
+    s = context_scores(nll, trainable, lam)[0].tolist()
+    k = math.ceil(r * len(nlls) - 1e-9)
+    want = sorted(range(len(nlls)), key=lambda i: (-s[i], i))[:k]
+    assert sorted(got.nonzero().squeeze(1).tolist()) == sorted(want)
+
+
+def test_pooled_keep_highest_drops_the_lowest():
+    nll = [torch.tensor([[0.1, 3.0, 0.2, 2.0]])]
+    trainable = [torch.tensor([[True, True, True, True]])]
+    assert pooled_token_keep_mask(nll, trainable, 2, 0.0, keep="highest")[0].tolist() == [[False, True, False, True]]
+    assert pooled_token_keep_mask(nll, trainable, 2, 0.0)[0].tolist() == [[True, False, True, False]]
+    with pytest.raises(ValueError, match="keep must be 'lowest' or 'highest'"):
+        token_keep_mask(nll[0], trainable[0], 0.5, keep="top")

@@ -339,3 +339,28 @@ def test_k_is_exact_for_decimal_ratios(thousandths, n):
 def test_k_for_the_decimal_ratios_that_floats_get_wrong():
     assert kept_count(100, 0.29) == 29 and kept_count(100, 0.57) == 57
     assert triage(torch.arange(100.0), torch.arange(100.0).flip(0), 0.29).k == 29
+
+
+# ---------------------------------------------------------------- top_up="rank" (beyond the paper)
+
+def test_rank_top_up_is_not_flattened_by_one_huge_error():
+    """With min-max, raising the top PPL from 9 to 1e6 maps every other PPL to ~0 and changes who
+    is topped up (sample 3, a misconception-like PPL 4 / Ent 0.18, gives way to sample 6); with rank
+    levels nothing changes, as nothing changed in the order."""
+    ent = t(0.58, 0.29, 0.45, 0.18, 0.36, 0.62, 0.48, 0.44)
+    ppl = t(9.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
+    huge = ppl.clone()
+    huge[0] = 1e6
+    assert idx(triage(ppl, ent, 0.5).keep) == [2, 3, 5, 7]
+    assert idx(triage(huge, ent, 0.5).keep) == [2, 5, 6, 7]
+    assert idx(triage(ppl, ent, 0.5, top_up="rank").keep) == idx(triage(huge, ent, 0.5, top_up="rank").keep)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pools(), ratios)
+def test_rank_top_up_depends_on_ranks_only(pool, r):
+    """Any strictly increasing transform of PPL and of Ent leaves the rank triage unchanged."""
+    ppl, ent = pool
+    a = triage(ppl, ent, r, top_up="rank")
+    b = triage(torch.exp(ppl / 7) * 3 + 1, ent ** 3 + 2 * ent, r, top_up="rank")
+    assert torch.equal(a.keep, b.keep) and torch.equal(a.prune_tokens, b.prune_tokens)

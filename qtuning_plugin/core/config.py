@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 POOLS = ("step", "micro_batch", "global")
 TOKEN_BUDGETS = ("sample", "batch")
+TOP_UPS = ("minmax", "rank")
+KEEP_TOKENS = ("lowest", "highest")
 
 
 @dataclass(frozen=True, init=False)
@@ -32,6 +34,18 @@ class QTuningConfig:
     - ``token_budget``: ``"sample"`` keeps ceil(r_t |T|) tokens in each Q2 sample (the paper);
       ``"batch"`` reproduces the authors' code drop (one pooled budget, spec section 3).
 
+    Options beyond the paper (off by default; README "Options beyond the paper" says what each
+    costs and what is measured of it):
+
+    - ``top_up``: how the top-up ranks the samples left after the core by |p - e|. ``"minmax"``
+      (the paper): p, e are PPL and Ent min-max normalised, so one huge PPL flattens every other
+      p to about 0; ``"rank"``: p, e are the samples' rank levels in the pool (ties averaged), in [0, 1].
+    - ``keep_tokens``: which tokens of a Q2 sample stay in the loss. ``"lowest"`` context score
+      (the paper, spec section 3); ``"highest"`` keeps the highest-perplexity ones (the tokens not
+      learned yet; the authors' ``fwise`` code path and the paper's "reversed" ablation).
+    - ``warmup_steps`` >= 0: the first optimizer steps are trained on every sample, unscored (the
+      model first sees the data before judging it; InfoBatch does not prune its first epoch).
+
     Any other name, a value of the wrong type, NaN or a value out of range raises ``ValueError``
     naming the field and what it accepts. ``dataclasses.asdict`` / ``from_dict`` round-trip.
     """
@@ -41,6 +55,9 @@ class QTuningConfig:
     neighbor_lambda: float
     pool: str
     token_budget: str
+    top_up: str
+    keep_tokens: str
+    warmup_steps: int
 
     def __init__(
         self,
@@ -50,6 +67,9 @@ class QTuningConfig:
         neighbor_lambda: float = 0.5,
         pool: str = "step",
         token_budget: str = "sample",
+        top_up: str = "minmax",
+        keep_tokens: str = "lowest",
+        warmup_steps: int = 0,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -63,6 +83,11 @@ class QTuningConfig:
         set_(self, "neighbor_lambda", _ratio("neighbor_lambda", neighbor_lambda, low_open=False))
         set_(self, "pool", _choice("pool", pool, POOLS))
         set_(self, "token_budget", _choice("token_budget", token_budget, TOKEN_BUDGETS))
+        set_(self, "top_up", _choice("top_up", top_up, TOP_UPS))
+        set_(self, "keep_tokens", _choice("keep_tokens", keep_tokens, KEEP_TOKENS))
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
+            raise ValueError(f"QTuningConfig.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        set_(self, "warmup_steps", int(warmup_steps))
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any] | None) -> "QTuningConfig":

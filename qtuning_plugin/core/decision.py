@@ -56,9 +56,10 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
     sizes = [s.ppl.numel() for s in scores]
     if global_pool is None:
         result = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores]),
-                        config.sample_ratio)
+                        config.sample_ratio, top_up=config.top_up)
     else:
-        whole = triage(global_pool.ppl, global_pool.entropy, config.sample_ratio, groups=global_pool.groups)
+        whole = triage(global_pool.ppl, global_pool.entropy, config.sample_ratio, groups=global_pool.groups,
+                       top_up=config.top_up)
         own = global_pool.groups == global_pool.rank
         if int(own.sum()) != sum(sizes):
             raise ValueError(f"decide: the global pool holds {int(own.sum())} samples of rank "
@@ -74,7 +75,7 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
     if config.token_ratio == 1:
         pruned_keep = candidates
     elif config.token_budget == "sample":
-        pruned_keep = [token_keep_mask(s.nll, c, config.token_ratio, config.neighbor_lambda)
+        pruned_keep = [token_keep_mask(s.nll, c, config.token_ratio, config.neighbor_lambda, config.keep_tokens)
                        for s, c in zip(scores, candidates)]
     else:  # "batch": the authors' code drop, one budget round(r_s r_t N) over the pool's N tokens
         # (of its samples: rows without a score, e.g. without any label token, are not in the pool)
@@ -82,7 +83,7 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
         kept_tokens = sum(int(s.input_tokens[k].sum()) for s, k in zip(scores, keep))
         n_drop = max(0, kept_tokens - round(config.sample_ratio * config.token_ratio * pool_tokens))
         pruned_keep = pooled_token_keep_mask([s.nll for s in scores], candidates, n_drop,
-                                             config.neighbor_lambda)
+                                             config.neighbor_lambda, config.keep_tokens)
     token_keep = [
         torch.where(p[:, None], pk, s.trainable) & k[:, None]
         for s, k, p, pk in zip(scores, keep, prune, pruned_keep)

@@ -46,17 +46,19 @@ def token_keep_mask(
     trainable: torch.Tensor,
     token_ratio: float,
     neighbor_lambda: float = 0.5,
+    keep: str = "lowest",
 ) -> torch.Tensor:
     """Which trainable tokens of each row stay in the loss (spec section 3), bool [B, T].
 
     ``nll`` [B, T]: per-token negative log-likelihood; ``trainable`` [B, T] bool: the positions
     T of each row (labels != -100 after the causal shift). Each row keeps exactly
-    k = ceil(r_t |T_row|) of its trainable positions, those with the lowest context score;
-    non-trainable positions and rows without trainable tokens are all False.
+    k = ceil(r_t |T_row|) of its trainable positions, those with the lowest context score
+    (``keep="highest"``: the highest; ties to the earlier position either way); non-trainable
+    positions and rows without trainable tokens are all False.
     """
-    _check_token_args(nll, trainable, token_ratio, neighbor_lambda)
+    _check_token_args(nll, trainable, token_ratio, neighbor_lambda, keep)
     trainable = trainable.bool()
-    scores = context_scores(nll, trainable, neighbor_lambda)
+    scores = _oriented(context_scores(nll, trainable, neighbor_lambda), keep)
     return _keep_lowest(scores, trainable, tokens_to_keep(trainable.sum(1), token_ratio))
 
 
@@ -65,16 +67,18 @@ def pooled_token_keep_mask(
     trainable: Sequence[torch.Tensor],
     n_drop: int,
     neighbor_lambda: float = 0.5,
+    keep: str = "lowest",
 ) -> list[torch.Tensor]:
     """The authors' code-drop rule (``token_budget="batch"``): over several [B_i, T_i] batches
     pooled together, drop the ``n_drop`` trainable tokens with the highest context score
-    (each score computed within its own row, as in :func:`context_scores`); of equal scores the
-    later token (batch, row, column order) is dropped first. Returns the keep masks, bool [B_i, T_i].
+    (each score computed within its own row, as in :func:`context_scores`; ``keep="highest"``:
+    the lowest); of equal scores the later token (batch, row, column order) is dropped first.
+    Returns the keep masks, bool [B_i, T_i].
     """
     flat_scores, flat_trainable = [], []
     for x, m in zip(nll, trainable, strict=True):
-        _check_token_args(x, m, 1.0, neighbor_lambda)
-        flat_scores.append(context_scores(x, m.bool(), neighbor_lambda).reshape(-1))
+        _check_token_args(x, m, 1.0, neighbor_lambda, keep)
+        flat_scores.append(_oriented(context_scores(x, m.bool(), neighbor_lambda), keep).reshape(-1))
         flat_trainable.append(m.bool().reshape(-1))
     scores, mask = torch.cat(flat_scores)[None], torch.cat(flat_trainable)[None]
     k = torch.tensor([max(0, int(mask.sum()) - int(n_drop))], device=scores.device)
@@ -82,7 +86,14 @@ def pooled_token_keep_mask(
     return [part.reshape(m.shape) for part, m in zip(keep.split([m.numel() for m in trainable]), trainable)]
 
 
-def _check_token_args(nll, trainable, token_ratio, neighbor_lambda):
+def _oriented(scores: torch.Tensor, keep: str) -> torch.Tensor:
+    """Scores whose lowest values are the tokens to keep."""
+    return scores if keep == "lowest" else -scores
+
+
+def _check_token_args(nll, trainable, token_ratio, neighbor_lambda, keep="lowest"):
+    if keep not in ("lowest", "highest"):
+        raise ValueError(f"keep must be 'lowest' or 'highest', got {keep!r}")
     if nll.ndim != 2 or nll.shape != trainable.shape:
         raise ValueError(f"nll and trainable must both be [B, T], got {tuple(nll.shape)} and "
                          f"{tuple(trainable.shape)}")

@@ -82,8 +82,19 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(inf, torch.ones_like(out), out)
 
 
+def _rank_levels(x: torch.Tensor) -> torch.Tensor:
+    """Each value's rank level in [0, 1] (ascending; equal values share their average rank): a
+    top-up normalisation that one extreme value cannot squash."""
+    if x.numel() == 1:
+        return torch.zeros_like(x)
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)
+    average = ends - (counts.to(torch.float64) + 1) / 2  # 0-based average rank of each distinct value
+    return average[inverse] / (x.numel() - 1)
+
+
 def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
-           groups: torch.Tensor | None = None) -> Triage:
+           groups: torch.Tensor | None = None, top_up: str = "minmax") -> Triage:
     """Pick the samples to train from one pool (spec section 2, rank form).
 
     ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. A sample whose PPL or
@@ -92,7 +103,8 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     over the n' scored samples (none kept when n' = 0). +inf counts as the highest value.
     K samples are kept: the core Q2_m ∪ Q4_m for the largest m in 1..floor(n'/2) with at most K
     members, topped up in descending order of |p - e| (PPL and Ent min-max normalised over
-    their finite values, +inf -> 1), ties to the earlier sample.
+    their finite values, +inf -> 1; with ``top_up="rank"``, their rank levels in the pool),
+    ties to the earlier sample.
 
     ``groups`` (long [n], ids 0..G-1; ``pool: global``): the pool is every rank's samples and
     group g is rank g's. Ranks, quantile levels and the normalisation of the top-up score come
@@ -108,6 +120,8 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
         raise ValueError("triage: the pool is empty")
     if not 0.0 < sample_ratio <= 1.0:
         raise ValueError(f"triage: sample_ratio must be in (0, 1], got {sample_ratio!r}")
+    if top_up not in ("minmax", "rank"):
+        raise ValueError(f"triage: top_up must be 'minmax' or 'rank', got {top_up!r}")
     if groups is None:
         groups = torch.zeros(n, dtype=torch.long, device=ppl.device)
     elif groups.shape != ppl.shape or groups.dtype != torch.long or int(groups.min()) < 0:
@@ -118,12 +132,13 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
         return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone())
     idx = scored.nonzero().squeeze(1)
     keep, prune_tokens, core, level = _triage_scored(ppl[idx].to(torch.float64), entropy[idx].to(torch.float64),
-                                                     sample_ratio, groups[idx])
+                                                     sample_ratio, groups[idx], top_up)
     out = [none.clone().index_put_((idx,), x) for x in (keep, prune_tokens, core)]
     return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2])
 
 
-def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float, groups: torch.Tensor):
+def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float, groups: torch.Tensor,
+                   top_up: str = "minmax"):
     """:func:`triage` on n >= 1 samples without NaN: (keep, prune_tokens, core, level)."""
     n = ppl.numel()
     group_sizes = torch.bincount(groups)
@@ -147,7 +162,8 @@ def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float
 
     # Top-up each group to exactly K_g by |p - e|, descending; a stable sort of -|p - e| breaks
     # ties to the earlier sample.
-    p, e = _minmax(ppl), _minmax(entropy)
+    normalise = _minmax if top_up == "minmax" else _rank_levels
+    p, e = normalise(ppl), normalise(entropy)
     keep = core.clone()
     prune_tokens = core_q2.clone()
     for g in range(k.numel()):
@@ -155,9 +171,9 @@ def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float
         if rest.numel() == 0:
             continue
         gap = (p[rest] - e[rest]).abs()
-        top_up = rest[torch.sort(-gap, stable=True).indices[: int(k[g]) - int((core & (groups == g)).sum())]]
-        keep[top_up] = True
-        prune_tokens[top_up] = p[top_up] >= e[top_up]
+        extra = rest[torch.sort(-gap, stable=True).indices[: int(k[g]) - int((core & (groups == g)).sum())]]
+        keep[extra] = True
+        prune_tokens[extra] = p[extra] >= e[extra]
     return keep, prune_tokens, core, m / n
 
 
