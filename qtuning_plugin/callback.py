@@ -110,8 +110,10 @@ class QTuning(TrainerCallback, ExportableState):
     def _reset(self) -> None:
         """The state of one training run (a fresh one when the callback moves to another trainer)."""
         self._log: DecisionLog | None = None
-        # Running totals over the whole run; saved with checkpoints and restored on resume.
-        self.totals: dict[str, float] = {"steps": 0, "pool_samples": 0, "kept_samples": 0,
+        # Running totals over the whole run; saved with checkpoints and restored on resume. "steps"
+        # counts the pruned steps, "warmup_steps" the unpruned ones before them; the label-token
+        # totals count both.
+        self.totals: dict[str, float] = {"steps": 0, "warmup_steps": 0, "pool_samples": 0, "kept_samples": 0,
                                          "label_tokens": 0, "kept_label_tokens": 0, "score_seconds": 0.0}
         self.last_pool: dict[str, torch.Tensor] | None = None  # the latest pool's scores, for plots
         self.last_global_pool: GlobalPool | None = None  # pool: global, the latest step's whole pool
@@ -201,7 +203,11 @@ class QTuning(TrainerCallback, ExportableState):
         if isinstance(totals, dict):
             self.totals.update(totals)
         saved_config = {k: v for k, v in (saved.get("args") or {}).items() if k not in ("chunk_size", "log_decisions")}
-        if saved_config and saved_config != self.config.to_dict():
+        try:  # a checkpoint of an older version lacks newer fields: compare with their defaults
+            same = QTuningConfig.from_dict(saved_config) == self.config
+        except ValueError:
+            same = False
+        if saved_config and not same:
             logger.warning(
                 "QTuning: resuming with %s, but the checkpoint was trained with %s. Set "
                 "restore_callback_states_from_checkpoint=True to continue with the checkpoint's.",
@@ -236,6 +242,12 @@ class QTuning(TrainerCallback, ExportableState):
             self._step_seconds += now - self._last_mark
         self._last_mark = now
         if not batches or self.config.prunes_nothing:
+            return batches, num_items
+        if trainer.state.global_step < self.config.warmup_steps:  # warming up: every sample is trained, unscored
+            tokens = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches if "labels" in b)
+            for key in ("label_tokens", "kept_label_tokens"):
+                self.totals[key] += tokens
+            self.totals["warmup_steps"] += 1
             return batches, num_items
         for batch in batches:
             _check_batch(batch)

@@ -198,6 +198,16 @@ def test_training_forward_sees_only_kept_rows(ga, bs, ratio):
     assert trainer.state.global_step == 3
 
 
+def test_warmup_steps_train_every_sample_then_prune():
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, warmup_steps=2)
+    trainer = sft_trainer([cb], ga=2, bs=4, steps=4)
+    counter = TrainingRows(trainer.model)
+    trainer.add_callback(counter)
+    trainer.train()
+    assert counter.per_step == [8, 8, 2, 2] and cb.totals["steps"] == 2 and cb.totals["warmup_steps"] == 2
+    assert 0.5 < cb.totals["kept_label_tokens"] / cb.totals["label_tokens"] < 1  # the warm-up's tokens count
+
+
 def test_stand_ins_keep_the_micro_batch_count_and_come_first():
     cb = QTuning(sample_ratio=0.25, token_ratio=1)
     trainer = sft_trainer([cb], ga=4, bs=2, steps=1)
