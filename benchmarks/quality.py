@@ -19,7 +19,8 @@ Metrics on a held-out clean test set: exact-match accuracy (greedy decoding) and
 correct answers; plus what Q-Tuning kept: the share of corrupted samples among kept vs pool, by
 quadrant, over training.
 
-    python benchmarks/quality.py                 # both regimes, 3 seeds (one seed took 10 min on 2 CPU cores)
+    python benchmarks/quality.py                 # both regimes, 3 seeds, every arm (README's four arms: one
+                                                 # seed took 10 min on 2 CPU cores with AVX512-BF16)
     python benchmarks/quality.py --quick         # the pipeline in about 3 minutes (1 seed, few steps)
 """
 
@@ -53,8 +54,13 @@ REGIMES = {
     "paper": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}},
     "stress": {"steps": 1, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}},
 }
+# name: (kind, sample ratio, token ratio[, QTuningConfig options beyond the paper]); "warmup" is a
+# fraction of the steps, turned into warmup_steps (at least 1) for the run's --steps.
 ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("qtuning", 0.25, 0.5),
-        "qtuning-25x100": ("qtuning", 0.25, 1.0)}
+        "qtuning-25x100": ("qtuning", 0.25, 1.0),
+        "qtuning-rank-25x50": ("qtuning", 0.25, 0.5, {"top_up": "rank"}),
+        "qtuning-highest-25x50": ("qtuning", 0.25, 0.5, {"keep_tokens": "highest"}),
+        "qtuning-warmup-25x50": ("qtuning", 0.25, 0.5, {"warmup": 0.25})}
 
 
 # ---------------------------------------------------------------------- data
@@ -237,7 +243,10 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     if spec and spec[0] == "random":
         callbacks.append(RandomPruning(sample_ratio=spec[1], token_ratio=spec[2], seed=seed))
     elif spec:
-        callbacks.append(Recording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok))
+        options = dict(spec[3]) if len(spec) > 3 else {}
+        if "warmup" in options:
+            options["warmup_steps"] = max(1, round(options.pop("warmup") * args.steps))
+        callbacks.append(Recording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok, **options))
     bf16 = native_bf16("cpu") and not args.quick  # emulated bf16 is 15-50x slower on CPUs without it
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,

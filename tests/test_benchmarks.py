@@ -32,12 +32,14 @@ def test_quality_benchmark_quick_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     runs = result["results"]
-    assert {(r["regime"], r["arm"]) for r in runs} == {
-        (g, a) for g in ("paper", "stress") for a in ("full", "random-25x50", "qtuning-25x50", "qtuning-25x100")}
+    arms = ("full", "random-25x50", "qtuning-25x50", "qtuning-25x100", "qtuning-rank-25x50",
+            "qtuning-highest-25x50", "qtuning-warmup-25x50")
+    assert {(r["regime"], r["arm"]) for r in runs} == {(g, a) for g in ("paper", "stress") for a in arms}
     for r in runs:
         assert 0 <= r["accuracy"] <= 1 and r["nll"] > 0
         if r["arm"].startswith("qtuning"):
-            assert len(r["decisions"]) == 3  # one record per step
+            # one record per pruned step (the warm-up arm trains its first step unpruned)
+            assert len(r["decisions"]) == (2 if "warmup" in r["arm"] else 3)
             assert all(sum(s["keep"]) == 4 for s in r["decisions"])  # 25 % of a pool of 16
     report = out.with_suffix(".md").read_text()
     assert "| qtuning-25x50 |" in report
