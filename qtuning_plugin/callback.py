@@ -243,14 +243,14 @@ class QTuning(TrainerCallback, ExportableState):
         self._last_mark = now
         if not batches or self.config.prunes_nothing:
             return batches, num_items
+        for batch in batches:
+            _check_batch(batch)
         if trainer.state.global_step < self.config.warmup_steps:  # warming up: every sample is trained, unscored
-            tokens = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches if "labels" in b)
+            tokens = int(sum((b["labels"][..., 1:] != IGNORE_INDEX).sum() for b in batches))
             for key in ("label_tokens", "kept_label_tokens"):
                 self.totals[key] += tokens
             self.totals["warmup_steps"] += 1
             return batches, num_items
-        for batch in batches:
-            _check_batch(batch)
         layout = packed_layout(batches[0])
         if layout is not None:  # a sample is a segment: score and decide on the segments, unpacked
             pad = _pad_id(batches, trainer)
@@ -275,7 +275,7 @@ class QTuning(TrainerCallback, ExportableState):
         # Every rank must run the same number of training forwards (DDP broadcasts buffers in each,
         # FSDP / ZeRO-3 gather parameters, TRL gathers metrics) and the same collectives, so both
         # branches below are decided together: one all-reduce per step, on every rank.
-        kept_tokens = sum(int(t.sum()) for t in token_keep)
+        kept_tokens = int(sum(t.sum() for t in token_keep))  # one host sync
         target, any_tokens = all_reduce_max([len(real), int(kept_tokens > 0)], device)
         if not any_tokens:
             # No rank kept a label token: every sample of the step lacks one (e.g. all truncated

@@ -348,14 +348,16 @@ def test_a_model_that_is_not_a_causal_lm_is_refused():
         QTuning().attach(trainer)
 
 
-def test_batches_without_labels_are_refused_at_the_first_step():
+@pytest.mark.parametrize("warmup_steps", [0, 2])
+def test_batches_without_labels_are_refused_at_the_first_step(warmup_steps):
     tok = tiny_tokenizer()
     rows = [{"input_ids": tok(r["prompt"])["input_ids"]} for r in arithmetic_dataset(8)]
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, max_steps=1,
                              per_device_train_batch_size=4)
     trainer = Trainer(model=tiny_model("llama", vocab_size=len(tok)), args=args,
                       train_dataset=datasets.Dataset.from_list(rows),
-                      data_collator=transformers.DataCollatorWithPadding(tok), callbacks=[QTuning()])
+                      data_collator=transformers.DataCollatorWithPadding(tok),
+                      callbacks=[QTuning(warmup_steps=warmup_steps)])
     with pytest.raises(ValueError, match="no 'labels'"):
         trainer.train()
 
