@@ -48,6 +48,7 @@ from .core import (
 from .core.batch import collate_rows, padding_side, split_rows
 from .core.distributed import all_agree, all_reduce_max
 from .core.packing import packed_layout, repack, segments, unpack
+from .core.reference import ReferenceCache, adapter_switch, excess, rising_samples, row_keys
 from .core.scoring import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, unwrap_causal_lm
 from .decisions import DecisionLog, sample_id
 
@@ -121,6 +122,10 @@ class QTuning(TrainerCallback, ExportableState):
         self._step_seconds = 0.0
         self._last_mark: float | None = None
         self._fetched = False  # did this optimizer step's batches go through the hook?
+        # reference: base, the base model's per-token NLL of each sample seen (by content)
+        self._reference = ReferenceCache() if self.config.reference == "base" else None
+        self._suspects: torch.Tensor | None = None  # this step's, bool [n] (reference: base)
+        self._excess: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ attaching
 
@@ -267,7 +272,8 @@ class QTuning(TrainerCallback, ExportableState):
         model = getattr(trainer, "model_wrapped", None) or trainer.model
         with scoring_mode(model):
             scores = [score_batch(model, b, chunk_size=self.chunk_size) for b in inputs]
-        keep, prune, token_keep, levels = self._decide(scores)
+            references = self._references(model, inputs, scores, device)
+        keep, prune, token_keep, levels = self._decide(scores, references)
         if layout is None:
             real = _rebatch(trainer, batches, keep, token_keep)
         else:
@@ -294,36 +300,63 @@ class QTuning(TrainerCallback, ExportableState):
         self._record(inputs, scores, keep, prune, token_keep, levels, time.perf_counter() - now)
         return stand_ins + real, num_items
 
-    def _decide(self, scores):
+    def _references(self, model, inputs, scores, device) -> list[torch.Tensor] | None:
+        """``reference: base``: the base NLL [B, T] of each micro-batch's rows; a micro-batch with
+        a row not seen before is scored once more, adapters off. Which micro-batches are scored
+        is decided by all ranks together (one all-reduce), so every rank runs the same forwards."""
+        if self._reference is None:
+            return None
+        keys = [row_keys(b, s.trainable) for b, s in zip(inputs, scores)]
+        needed = all_reduce_max([int(self._reference.missing(k)) for k in keys], device)
+        for batch, k, need in zip(inputs, keys, needed):
+            if need:
+                self._reference.fill(model, batch, k, chunk_size=self.chunk_size)
+        return [self._reference.lookup(s, k) for s, k in zip(scores, keys)]
+
+    def _decide(self, scores, references=None):
         """Algorithm 1 over each pool of the step: per micro-batch keep [B], prune_tokens [B],
-        token_keep [B, T], and the pools' quantile levels."""
+        token_keep [B, T], and the pools' quantile levels. ``references``: the base NLL of each
+        micro-batch (``reference: base``), whose rising samples are not kept."""
         n = len(scores)
         pools = [[i] for i in range(n)] if self.config.pool == "micro_batch" else [list(range(n))]
-        global_pool = self._gather_pool(scores) if self.config.pool == "global" else None
+        eligible = [None] * len(pools)
+        self._suspects = None
+        if references is not None:
+            suspects = [rising_samples([scores[i] for i in pool], [references[i] for i in pool],
+                                       self.config.reference_margin) for pool in pools]
+            eligible = [~x for x in suspects]
+            self._suspects = torch.cat([x.cpu() for x in suspects])
+            self._excess = excess(scores, references)
+        global_pool = self._gather_pool(scores, eligible[0]) if self.config.pool == "global" else None
         keep, prune, token_keep = [None] * n, [None] * n, [None] * n
         levels = []
-        for pool in pools:
-            decision = decide([scores[i] for i in pool], self.config, global_pool)
+        for pool, ok in zip(pools, eligible):
+            decision = decide([scores[i] for i in pool], self.config, global_pool, eligible=ok)
             levels.append(decision.triage.level)
             prune_split = decision.triage.prune_tokens.split([scores[i].ppl.numel() for i in pool])
             for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
                 keep[i], prune[i], token_keep[i] = k, p, t
         return keep, prune, token_keep, levels
 
-    def _gather_pool(self, scores) -> GlobalPool | None:
-        """``pool: global``: every rank's (ppl, entropy), in rank order (a collective: every rank
-        calls it once per step, as it scores once per step). None in a single process."""
+    def _gather_pool(self, scores, eligible=None) -> GlobalPool | None:
+        """``pool: global``: every rank's (ppl, entropy[, eligible]), in rank order (a collective:
+        every rank calls it once per step, as it scores once per step). None in a single process."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return None
-        mine = torch.stack([torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores])]).cpu()
+        rows = [torch.cat([s.ppl for s in scores]).cpu(), torch.cat([s.entropy for s in scores]).cpu()]
+        if eligible is not None:
+            rows.append(eligible.cpu().to(torch.float64))
+        mine = torch.stack(rows)
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine.tolist())
         ppl = torch.tensor([x for g in gathered for x in g[0]], dtype=torch.float64)
         entropy = torch.tensor([x for g in gathered for x in g[1]], dtype=torch.float64)
         groups = torch.tensor([r for r, g in enumerate(gathered) for _ in g[0]], dtype=torch.long)
-        self.last_global_pool = GlobalPool(ppl=ppl, entropy=entropy, groups=groups, rank=dist.get_rank())
+        ok = None if eligible is None else torch.tensor([x > 0 for g in gathered for x in g[2]], dtype=torch.bool)
+        self.last_global_pool = GlobalPool(ppl=ppl, entropy=entropy, groups=groups, rank=dist.get_rank(),
+                                           eligible=ok)
         return self.last_global_pool
 
     # ------------------------------------------------------------------ metrics
@@ -362,6 +395,13 @@ class QTuning(TrainerCallback, ExportableState):
         self.totals["score_seconds"] += seconds
         self.last_pool = {"ppl": ppl, "entropy": ent, "keep": kept, "quadrant": quadrant,
                           "prune_tokens": torch.cat(prune).cpu()}
+        if self._reference is not None:
+            suspects = self._suspects
+            m["suspected_samples"].append(int(suspects.sum()) if suspects is not None else 0)
+            self.totals["suspected_samples"] = self.totals.get("suspected_samples", 0) + m["suspected_samples"][-1]
+            if suspects is not None:
+                self.last_pool["suspect"] = suspects
+                self.last_pool["excess_max"], self.last_pool["excess_mean"] = (x.cpu() for x in self._excess)
         if self._log is not None:
             trainer = self.trainer
             step = (trainer.state.global_step if trainer is not None else int(self.totals["steps"]) - 1) + 1
@@ -418,6 +458,11 @@ def _refuse_unsupported(trainer: Trainer, config: QTuningConfig) -> None:
             "p-tuning add virtual tokens that the scorer's per-token alignment with the labels does not "
             "account for). Use LoRA / QLoRA or full fine-tuning."
         )
+    if config.reference == "base" and adapter_switch(trainer.model) is None:
+        raise ValueError(
+            "QTuning: reference='base' needs adapter training (a PEFT LoRA / QLoRA model): the base model "
+            f"is the trained model with its adapters switched off, and {type(trainer.model).__name__} has "
+            "none. Use reference='none' for full fine-tuning.")
     lm = unwrap_causal_lm(trainer.model)
     if not _is_causal_lm(lm):
         raise ValueError(

@@ -17,6 +17,8 @@ def test_defaults_are_the_papers():
         "top_up": "minmax",
         "keep_tokens": "lowest",
         "warmup_steps": 0,
+        "reference": "none",
+        "reference_margin": 0.5,
     }
     assert not cfg.prunes_nothing
     assert QTuningConfig(sample_ratio=1, token_ratio=1).prunes_nothing

@@ -12,6 +12,12 @@ POOLS = ("step", "micro_batch", "global")
 TOKEN_BUDGETS = ("sample", "batch")
 TOP_UPS = ("minmax", "rank")
 KEEP_TOKENS = ("lowest", "highest")
+REFERENCES = ("none", "base")
+# Named combinations of fields: ``QTuning(preset=...)``, ``QTuningConfig.from_dict({"preset": ...})``,
+# ``preset:`` in Axolotl's ``qtuning:`` block. Fields given beside a preset override it.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},  # the defaults: the paper's Algorithm 1
+}
 
 
 @dataclass(frozen=True, init=False)
@@ -45,6 +51,14 @@ class QTuningConfig:
       learned yet; the authors' ``fwise`` code path and the paper's "reversed" ablation).
     - ``warmup_steps`` >= 0: the first optimizer steps are trained on every sample, unscored (the
       model first sees the data before judging it; InfoBatch does not prune its first epoch).
+    - ``reference``: ``"base"`` turns on the reference guard for adapter training (LoRA / QLoRA):
+      each sample's per-token NLL under the base model (adapters switched off) is computed at
+      its first sight and cached; once the pool's loss has fallen below its base loss, a sample
+      whose largest per-token rise above its base NLL exceeds the pool's median rise by more
+      than ``reference_margin`` nats is suspected of a wrong label and not kept (its slot goes
+      to another sample; see :mod:`qtuning_plugin.core.reference`). ``"none"`` (the paper).
+    - ``reference_margin`` > 0: that excess rise, in nats (0.5: the token became 1.65 times less
+      likely than the pool's typical rise would make it).
 
     Any other name, a value of the wrong type, NaN or a value out of range raises ``ValueError``
     naming the field and what it accepts. ``dataclasses.asdict`` / ``from_dict`` round-trip.
@@ -58,6 +72,8 @@ class QTuningConfig:
     top_up: str
     keep_tokens: str
     warmup_steps: int
+    reference: str
+    reference_margin: float
 
     def __init__(
         self,
@@ -70,8 +86,13 @@ class QTuningConfig:
         top_up: str = "minmax",
         keep_tokens: str = "lowest",
         warmup_steps: int = 0,
+        reference: str = "none",
+        reference_margin: float = 0.5,
         **unknown: Any,
     ) -> None:
+        if "preset" in unknown:
+            raise ValueError("QTuningConfig: a preset is not a field; use QTuningConfig.from_dict({'preset': "
+                             f"{unknown['preset']!r}, ...}}) or QTuning(preset=...); presets: {list(PRESETS)}")
         if unknown:
             raise ValueError(
                 f"QTuningConfig: unknown field(s) {sorted(unknown)}; "
@@ -88,10 +109,19 @@ class QTuningConfig:
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
             raise ValueError(f"QTuningConfig.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         set_(self, "warmup_steps", int(warmup_steps))
+        set_(self, "reference", _choice("reference", reference, REFERENCES))
+        if (isinstance(reference_margin, bool) or not isinstance(reference_margin, numbers.Real)
+                or not math.isfinite(reference_margin) or reference_margin <= 0):
+            raise ValueError(f"QTuningConfig.reference_margin must be a finite number > 0 (nats), "
+                             f"got {reference_margin!r}")
+        set_(self, "reference_margin", float(reference_margin))
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any] | None) -> "QTuningConfig":
-        """Build from a mapping (a YAML block, a checkpoint); same validation as the constructor."""
+        """Build from a mapping (a YAML block, a checkpoint); same validation as the constructor.
+
+        A ``preset`` key names a combination of fields (:data:`PRESETS`); the mapping's other
+        fields override the preset's."""
         if fields is None:
             return cls()
         if not isinstance(fields, Mapping):
@@ -99,6 +129,12 @@ class QTuningConfig:
         bad_keys = [k for k in fields if not isinstance(k, str)]
         if bad_keys:
             raise ValueError(f"QTuningConfig: field names must be strings, got {bad_keys!r}")
+        fields = dict(fields)
+        if "preset" in fields:
+            preset = fields.pop("preset")
+            if not isinstance(preset, str) or preset not in PRESETS:
+                raise ValueError(f"QTuningConfig.preset must be one of {list(PRESETS)}, got {preset!r}")
+            fields = {**PRESETS[preset], **fields}
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,12 +20,14 @@ class GlobalPool:
 
     ``groups`` [N] holds each sample's rank; ``rank`` is this process's. The triage runs on the
     whole pool (identical on every rank) and this rank takes its own part: exactly
-    K = max(1, floor(r_s n_rank)) of its own samples."""
+    K = max(1, floor(r_s n_rank)) of its own samples. ``eligible`` [N]: every rank's, as in
+    :func:`decide`."""
 
     ppl: torch.Tensor
     entropy: torch.Tensor
     groups: torch.Tensor
     rank: int
+    eligible: torch.Tensor | None = None
 
 
 @dataclass
@@ -43,23 +45,27 @@ class Decision:
     token_keep: list[torch.Tensor]
 
 
-def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalPool | None = None) -> Decision:
+def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalPool | None = None,
+           eligible: torch.Tensor | None = None) -> Decision:
     """Run both stages of Q-Tuning on a pool whose batches were scored by ``score_batch``.
 
     Rows without a score (no trainable token, or a NaN from a broken forward) are not samples:
     they are never kept and do not count in K or in the batch token budget (see :func:`triage`).
 
     With ``global_pool`` the sample stage ranks this rank's samples (``scores``) against every
-    rank's; the token stage is per sample and needs only this rank's scores."""
+    rank's; the token stage is per sample and needs only this rank's scores.
+
+    ``eligible`` (bool [n] over the pool, the reference guard's verdict; None: all): samples
+    marked False are never kept, but K still counts them (see :func:`triage`)."""
     if not scores:
         raise ValueError("decide: the pool is empty")
     sizes = [s.ppl.numel() for s in scores]
     if global_pool is None:
         result = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores]),
-                        config.sample_ratio, top_up=config.top_up)
+                        config.sample_ratio, top_up=config.top_up, eligible=eligible)
     else:
         whole = triage(global_pool.ppl, global_pool.entropy, config.sample_ratio, groups=global_pool.groups,
-                       top_up=config.top_up)
+                       top_up=config.top_up, eligible=global_pool.eligible)
         own = global_pool.groups == global_pool.rank
         if int(own.sum()) != sum(sizes):
             raise ValueError(f"decide: the global pool holds {int(own.sum())} samples of rank "

@@ -94,7 +94,8 @@ def _rank_levels(x: torch.Tensor) -> torch.Tensor:
 
 
 def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
-           groups: torch.Tensor | None = None, top_up: str = "minmax") -> Triage:
+           groups: torch.Tensor | None = None, top_up: str = "minmax",
+           eligible: torch.Tensor | None = None) -> Triage:
     """Pick the samples to train from one pool (spec section 2, rank form).
 
     ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. A sample whose PPL or
@@ -111,6 +112,10 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     from the whole pool; m is the largest level at which *every* group's core fits its own
     K_g = max(1, floor(r_s n_g)); each group is then topped up within itself, so that each
     keeps exactly K_g. With one group this is the plain triage.
+
+    ``eligible`` (bool [n], an option beyond the paper: the reference guard): a sample marked
+    False is never kept and is triaged as if it were not there, but its slot stays: K still
+    counts it, and the other samples fill it (K_g = min(K_g, the group's eligible samples)).
     """
     if ppl.ndim != 1 or ppl.shape != entropy.shape:
         raise ValueError(f"triage: ppl and entropy must be 1-D of one length, got {tuple(ppl.shape)} "
@@ -126,24 +131,31 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
         groups = torch.zeros(n, dtype=torch.long, device=ppl.device)
     elif groups.shape != ppl.shape or groups.dtype != torch.long or int(groups.min()) < 0:
         raise ValueError("triage: groups must be a long tensor of group ids >= 0, one per sample")
+    if eligible is not None and (eligible.shape != ppl.shape or eligible.dtype != torch.bool):
+        raise ValueError("triage: eligible must be a bool tensor, one entry per sample")
     scored = ~(torch.isnan(ppl) | torch.isnan(entropy))
     none = torch.zeros(n, dtype=torch.bool, device=ppl.device)
+    # K_g over each group's scored samples, ineligible ones included (their slots stay).
+    counts = torch.bincount(groups[scored], minlength=int(groups.max()) + 1)
+    k = torch.tensor([kept_count(int(c), sample_ratio) for c in counts.tolist()], dtype=torch.long,
+                     device=ppl.device)
+    if eligible is not None:
+        scored = scored & eligible.to(ppl.device)
     if not scored.any():
         return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone())
     idx = scored.nonzero().squeeze(1)
+    k = torch.minimum(k, torch.bincount(groups[idx], minlength=k.numel()))
     keep, prune_tokens, core, level = _triage_scored(ppl[idx].to(torch.float64), entropy[idx].to(torch.float64),
-                                                     sample_ratio, groups[idx], top_up)
+                                                     groups[idx], top_up, k)
     out = [none.clone().index_put_((idx,), x) for x in (keep, prune_tokens, core)]
     return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2])
 
 
-def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float, groups: torch.Tensor,
-                   top_up: str = "minmax"):
-    """:func:`triage` on n >= 1 samples without NaN: (keep, prune_tokens, core, level)."""
+def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, groups: torch.Tensor, top_up: str,
+                   k: torch.Tensor):
+    """:func:`triage` on n >= 1 samples without NaN, keeping k[g] of group g (k long [G]):
+    (keep, prune_tokens, core, level)."""
     n = ppl.numel()
-    group_sizes = torch.bincount(groups)
-    k = torch.tensor([kept_count(int(s), sample_ratio) for s in group_sizes.tolist()],
-                     dtype=torch.long, device=ppl.device)  # K_g = max(1, floor(r_s n_g)), 0 if empty
 
     # Sample i joins Q2_m from m2 = max(n - rank_ppl, rank_ent + 1) on (top-m PPL, bottom-m Ent),
     # and Q4_m from m4 = max(rank_ppl + 1, n - rank_ent) on. For m <= n/2 it can't be in both.
