@@ -10,12 +10,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_speed_benchmark_quick_mode(tmp_path):
     out = tmp_path / "speed"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    arms = ["full", "qt-100x100", "qt-25x50", "qt-12.5x50", "qt-25x50-guard", "qt-25x50-guard-revisit"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out),
+                           "--arms", *arms], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     table = result["table"]
-    assert set(table) == {"full", "qt-100x100", "qt-25x50", "qt-12.5x50"}
+    assert set(table) == set(arms)
+    assert table["qt-25x50-guard"]["kept_samples"] == table["qt-25x50-guard-revisit"]["kept_samples"] == 2
     assert table["full"]["epoch_ratio"] == 1.0
     # batch 4 x GA 2 = pool 8: K = 2 and 1 samples per step
     assert table["qt-25x50"]["kept_samples"] == 2 and table["qt-12.5x50"]["kept_samples"] == 1
@@ -44,3 +46,18 @@ def test_quality_benchmark_quick_mode(tmp_path):
     report = out.with_suffix(".md").read_text()
     assert "| qtuning-25x50 |" in report
     assert (tmp_path / "quality-accuracy-vs-compute.png").exists() and (tmp_path / "quality-eu-plane.png").exists()
+
+
+def test_gpu_check_smoke(tmp_path):
+    """benchmarks/gpu_check.py's whole pipeline on CPU with a tiny model (the GPU run is its default)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    e = result["exactness"]
+    assert e["scoring_leaves_gradients_ok"] and e["pruned_step_ok"] and e["pruned_step_rel_error"] < 1e-5
+    assert e["pruned_step_kept_rows"] == 2  # 25 % of a pool of 8
+    table = result["speed"]["64"]["table"]
+    assert set(table) == {"full", "qt-25x50", "qt-12.5x50"} and table["full"]["epoch_ratio"] == 1.0
+    assert table["qt-25x50"]["score_median_s"] > 0 and table["qt-25x50"]["floor"] > 0.25
+    assert "quantisation" in (tmp_path / "gpu_check.md").read_text()

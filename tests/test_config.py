@@ -82,3 +82,17 @@ def test_warmup_steps_must_be_a_non_negative_integer(value):
 def test_options_beyond_the_paper_round_trip():
     cfg = QTuningConfig(top_up="rank", keep_tokens="highest", warmup_steps=3)
     assert QTuningConfig.from_dict(cfg.to_dict()) == cfg and cfg.warmup_steps == 3
+
+
+def test_presets_by_name_and_fields_beside_them_override():
+    from qtuning_plugin.core.config import PRESETS
+
+    assert QTuningConfig.from_dict({"preset": "paper"}) == QTuningConfig()
+    for name, fields in PRESETS.items():
+        cfg = QTuningConfig.from_dict({"preset": name})
+        assert {k: cfg.to_dict()[k] for k in fields} == fields
+        assert QTuningConfig.from_dict({"preset": name, "sample_ratio": 0.125}).sample_ratio == 0.125
+    with pytest.raises(ValueError, match=r"preset must be one of \['paper'"):
+        QTuningConfig.from_dict({"preset": "fast"})
+    with pytest.raises(ValueError, match="a preset is not a field"):
+        QTuningConfig(preset="paper")
