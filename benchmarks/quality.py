@@ -51,8 +51,12 @@ from qtuning_plugin.core.tokens import tokens_to_keep  # noqa: E402
 KINDS = ("useful", "wrong", "garbled", "redundant")
 CORRUPTED = ("wrong", "garbled")
 REGIMES = {
-    "paper": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}},
-    "stress": {"steps": 1, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}},
+    "paper": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}, "epochs": 1},
+    "stress": {"steps": 1, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 1},
+    # The same tasks, a training set a third the size visited 3 times in the same steps: trajectories
+    # and re-visits matter (a sample is seen again after the model has learned from the others).
+    "paper-3ep": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}, "epochs": 3},
+    "stress-3ep": {"steps": 1, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
 }
 # name: (kind, sample ratio, token ratio[, QTuningConfig options beyond the paper]); "warmup" is a
 # fraction of the steps, turned into warmup_steps (at least 1) for the run's --steps.
@@ -60,7 +64,11 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
         "qtuning-25x100": ("qtuning", 0.25, 1.0),
         "qtuning-rank-25x50": ("qtuning", 0.25, 0.5, {"top_up": "rank"}),
         "qtuning-highest-25x50": ("qtuning", 0.25, 0.5, {"keep_tokens": "highest"}),
-        "qtuning-warmup-25x50": ("qtuning", 0.25, 0.5, {"warmup": 0.25})}
+        "qtuning-warmup-25x50": ("qtuning", 0.25, 0.5, {"warmup": 0.25}),
+        "qtuning-batch-25x50": ("qtuning", 0.25, 0.5, {"token_budget": "batch"}),
+        "qtuning-guard-25x50": ("qtuning", 0.25, 0.5, {"reference": "base"}),
+        # the reference computed and recorded, never acting: the evidence the guard's rule comes from
+        "qtuning-observe-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "reference_margin": 1e9})}
 
 
 # ---------------------------------------------------------------------- data
@@ -114,30 +122,9 @@ def build(regime: str, n_train: int, n_test: int, seed: int):
 
 # ---------------------------------------------------------------------- arms
 
-class RandomPruning(QTuning):
-    """The baseline at the same budget: K random samples, r_t of the tokens of each, at random."""
-
-    def __init__(self, *a, seed: int = 0, **kw):
-        super().__init__(*a, **kw)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def _decide(self, scores):
-        n = sum(s.ppl.numel() for s in scores)
-        k = max(1, int(self.config.sample_ratio * n))
-        chosen = torch.zeros(n, dtype=torch.bool)
-        chosen[torch.randperm(n, generator=self.generator)[:k]] = True
-        keep = list(chosen.split([s.ppl.numel() for s in scores]))
-        token_keep = []
-        for s, kk in zip(scores, keep):
-            noise = torch.rand(s.trainable.shape, generator=self.generator).masked_fill(~s.trainable.cpu(), 2.0)
-            rank = noise.argsort(1).argsort(1)
-            budget = tokens_to_keep(s.trainable.sum(1).cpu(), self.config.token_ratio)
-            token_keep.append(((rank < budget[:, None]) & s.trainable.cpu() & kk[:, None]).to(s.trainable.device))
-        return keep, [kk.clone() for kk in keep], token_keep, [0.0]
-
-
 class Recording(QTuning):
-    """Q-Tuning that also records, per step, each pool sample's kind, quadrant and fate."""
+    """Q-Tuning that also records, per step, each pool sample's kind, quadrant and fate (and, with
+    ``reference: base``, its largest and mean NLL rise over the base model and the guard's flag)."""
 
     def __init__(self, *a, kinds: dict[str, str], tokenizer, **kw):
         super().__init__(*a, **kw)
@@ -151,8 +138,34 @@ class Recording(QTuning):
                 text = self.tokenizer.decode(row[row != -100], skip_special_tokens=True).strip()
                 kinds.append(self.kinds.get(text, "?"))
         pool = self.last_pool
-        self.steps.append({"kind": kinds, "quadrant": pool["quadrant"].tolist(), "keep": pool["keep"].tolist(),
-                           "ppl": pool["ppl"].tolist(), "entropy": pool["entropy"].tolist()})
+        step = {"kind": kinds, "quadrant": pool["quadrant"].tolist(), "keep": pool["keep"].tolist(),
+                "ppl": pool["ppl"].tolist(), "entropy": pool["entropy"].tolist()}
+        for key in ("suspect", "excess_max", "excess_mean"):
+            if key in pool:
+                step[key] = pool[key].tolist()
+        self.steps.append(step)
+
+
+class RandomPruning(Recording):
+    """The baseline at the same budget: K random samples, r_t of the tokens of each, at random."""
+
+    def __init__(self, *a, seed: int = 0, **kw):
+        super().__init__(*a, **kw)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _decide(self, scores, references=None):
+        n = sum(s.ppl.numel() for s in scores)
+        k = max(1, int(self.config.sample_ratio * n))
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[torch.randperm(n, generator=self.generator)[:k]] = True
+        keep = list(chosen.split([s.ppl.numel() for s in scores]))
+        token_keep = []
+        for s, kk in zip(scores, keep):
+            noise = torch.rand(s.trainable.shape, generator=self.generator).masked_fill(~s.trainable.cpu(), 2.0)
+            rank = noise.argsort(1).argsort(1)
+            budget = tokens_to_keep(s.trainable.sum(1).cpu(), self.config.token_ratio)
+            token_keep.append(((rank < budget[:, None]) & s.trainable.cpu() & kk[:, None]).to(s.trainable.device))
+        return keep, [kk.clone() for kk in keep], token_keep, [0.0]
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -234,14 +247,16 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     pool = args.batch * args.grad_accum
-    train, test = build(regime, args.steps * pool, args.n_test, seed)
+    epochs = REGIMES[regime]["epochs"]
+    train, test = build(regime, args.steps * pool // epochs, args.n_test, seed)
     kinds = {}
     for r in train:
         kinds[r["messages"][1]["content"].strip()] = r["kind"]
     spec = ARMS[arm]
     callbacks = []
     if spec and spec[0] == "random":
-        callbacks.append(RandomPruning(sample_ratio=spec[1], token_ratio=spec[2], seed=seed))
+        callbacks.append(RandomPruning(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
+                                       tokenizer=tok))
     elif spec:
         options = dict(spec[3]) if len(spec) > 3 else {}
         if "warmup" in options:
@@ -251,7 +266,7 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
                        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=seed,
-                       bf16=bf16, use_cpu=True, max_length=256, dataloader_drop_last=True)
+                       bf16=bf16, use_cpu=True, max_length=256, dataloader_drop_last=True, data_seed=seed)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     # prompt / completion: TRL trains on the completion only (the paper's answers-only loss)
     data = datasets.Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in train])
@@ -264,6 +279,8 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     cb = callbacks[0] if callbacks else None
     kept_tokens = (cb.totals["kept_label_tokens"] / cb.totals["label_tokens"]) if cb else 1.0
     return {"regime": regime, "arm": arm, "seed": seed, "model": model_name, "train_seconds": seconds,
+            "steps": args.steps, "epochs": epochs, "pool_share_corrupted": sum(
+                r["kind"] in CORRUPTED for r in train) / len(train),
             "precision": "bf16 autocast" if bf16 else "fp32",
             "kept_tokens_ratio": kept_tokens, **metrics,
             "decisions": getattr(cb, "steps", None)}
@@ -287,23 +304,68 @@ def noise_table(runs):
     return pool, kept
 
 
+def corrupted_share(run) -> tuple[float, float]:
+    """(corrupted share of the pools, of what was kept) over a run's recorded steps; the full-data
+    arm keeps its pools."""
+    steps = run.get("decisions") or []
+    if not steps:
+        share = run.get("pool_share_corrupted", float("nan"))
+        return share, share
+    pool = [k in CORRUPTED for s in steps for k in s["kind"]]
+    kept = [k in CORRUPTED for s in steps for k, kk in zip(s["kind"], s["keep"]) if kk]
+    return sum(pool) / max(1, len(pool)), sum(kept) / max(1, len(kept))
+
+
+def paired(rows, arm, baseline, key):
+    """Per-seed differences arm - baseline of ``key`` (seeds both have): (mean, sd, wins, n), a win
+    being higher accuracy or lower NLL."""
+    a = {r["seed"]: r[key] for r in rows if r["arm"] == arm}
+    b = {r["seed"]: r[key] for r in rows if r["arm"] == baseline}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    wins = sum((d > 0) if key == "accuracy" else (d < 0) for d in diffs)
+    ties = sum(d == 0 for d in diffs)
+    return (*mean_sd(diffs), wins, ties, len(seeds))
+
+
 def report(results, args) -> str:
     lines = []
     for regime in args.regimes:
         rows = [r for r in results if r["regime"] == regime]
+        if not rows:
+            continue
         precision = " / ".join(sorted({r["precision"] for r in rows if "precision" in r}))  # older runs: none
+        epochs = rows[0].get("epochs", 1)
         lines += [f"### Regime `{regime}` ({len({r['seed'] for r in rows})} seeds, {args.steps} steps, pool "
-                  f"{args.batch * args.grad_accum}, {args.n_test} test problems, model {rows[0]['model']}"
-                  f"{', ' + precision if precision else ''})", "",
-                  "| arm | accuracy (mean ± sd) | NLL of correct answers | label tokens trained | train seconds |",
-                  "|---|---|---|---|---|"]
+                  f"{args.batch * args.grad_accum}, {epochs} epoch{'s' if epochs > 1 else ''} of "
+                  f"{args.steps * args.batch * args.grad_accum // epochs} training samples, {args.n_test} test "
+                  f"problems, model {rows[0]['model']}{', ' + precision if precision else ''})", "",
+                  "Paired by seed against `random-25x50` (same data, order and test set): the mean difference and "
+                  "the seeds won (higher accuracy, lower NLL; ties counted apart). Corrupted = wrong + garbled "
+                  "samples, share of the pools and of what the arm trained, over all its steps.", "",
+                  "| arm | seeds | accuracy | NLL of correct answers | Δ accuracy vs random (wins / ties) | "
+                  "Δ NLL vs random (wins / ties) | corrupted: pool → kept | label tokens trained | train seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for arm in args.arms:
             rs = [r for r in rows if r["arm"] == arm]
+            if not rs:
+                continue
             acc, nll, sec = mean_sd(r["accuracy"] for r in rs), mean_sd(r["nll"] for r in rs), mean_sd(
                 r["train_seconds"] for r in rs)
             tokens = statistics.mean(r["kept_tokens_ratio"] for r in rs)
-            lines.append(f"| {arm} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} % | {nll[0]:.3f} ± {nll[1]:.3f} | "
-                         f"{100 * tokens:.0f} % | {sec[0]:.0f} ± {sec[1]:.0f} |")
+            shares = [corrupted_share(r) for r in rs]
+            cells = []
+            for key, scale, fmt in (("accuracy", 100, "{:+.1f} pp"), ("nll", 1, "{:+.3f}")):
+                d = paired(rows, arm, "random-25x50", key) if arm != "random-25x50" else None
+                cells.append("" if d is None else
+                             f"{fmt.format(scale * d[0])} ± {fmt.format(scale * d[1]).lstrip('+')} "
+                             f"({d[2]} / {d[3]} of {d[4]})")
+            lines.append(f"| {arm} | {len(rs)} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} % | {nll[0]:.3f} ± {nll[1]:.3f} | "
+                         f"{cells[0]} | {cells[1]} | {100 * statistics.mean(p for p, _ in shares):.1f} % → "
+                         f"{100 * statistics.mean(k for _, k in shares):.1f} % | {100 * tokens:.0f} % | "
+                         f"{sec[0]:.0f} ± {sec[1]:.0f} |")
         for arm in [a for a in args.arms if a.startswith("qtuning")]:
             pool, kept = noise_table([r for r in rows if r["arm"] == arm])
             total_pool, total_kept = sum(pool.values()), sum(kept.values())
@@ -326,6 +388,10 @@ def report(results, args) -> str:
 
 
 def plots(results, args, out: Path) -> list[str]:
+    args = argparse.Namespace(**{**vars(args), "regimes": [g for g in args.regimes
+                                                           if any(r["regime"] == g for r in results)]})
+    if not args.regimes:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,6 +402,8 @@ def plots(results, args, out: Path) -> list[str]:
     for ax, regime in zip(axes[0], args.regimes):
         for arm in args.arms:
             rs = [r for r in results if r["regime"] == regime and r["arm"] == arm]
+            if not rs:
+                continue
             x, y = mean_sd(r["train_seconds"] for r in rs), mean_sd(100 * r["accuracy"] for r in rs)
             ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", capsize=3, label=arm)
         ax.set(title=f"regime: {regime}", xlabel="training wall-clock (s, measured)", ylabel="held-out exact match (%)")
@@ -428,37 +496,83 @@ def parse_args(argv=None):
     return args
 
 
+SETTINGS = ("steps", "batch", "grad_accum", "lr", "n_test", "quick", "tiny")
+
+
+def canonical_command(args) -> str:
+    """The command that (re)produces the report: resumable, so it also finishes an interrupted run."""
+    parts = ["python", "benchmarks/quality.py", "--regimes", *args.regimes, "--arms", *args.arms]
+    if args.quick:
+        parts.append("--quick")
+    else:
+        parts += ["--seeds", str(args.seeds), "--steps", str(args.steps)]
+    if args.tiny:
+        parts.append("--tiny")
+    default_out = str(HERE / "results" / "quality")
+    if args.out != default_out:
+        rel = Path(args.out)
+        try:
+            rel = rel.resolve().relative_to(HERE.parent)
+        except ValueError:
+            pass
+        parts += ["--out", str(rel)]
+    return " ".join(parts)
+
+
+def load_runs(path: Path, args) -> list[dict]:
+    """Finished runs recorded in ``path`` (one JSON per line) with this invocation's settings."""
+    if not path.exists():
+        return []
+    runs = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if all(r.get("settings", {}).get(k) == getattr(args, k) for k in SETTINGS):
+                runs.append(r)
+    return runs
+
+
 def main(argv=None):
     args = parse_args(argv)
-    results = []
-    if not args.from_json:
-        from qtuning_plugin.precision import describe_precision
-
-        print(describe_precision("cpu") if not args.quick else "precision: fp32 (--quick)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         results = saved["results"]
         for key in ("regimes", "arms", "seeds", "steps", "batch", "grad_accum", "n_test"):
             setattr(args, key, saved["args"][key])
-        argv = saved["args"].get("argv")
-    for seed in range(0 if args.from_json else args.seeds):
-        for regime in args.regimes:
-            for arm in args.arms:
-                t = time.perf_counter()
-                results.append(run(regime, arm, seed, args))
-                r = results[-1]
-                print(f"seed {seed} {regime:6s} {arm:15s} acc {100 * r['accuracy']:5.1f} % nll {r['nll']:.3f} "
-                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+        command = "python benchmarks/quality.py " + " ".join(saved["args"].get("argv") or [])
+    else:
+        from qtuning_plugin.precision import describe_precision
+
+        print(describe_precision("cpu") if not args.quick else "precision: fp32 (--quick)", flush=True)
+        # Every finished run is appended to <out>.runs.jsonl at once: an interrupted invocation is
+        # resumed by running the same command again, and invocations with other seeds, arms or
+        # regimes but the same settings add to one report.
+        runs_file = out.with_name(out.name + ".runs.jsonl")
+        done = {(r["regime"], r["arm"], r["seed"]) for r in load_runs(runs_file, args)}
+        settings = {k: getattr(args, k) for k in SETTINGS}
+        for seed in range(args.seeds):  # seed-major, arms interleaved: machine drift hits every arm alike
+            for regime in args.regimes:
+                for arm in args.arms:
+                    if (regime, arm, seed) in done:
+                        continue
+                    t = time.perf_counter()
+                    r = {**run(regime, arm, seed, args), "settings": settings}
+                    with runs_file.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+                    print(f"seed {seed} {regime:10s} {arm:22s} acc {100 * r['accuracy']:5.1f} % nll {r['nll']:.3f} "
+                          f"({time.perf_counter() - t:.0f} s)", flush=True)
+        results = [r for r in load_runs(runs_file, args) if r["regime"] in args.regimes and r["arm"] in args.arms
+                   and r["seed"] < args.seeds]
+        command = canonical_command(args)
     text = report(results, args)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     files = plots(results, args, out)
-    argv = list(argv if argv is not None else sys.argv[1:])
-    command = " ".join(["python", "benchmarks/quality.py", *argv])
     out.with_suffix(".md").write_text(f"`{command}`\n\n{text}\n" + "".join(f"\n![]({Path(f).name})\n" for f in files))
     if not args.from_json:
-        out.with_suffix(".json").write_text(json.dumps({"args": {**vars(args), "argv": argv}, "results": results}))
+        out.with_suffix(".json").write_text(json.dumps({"args": {**vars(args), "argv": command.split()[2:]},
+                                                        "results": results}))
 
 
 if __name__ == "__main__":

