@@ -488,6 +488,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (with --quick)")
     p.add_argument("--out", default=str(HERE / "results" / "quality"))
     p.add_argument("--from-json", metavar="JSON", help="redo the tables and plots of an earlier run from its .json")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: the tables and plots of the runs already in <out>.runs.jsonl")
     args = p.parse_args(argv)
     if args.tiny and not args.quick:
         p.error("--tiny only makes sense with --quick (a pipeline check)")
@@ -555,7 +557,7 @@ def main(argv=None):
         for seed in range(args.seeds):  # seed-major, arms interleaved: machine drift hits every arm alike
             for regime in args.regimes:
                 for arm in args.arms:
-                    if (regime, arm, seed) in done:
+                    if (regime, arm, seed) in done or args.report_only:
                         continue
                     t = time.perf_counter()
                     r = {**run(regime, arm, seed, args), "settings": settings}

@@ -81,7 +81,8 @@ class QTuning(TrainerCallback, ExportableState):
     ``qtuning/unscored_samples`` (rows without one: never kept), ``qtuning/kept_tokens_ratio``,
     ``qtuning/share_q1_noise`` .. ``qtuning/share_q4_calibration``, ``qtuning/level``,
     ``qtuning/score_seconds``, ``qtuning/score_share``, ``qtuning/kept_ppl``,
-    ``qtuning/kept_entropy``, ``qtuning/dropped_ppl``, ``qtuning/dropped_entropy``.
+    ``qtuning/kept_entropy``, ``qtuning/dropped_ppl``, ``qtuning/dropped_entropy``; with
+    ``reference="base"``, ``qtuning/suspected_samples``.
     """
 
     def __init__(self, config: QTuningConfig | Mapping[str, Any] | None = None, *,

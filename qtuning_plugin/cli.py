@@ -21,7 +21,12 @@ import os
 import sys
 from pathlib import Path
 
+from .core.config import PRESETS
+
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "word_problems.jsonl"
+# The demo's default settings: the preset the quality benchmark supports (README "Which setting
+# should I use"); `qtuning demo --preset paper` runs the paper's Algorithm 1.
+DEMO_PRESET = "robust"
 
 
 class CLIError(Exception):
@@ -88,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="micro-batches per step; the selection pool is batch-size x grad-accum")
     demo.add_argument("--lr", type=float, default=1e-3)
     demo.add_argument("--max-length", type=_positive("--max-length"), default=512)
+    demo.add_argument("--preset", choices=list(PRESETS), default=DEMO_PRESET,
+                      help=f"named Q-Tuning settings (default {DEMO_PRESET}; 'paper' is the paper's Algorithm 1, "
+                      "what QTuning() runs); README 'Which setting should I use' compares them")
     ratios(demo)
 
     analyze = sub.add_parser("analyze", help="score a dataset on the Error-Uncertainty plane",

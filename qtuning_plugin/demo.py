@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .callback import QTuning
-from .core import score_batch, scoring_mode
+from .core import QTuningConfig, decide, score_batch, scoring_mode
 from .data import DataError, check_token_ids, detect_format, encode, load_records, to_batch
 from .decisions import read_log, sample_id
 from .models import load
@@ -90,8 +90,9 @@ def run_demo(args) -> int:
     eval_encoded = [encode(r, tok, fmt, args.max_length) for r in eval_records]
     check_token_ids(eval_encoded, model.get_input_embeddings().num_embeddings, args.data)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    print(f"qtuning demo: {description}, LoRA r=8, Q-Tuning sample ratio {args.sample_ratio:g} x token ratio "
-          f"{args.token_ratio:g}; {len(train_records)} training samples of {args.data} ({fmt}), {n_eval} held out; "
+    preset = getattr(args, "preset", "paper")
+    print(f"qtuning demo: {description}, LoRA r=8, Q-Tuning preset {preset}, sample ratio {args.sample_ratio:g} x "
+          f"token ratio {args.token_ratio:g}; {len(train_records)} training samples of {args.data} ({fmt}), {n_eval} held out; "
           f"{args.steps} steps of {args.batch_size} x {args.grad_accum} samples", file=sys.stderr)
     on_cpu = not torch.cuda.is_available()
     device = "cpu" if on_cpu else "cuda"
@@ -109,8 +110,9 @@ def run_demo(args) -> int:
         use_cpu=on_cpu, bf16=bf16,
         max_length=args.max_length, dataloader_drop_last=True, disable_tqdm=False,
     )
-    qtuning = QTuning(sample_ratio=args.sample_ratio, token_ratio=args.token_ratio,
-                      neighbor_lambda=args.neighbor_lambda, log_decisions=out / "decisions.jsonl")
+    settings = QTuningConfig.from_dict({"preset": preset, "sample_ratio": args.sample_ratio,
+                                        "token_ratio": args.token_ratio, "neighbor_lambda": args.neighbor_lambda})
+    qtuning = _ComparedWithThePaper(settings, log_decisions=out / "decisions.jsonl")
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=lora, callbacks=[qtuning])
@@ -141,6 +143,7 @@ def run_demo(args) -> int:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {
         "model": description, "data": str(args.data), "steps": trainer.state.global_step,
+        "preset": preset, "settings": settings.to_dict(),
         "sample_ratio": args.sample_ratio, "token_ratio": args.token_ratio,
         "held_out_loss_before": loss_before, "held_out_loss_after": loss_after,
         "train_loss_first_step": losses[0] if losses else None, "train_loss_last_step": losses[-1] if losses else None,
@@ -149,6 +152,9 @@ def run_demo(args) -> int:
         "train_seconds": train_seconds, "scoring_seconds": totals["score_seconds"],
         "total_seconds": time.perf_counter() - started,
         "kept_by_kind": _kept_by_kind(trainer, log),
+        # what the paper's Algorithm 1 would have kept from the same pools (same scores), if the
+        # preset is not the paper
+        "paper_would_keep_by_kind": _kept_by_kind(trainer, log, qtuning.paper_keep) if qtuning.paper_keep else None,
         "pictures": pictures,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -156,17 +162,43 @@ def run_demo(args) -> int:
     return 0
 
 
-def _kept_by_kind(trainer, log) -> dict | None:
-    """If the data has a ``kind`` column (the shipped demo data does): per kind, seen and kept."""
+class _ComparedWithThePaper(QTuning):
+    """QTuning that also takes, on every pool it decides, the paper's decision from the same scores
+    (when its settings are not the paper's), so the summary can set the two side by side."""
+
+    def __init__(self, config: QTuningConfig, **kw):
+        super().__init__(config, **kw)
+        paper = QTuningConfig.from_dict({**config.to_dict(), **{f: getattr(QTuningConfig(), f) for f in
+                                         ("top_up", "keep_tokens", "warmup_steps", "reference", "token_budget")}})
+        self._paper = None if paper == config else paper
+        self.paper_keep: dict[int, list[bool]] = {}  # step -> keep over the pool, in decision-log order
+
+    def _decide(self, scores, references=None):
+        result = super()._decide(scores, references)
+        if self._paper is not None:
+            trainer = self.trainer
+            step = (trainer.state.global_step if trainer is not None else len(self.paper_keep)) + 1
+            self.paper_keep[step] = torch.cat(decide(scores, self._paper).keep).cpu().tolist()
+        return result
+
+
+def _kept_by_kind(trainer, log, keep: dict[int, list[bool]] | None = None) -> dict | None:
+    """If the data has a ``kind`` column (the shipped demo data does): per kind, seen and kept
+    (``keep``: step -> another decision over the same pools, instead of the log's ``kept``)."""
     ds = trainer.train_dataset
     if "kind" not in ds.column_names:
         return None
     kinds = {sample_id(ids): k for ids, k in zip(ds["input_ids"], ds["kind"])}
     seen, kept = Counter(), Counter()
+    position: Counter = Counter()
     for r in log:
         kind = kinds.get(r["id"], "?")
         seen[kind] += 1
-        kept[kind] += bool(r["kept"])
+        if keep is None:
+            kept[kind] += bool(r["kept"])
+        else:
+            kept[kind] += bool(keep[r["step"]][position[r["step"]]])
+            position[r["step"]] += 1
     return {k: {"seen": seen[k], "kept": kept[k]} for k in sorted(seen)}
 
 
@@ -191,8 +223,12 @@ def _print_summary(s: dict, out: Path) -> None:
         f"({pct(s['scoring_seconds'], s['train_seconds'])}); {s['total_seconds']:.0f} s in all",
     ]
     if s["kept_by_kind"]:
-        lines.append("  kept by kind of sample: " + ", ".join(
+        lines.append(f"  kept by kind of sample ({s['preset']}): " + ", ".join(
             f"{k} {v['kept']}/{v['seen']} ({pct(v['kept'], v['seen'])})" for k, v in s["kept_by_kind"].items()))
+    if s.get("paper_would_keep_by_kind"):
+        lines.append("  the paper's Algorithm 1 on the same pools would keep: " + ", ".join(
+            f"{k} {v['kept']}/{v['seen']} ({pct(v['kept'], v['seen'])})"
+            for k, v in s["paper_would_keep_by_kind"].items()))
     lines += [f"  pictures: {', '.join(s['pictures'])}", f"  summary: {out / 'summary.json'}, adapter: {out / 'adapter'}"]
     print("\n".join(lines))
     if not math.isfinite(s["held_out_loss_after"]):

@@ -301,19 +301,31 @@ def test_console_script_error_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"qtuning plot: error: no such decision log: {tmp_path / 'nope.jsonl'}"
 
 
-def test_demo_pipeline_tiny(tmp_path):
-    """`qtuning demo` end to end on the tiny model: 2 steps, the log, both pictures, the summary."""
+@pytest.mark.parametrize("preset", [None, "paper"])
+def test_demo_pipeline_tiny(tmp_path, preset):
+    """`qtuning demo` end to end on the tiny model: 2 steps, the log, both pictures, the summary;
+    by default the robust preset, with what the paper's Algorithm 1 would keep from the same pools."""
     pytest.importorskip("trl")
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     exe = Path(sys.executable).with_name("qtuning")
     proc = subprocess.run([str(exe), "demo", "--model", "tiny", "--steps", "2", "--batch-size", "4",
-                           "--out", str(out)], capture_output=True, text=True, env=env)
+                           "--out", str(out)] + (["--preset", preset] if preset else []),
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step   2/2 | loss" in proc.stderr + proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["samples_seen"] == 16 and summary["samples_trained"] == 4
     assert sum(v["seen"] for v in summary["kept_by_kind"].values()) == 16
+    assert summary["preset"] == (preset or "robust")
+    assert summary["settings"]["reference"] == ("none" if preset == "paper" else "base")
+    paper = summary["paper_would_keep_by_kind"]
+    if preset == "paper":
+        assert paper is None and "would keep" not in proc.stdout
+    else:
+        assert paper.keys() == summary["kept_by_kind"].keys()
+        assert sum(v["seen"] for v in paper.values()) == 16 and sum(v["kept"] for v in paper.values()) == 4
+        assert "the paper's Algorithm 1 on the same pools would keep" in proc.stdout
     assert (out / "decisions.png").stat().st_size > 20_000
     assert (out / "eu-plane-last-steps.png").stat().st_size > 10_000
     assert (out / "adapter" / "adapter_config.json").exists()

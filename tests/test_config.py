@@ -92,7 +92,10 @@ def test_presets_by_name_and_fields_beside_them_override():
         cfg = QTuningConfig.from_dict({"preset": name})
         assert {k: cfg.to_dict()[k] for k in fields} == fields
         assert QTuningConfig.from_dict({"preset": name, "sample_ratio": 0.125}).sample_ratio == 0.125
-    with pytest.raises(ValueError, match=r"preset must be one of \['paper'"):
+    robust = QTuningConfig.from_dict({"preset": "robust"})
+    assert robust == QTuningConfig(reference="base")  # the paper plus the reference guard, nothing else
+    assert QTuningConfig.from_dict({"preset": "robust", "reference": "none"}) == QTuningConfig()
+    with pytest.raises(ValueError, match=r"preset must be one of \['paper', 'robust'\]"):
         QTuningConfig.from_dict({"preset": "fast"})
     with pytest.raises(ValueError, match="a preset is not a field"):
         QTuningConfig(preset="paper")

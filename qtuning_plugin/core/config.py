@@ -17,6 +17,9 @@ REFERENCES = ("none", "base")
 # ``preset:`` in Axolotl's ``qtuning:`` block. Fields given beside a preset override it.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the defaults: the paper's Algorithm 1
+    # The paper plus the reference guard (LoRA / QLoRA only): README "Which setting should I use"
+    # has the evidence (benchmarks/results/quality-3ep.md).
+    "robust": {"reference": "base"},
 }
 
 
