@@ -65,8 +65,9 @@ def test_train_with_the_plugin_prunes_every_step(assets, tmp_path, adapter):
     log = tmp_path / "decisions.jsonl"
     changes = {"adapter": adapter,
                "qtuning": {"sample_ratio": 0.25, "token_ratio": 0.5, "log_decisions": str(log)}}
-    if adapter == "qlora":
+    if adapter == "qlora":  # and the robust preset: the reference guard's base forwards on a 4-bit model
         changes["load_in_4bit"] = True
+        changes["qtuning"]["preset"] = "robust"
     proc, out = run(assets, tmp_path, **changes)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (out / "adapter_model.safetensors").exists()
@@ -75,6 +76,7 @@ def test_train_with_the_plugin_prunes_every_step(assets, tmp_path, adapter):
     for h in steps:  # micro-batch 2 x GA 2 = pool 4, 25 % -> K = 1
         assert h["qtuning/kept_samples"] == 1 and h["qtuning/pool_samples"] == 4
         assert 0 < h["qtuning/kept_tokens_ratio"] < 1  # K of the pool, Q2 ones token-pruned
+        assert ("qtuning/suspected_samples" in h) == (adapter == "qlora")
     # listed in `plugins:` and (Axolotl >= 0.21) registered as an entry point: loaded once
     assert (proc.stdout + proc.stderr).count(f"Plugin loaded successfully: {PLUGIN}") == 1
     rows = [json.loads(line) for line in log.read_text().splitlines()]  # the block's log_decisions
