@@ -330,6 +330,41 @@ def paired(rows, arm, baseline, key):
     return (*mean_sd(diffs), wins, ties, len(seeds))
 
 
+def rise_table(runs, arm, margin: float = 0.5) -> list[str]:
+    """With ``reference: base``: per kind, each sample's largest per-token rise over the base model
+    (nats) at the steps where the pool's loss had fallen below its base, and how often it exceeded
+    the pool's median rise by ``margin`` (the guard's rule at its default margin)."""
+    rises, above, flagged = {}, Counter(), Counter()
+    for r in runs:
+        for step in r.get("decisions") or []:
+            if "excess_max" not in step:
+                continue
+            known = [(k, x, m) for k, x, m in zip(step["kind"], step["excess_max"], step["excess_mean"])
+                     if x is not None and m is not None and x == x and m == m]
+            if not known or statistics.median(m for _, _, m in known) >= 0:
+                continue
+            median = statistics.median(x for _, x, _ in known)
+            for k, x, _ in known:
+                rises.setdefault(k, []).append(x)
+                above[k] += x > median + margin
+            for k, s in zip(step["kind"], step.get("suspect", [])):
+                flagged[k] += bool(s)
+    if not rises:
+        return []
+    lines = ["", f"{arm}: each sample's largest per-token NLL rise over the base model (nats), at the steps where "
+             "the pool's loss had fallen below its base.", "",
+             f"| kind | sightings | largest rise: median (10th-90th percentile) | above the pool's median rise + "
+             f"{margin:g} | held back by the guard |", "|---|---|---|---|---|"]
+    for kind in KINDS:
+        xs = rises.get(kind)
+        if not xs:
+            continue
+        q = statistics.quantiles(xs, n=10) if len(xs) > 1 else [xs[0]] * 9
+        lines.append(f"| {kind} | {len(xs)} | {statistics.median(xs):+.2f} ({q[0]:+.2f} to {q[-1]:+.2f}) | "
+                     f"{100 * above[kind] / len(xs):.0f} % | {100 * flagged[kind] / len(xs):.0f} % |")
+    return lines
+
+
 def report(results, args) -> str:
     lines = []
     for regime in args.regimes:
@@ -366,6 +401,8 @@ def report(results, args) -> str:
                          f"{cells[0]} | {cells[1]} | {100 * statistics.mean(p for p, _ in shares):.1f} % → "
                          f"{100 * statistics.mean(k for _, k in shares):.1f} % | {100 * tokens:.0f} % | "
                          f"{sec[0]:.0f} ± {sec[1]:.0f} |")
+        for arm in args.arms:
+            lines += rise_table([r for r in rows if r["arm"] == arm], arm)
         for arm in [a for a in args.arms if a.startswith("qtuning")]:
             pool, kept = noise_table([r for r in rows if r["arm"] == arm])
             total_pool, total_kept = sum(pool.values()), sum(kept.values())

@@ -131,8 +131,9 @@ def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor],
     never flagged, and while the pool has not improved on the base (the first steps) nothing is.
 
     Chosen from the quality benchmark's evidence (``qtuning-observe-25x50`` records the rises):
-    with 3 epochs of SmolLM2-135M on one-step additions, wrong answers' rise is 0-3 nats against
-    about 0 for correct ones; on three-step worked answers, 5-8 nats against 1-3.
+    over 3 epochs of SmolLM2-135M, a wrong answer's largest rise had a median of +0.2 nats
+    (10th-90th percentile 0 to +3.1) on one-step additions against 0 (0 to +0.6) for correct
+    ones, and +8.2 (+4.6 to +8.7) on three-step worked answers against +1.2 (0 to +5.7).
     """
     largest, mean = excess(scores, references)
     known = ~torch.isnan(mean)
