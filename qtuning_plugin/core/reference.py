@@ -65,7 +65,7 @@ def row_keys(batch: Mapping[str, torch.Tensor], trainable: torch.Tensor) -> list
 
 class ReferenceCache:
     """Per-token base NLL of every sample seen, keyed by :func:`row_keys` (float32 on the CPU:
-    4 bytes per label token)."""
+    4 bytes per label token, 120 MB for 100,000 samples of 300 answer tokens)."""
 
     def __init__(self) -> None:
         self.nll: dict[str, torch.Tensor] = {}
