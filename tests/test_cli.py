@@ -301,10 +301,10 @@ def test_console_script_error_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"qtuning plot: error: no such decision log: {tmp_path / 'nope.jsonl'}"
 
 
-@pytest.mark.parametrize("preset", [None, "paper"])
+@pytest.mark.parametrize("preset", [None, "robust"])
 def test_demo_pipeline_tiny(tmp_path, preset):
     """`qtuning demo` end to end on the tiny model: 2 steps, the log, both pictures, the summary;
-    by default the robust preset, with what the paper's Algorithm 1 would keep from the same pools."""
+    with --preset robust, also what the paper's Algorithm 1 would keep from the same pools."""
     pytest.importorskip("trl")
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -317,10 +317,10 @@ def test_demo_pipeline_tiny(tmp_path, preset):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["samples_seen"] == 16 and summary["samples_trained"] == 4
     assert sum(v["seen"] for v in summary["kept_by_kind"].values()) == 16
-    assert summary["preset"] == (preset or "robust")
-    assert summary["settings"]["reference"] == ("none" if preset == "paper" else "base")
+    assert summary["preset"] == (preset or "paper")
+    assert summary["settings"]["reference"] == ("base" if preset == "robust" else "none")
     paper = summary["paper_would_keep_by_kind"]
-    if preset == "paper":
+    if preset is None:
         assert paper is None and "would keep" not in proc.stdout
     else:
         assert paper.keys() == summary["kept_by_kind"].keys()
