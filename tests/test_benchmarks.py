@@ -28,21 +28,33 @@ def test_speed_benchmark_quick_mode(tmp_path):
 
 
 def test_quality_benchmark_quick_mode(tmp_path):
+    """Every arm in every regime (--quick, tiny model); the runs file resumes: the same command again
+    runs nothing and reports the same runs."""
     out = tmp_path / "quality"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--tiny",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--tiny", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     runs = result["results"]
     arms = ("full", "random-25x50", "qtuning-25x50", "qtuning-25x100", "qtuning-rank-25x50",
-            "qtuning-highest-25x50", "qtuning-warmup-25x50")
-    assert {(r["regime"], r["arm"]) for r in runs} == {(g, a) for g in ("paper", "stress") for a in arms}
+            "qtuning-highest-25x50", "qtuning-warmup-25x50", "qtuning-batch-25x50", "qtuning-guard-25x50",
+            "qtuning-observe-25x50")
+    regimes = ("paper", "stress", "paper-3ep", "stress-3ep")
+    assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g in regimes for a in arms)
+    runs_file = tmp_path / "quality.runs.jsonl"
+    assert len(runs_file.read_text().splitlines()) == len(runs)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "seed 0" not in again.stdout  # nothing ran again
+    assert len(runs_file.read_text().splitlines()) == len(runs)
+    assert json.loads(out.with_suffix(".json").read_text())["results"] == runs
     for r in runs:
         assert 0 <= r["accuracy"] <= 1 and r["nll"] > 0
         if r["arm"].startswith("qtuning"):
             # one record per pruned step (the warm-up arm trains its first step unpruned)
             assert len(r["decisions"]) == (2 if "warmup" in r["arm"] else 3)
             assert all(sum(s["keep"]) == 4 for s in r["decisions"])  # 25 % of a pool of 16
+            assert ("suspect" in r["decisions"][0]) == ("guard" in r["arm"] or "observe" in r["arm"])
     report = out.with_suffix(".md").read_text()
     assert "| qtuning-25x50 |" in report
     assert (tmp_path / "quality-accuracy-vs-compute.png").exists() and (tmp_path / "quality-eu-plane.png").exists()
