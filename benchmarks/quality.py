@@ -12,16 +12,23 @@ Regimes:
   (3 % wrong, 3 % garbled, 10 % redundant) - the setting the paper's evidence comes from.
 - ``stress``: one-step additions the model learns quickly, with 15 % plausible wrong answers
   (5 % garbled, 10 % redundant) - where spec section 7 saw Q-Tuning keep the noise.
+- ``paper-3ep``, ``stress-3ep``: the same, with a training set a third the size visited 3 times in
+  the same number of steps (a sample is seen again after the model learned from the others).
 
-Arms, at equal step counts (batch 8 x GA 2 = a pool of 16 per step): full data; random 25 % of
-samples x random 50 % of their tokens; Q-Tuning 25 % x 50 %; Q-Tuning 25 % x 100 % (samples only).
-Metrics on a held-out clean test set: exact-match accuracy (greedy decoding) and NLL of the
-correct answers; plus what Q-Tuning kept: the share of corrupted samples among kept vs pool, by
-quadrant, over training.
+Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): full data; random
+25 % of samples x random 50 % of their tokens; Q-Tuning 25 % x 50 % (the paper) and 25 % x 100 %
+(samples only); one arm per option beyond the paper, the reference guard among them, and an
+observe-only guard that records the base-model rises without acting. Paired by seed: data, order
+(``data_seed``) and test set are the same in every arm of a seed. Metrics on a held-out clean test
+set: exact-match accuracy (greedy decoding) and NLL of the correct answers; plus what each pruning
+arm kept: the share of corrupted samples among kept vs pool, by quadrant, over training.
 
-    python benchmarks/quality.py                 # both regimes, 3 seeds, every arm (README's four arms: one
-                                                 # seed took 10 min on 2 CPU cores with AVX512-BF16)
-    python benchmarks/quality.py --quick         # the pipeline in about 3 minutes (1 seed, few steps)
+Every finished run is appended to ``<out>.runs.jsonl``: the same command resumes an interrupted
+invocation, other seeds / arms / regimes with the same settings add to one report, and
+``--report-only`` rebuilds the tables and plots from what is there.
+
+    python benchmarks/quality.py                 # every regime and arm, 3 seeds (long: choose --regimes / --arms)
+    python benchmarks/quality.py --quick         # the pipeline (1 seed, 3 steps, every arm and regime)
 """
 
 from __future__ import annotations
