@@ -70,7 +70,8 @@ class QTuning(TrainerCallback, ExportableState):
     """Q-Tuning as a Trainer callback.
 
     ``QTuning(sample_ratio=0.25, token_ratio=0.5)`` or ``QTuning(QTuningConfig(...))``; the fields
-    are those of :class:`~qtuning_plugin.core.QTuningConfig` and are validated here.
+    are those of :class:`~qtuning_plugin.core.QTuningConfig` and are validated here;
+    ``QTuning(preset="robust")`` starts from a named combination of them (``core.config.PRESETS``).
     Pass it in ``callbacks=[...]`` (it attaches itself when training begins) or call
     :meth:`attach` with the trainer. ``chunk_size`` is the scorer's memory knob.
     ``log_decisions="decisions.jsonl"`` writes, every step, each pool sample's id, error,

@@ -60,8 +60,8 @@ class QTuningConfig:
       whose largest per-token rise above its base NLL exceeds the pool's median rise by more
       than ``reference_margin`` nats is suspected of a wrong label and not kept (its slot goes
       to another sample; see :mod:`qtuning_plugin.core.reference`). ``"none"`` (the paper).
-    - ``reference_margin`` > 0: that excess rise, in nats (0.5: the token became 1.65 times less
-      likely than the pool's typical rise would make it).
+    - ``reference_margin`` > 0: how far, in nats, a sample's largest rise must exceed the pool's
+      median rise to be flagged (0.5: a factor e^0.5 = 1.65 in that token's probability).
 
     Any other name, a value of the wrong type, NaN or a value out of range raises ``ValueError``
     naming the field and what it accepts. ``dataclasses.asdict`` / ``from_dict`` round-trip.
