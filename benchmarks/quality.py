@@ -68,12 +68,14 @@ REGIMES = {
 # name: (kind, sample ratio, token ratio[, QTuningConfig options beyond the paper]); "warmup" is a
 # fraction of the steps, turned into warmup_steps (at least 1) for the run's --steps.
 ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("qtuning", 0.25, 0.5),
-        "qtuning-25x100": ("qtuning", 0.25, 1.0),
+        "random-25x100": ("random", 0.25, 1.0), "qtuning-25x100": ("qtuning", 0.25, 1.0),
         "qtuning-rank-25x50": ("qtuning", 0.25, 0.5, {"top_up": "rank"}),
         "qtuning-highest-25x50": ("qtuning", 0.25, 0.5, {"keep_tokens": "highest"}),
         "qtuning-warmup-25x50": ("qtuning", 0.25, 0.5, {"warmup": 0.25}),
         "qtuning-batch-25x50": ("qtuning", 0.25, 0.5, {"token_budget": "batch"}),
         "qtuning-guard-25x50": ("qtuning", 0.25, 0.5, {"reference": "base"}),
+        "qtuning-guard-highest-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "keep_tokens": "highest"}),
+        "qtuning-guard-25x100": ("qtuning", 0.25, 1.0, {"reference": "base"}),
         # the reference computed and recorded, never acting: the evidence the guard's rule comes from
         "qtuning-observe-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "reference_margin": 1e9})}
 
@@ -323,6 +325,16 @@ def corrupted_share(run) -> tuple[float, float]:
     return sum(pool) / max(1, len(pool)), sum(kept) / max(1, len(kept))
 
 
+def baseline_of(arm: str) -> str | None:
+    """The random arm at ``arm``'s sample and token budget (``random-25x50`` for ``full``), or None."""
+    spec = ARMS[arm]
+    if spec is None:
+        return "random-25x50"
+    if spec[0] == "random":
+        return None
+    return f"random-{round(100 * spec[1])}x{round(100 * spec[2])}"
+
+
 def paired(rows, arm, baseline, key):
     """Per-seed differences arm - baseline of ``key`` (seeds both have): (mean, sd, wins, n), a win
     being higher accuracy or lower NLL."""
@@ -384,7 +396,8 @@ def report(results, args) -> str:
                   f"{args.batch * args.grad_accum}, {epochs} epoch{'s' if epochs > 1 else ''} of "
                   f"{args.steps * args.batch * args.grad_accum // epochs} training samples, {args.n_test} test "
                   f"problems, model {rows[0]['model']}{', ' + precision if precision else ''})", "",
-                  "Paired by seed against `random-25x50` (same data, order and test set): the mean difference and "
+                  "Paired by seed against random pruning at the arm's sample and token budget (`random-25x50` for "
+                  "`full`; same data, order and test set): the mean difference and "
                   "the seeds won (higher accuracy, lower NLL; ties counted apart). Corrupted = wrong + garbled "
                   "samples, share of the pools and of what the arm trained, over all its steps.", "",
                   "| arm | seeds | accuracy | NLL of correct answers | Δ accuracy vs random (wins / ties) | "
@@ -400,7 +413,8 @@ def report(results, args) -> str:
             shares = [corrupted_share(r) for r in rs]
             cells = []
             for key, scale, fmt in (("accuracy", 100, "{:+.1f} pp"), ("nll", 1, "{:+.3f}")):
-                d = paired(rows, arm, "random-25x50", key) if arm != "random-25x50" else None
+                base = baseline_of(arm)
+                d = paired(rows, arm, base, key) if base in ARMS else None
                 cells.append("" if d is None else
                              f"{fmt.format(scale * d[0])} ± {fmt.format(scale * d[1]).lstrip('+')} "
                              f"({d[2]} / {d[3]} of {d[4]})")
