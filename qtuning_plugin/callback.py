@@ -1,24 +1,18 @@
-"""Q-Tuning for transformers' Trainer and TRL's SFTTrainer: ``callbacks=[QTuning()]``.
+"""Q-Tuning for transformers' Trainer and TRL's SFTTrainer: ``callbacks=[QTuning()]``. Trainer glue only.
 
-How it hooks in (see the integration notes in the docs): the Trainer fetches all micro-batches of
-an optimizer step at once with ``get_batch_samples`` and counts their label tokens before any
-forward. ``QTuning`` replaces that method on the trainer *instance*: it fetches the step, scores
-every sample with the model being trained (one no-grad forward), runs Algorithm 1 of the paper,
-and returns only the kept samples, re-batched into as few micro-batches as the batch size allows,
-with the label-token count recomputed. The loss is then exactly the mean cross-entropy over the
-kept tokens of the kept samples.
+How it hooks in: the Trainer fetches all micro-batches of an optimizer step at once with
+``get_batch_samples`` and counts their label tokens before any forward. ``QTuning`` replaces that
+method on the trainer *instance*: it fetches the step, hands it to ``core.select_step`` (score,
+decide, re-batch: docs/method.md §5) and returns the kept micro-batches with the label-token count
+recomputed by the Trainer. The loss is then exactly the mean cross-entropy over the kept tokens of
+the kept samples.
 
 The Trainer decides when to step the optimizer by counting micro-batches, so the list handed
 back keeps its length: the micro-batches that are no longer needed are replaced, at the front,
 by empty stand-ins that ``training_step`` (also wrapped) skips without any forward or backward.
-The last entry is always a real micro-batch, so DDP's gradient all-reduce still happens.
-
-Under several processes every rank runs the same forwards and collectives: the scoring path is
-chosen by all ranks together at train start, and each step's count of real micro-batches (and
-whether any rank kept a label token at all) by one all-reduce; a rank that needs fewer
-micro-batches splits its rows, or adds one-row micro-batches whose labels are all masked.
-Rows without any label token are not samples: they take no kept slot (see ``core.triage``).
-A step that did not go through the hook stops training with an error before its optimizer step.
+The last entry is always a real micro-batch, so DDP's gradient all-reduce still happens. Under
+several processes the scoring path is chosen by all ranks together at train start. A step that
+did not go through the hook stops training with an error before its optimizer step.
 """
 
 from __future__ import annotations
@@ -35,21 +29,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .core import (
-    GlobalPool,
-    QTuningConfig,
-    apply_decision,
-    choose_scoring_path,
-    decide,
-    median_quadrants,
-    score_batch,
-    scoring_mode,
-)
-from .core.batch import collate_rows, padding_side, split_rows
-from .core.distributed import all_agree, all_reduce_max
-from .core.packing import packed_layout, repack, segments, unpack
-from .core.reference import ReferenceCache, adapter_switch, excess, rising_samples, row_keys
-from .core.scoring import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, unwrap_causal_lm
+from .core import GlobalPool, QTuningConfig, choose_scoring_path, median_quadrants, scoring_mode
+from .core.distributed import Collectives, all_agree
+from .core.reference import ReferenceCache, adapter_switch
+from .core.scoring import DEFAULT_CHUNK_SIZE, unwrap_causal_lm
+from .core.step import StepDecision, StepResult, decide_step, select_step
 from .decisions import DecisionLog, sample_id
 
 logger = logging.getLogger(__name__)
@@ -126,8 +110,6 @@ class QTuning(TrainerCallback, ExportableState):
         self._fetched = False  # did this optimizer step's batches go through the hook?
         # reference: base, the base model's per-token NLL of each sample seen (by content)
         self._reference = ReferenceCache() if self.config.reference == "base" else None
-        self._suspects: torch.Tensor | None = None  # this step's, bool [n] (reference: base)
-        self._excess: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ attaching
 
@@ -250,121 +232,44 @@ class QTuning(TrainerCallback, ExportableState):
         self._last_mark = now
         if not batches or self.config.prunes_nothing:
             return batches, num_items
-        for batch in batches:
-            _check_batch(batch)
-        if trainer.state.global_step < self.config.warmup_steps:  # warming up: every sample is trained, unscored
-            tokens = int(sum((b["labels"][..., 1:] != IGNORE_INDEX).sum() for b in batches))
+        tok = getattr(trainer, "processing_class", None)
+        tok = getattr(tok, "tokenizer", tok)
+        model = getattr(trainer, "model_wrapped", None) or trainer.model
+        result = select_step(model, batches, self.config, step=trainer.state.global_step, reference=self._reference,
+                             chunk_size=self.chunk_size, pad_id=getattr(tok, "pad_token_id", None),
+                             padding_side=getattr(tok, "padding_side", None), collectives=Collectives(device),
+                             decide_fn=self._decide)
+        if result.scores is None:  # warming up: every sample is trained, unscored
             for key in ("label_tokens", "kept_label_tokens"):
-                self.totals[key] += tokens
+                self.totals[key] += result.num_label_tokens
             self.totals["warmup_steps"] += 1
             return batches, num_items
-        layout = packed_layout(batches[0])
-        if layout is not None:  # a sample is a segment: score and decide on the segments, unpacked
-            pad = _pad_id(batches, trainer)
-            unpacked = [unpack(b, layout, pad) for b in batches]
-            for u, b in zip(unpacked, batches):
-                if not u.rows:  # no segment with a label token: score one anyway, so every rank scores alike
-                    row, start, end = segments(b, layout)[0]
-                    u.batch = _first_segment(b, row, start, end)
-                    u.rows, u.starts, u.lengths = [row], [start], [end - start]
-            inputs = [u.batch for u in unpacked]
-        else:
-            inputs = batches
-
-        model = getattr(trainer, "model_wrapped", None) or trainer.model
-        with scoring_mode(model):
-            scores = [score_batch(model, b, chunk_size=self.chunk_size) for b in inputs]
-            references = self._references(model, inputs, scores, device)
-        keep, prune, token_keep, levels = self._decide(scores, references)
-        if layout is None:
-            real = _rebatch(trainer, batches, keep, token_keep)
-        else:
-            real = _repack_step(trainer, batches, unpacked, keep, token_keep, layout)
-        # Every rank must run the same number of training forwards (DDP broadcasts buffers in each,
-        # FSDP / ZeRO-3 gather parameters, TRL gathers metrics) and the same collectives, so both
-        # branches below are decided together: one all-reduce per step, on every rank.
-        kept_tokens = int(sum(t.sum() for t in token_keep))  # one host sync
-        target, any_tokens = all_reduce_max([len(real), int(kept_tokens > 0)], device)
-        if not any_tokens:
-            # No rank kept a label token: every sample of the step lacks one (e.g. all truncated
-            # away). There is nothing to prune; train the step as fetched, as without Q-Tuning.
-            logger.warning("QTuning: no sample of step %d has a label token; the step is trained as fetched",
-                           trainer.state.global_step + 1)
-            self._record(inputs, scores, keep, prune, token_keep, levels, time.perf_counter() - now)
+        self._record(result)
+        if not result.pruned:
             return batches, num_items
-        if layout is None:
-            real = _to_count(real, target, batches, trainer)
-        else:
-            real = split_to_count(real or [_masked_segment(batches[0], layout, pad)], target, layout)
+        real = result.micro_batches
         stand_ins = [SkippedMicroBatch(input_ids=torch.empty(0, 0, dtype=torch.long, device=device))
                      for _ in range(len(batches) - len(real))]
         num_items = trainer._get_num_items_in_batch(real, device)  # collective under DDP: every rank
-        self._record(inputs, scores, keep, prune, token_keep, levels, time.perf_counter() - now)
         return stand_ins + real, num_items
 
-    def _references(self, model, inputs, scores, device) -> list[torch.Tensor] | None:
-        """``reference: base``: the base NLL [B, T] of each micro-batch's rows; a micro-batch with
-        a row not seen before is scored once more, adapters off. Which micro-batches are scored
-        is decided by all ranks together (one all-reduce), so every rank runs the same forwards."""
-        if self._reference is None:
-            return None
-        keys = [row_keys(b, s.trainable) for b, s in zip(inputs, scores)]
-        needed = all_reduce_max([int(self._reference.missing(k)) for k in keys], device)
-        for batch, k, need in zip(inputs, keys, needed):
-            if need:
-                self._reference.fill(model, batch, k, chunk_size=self.chunk_size)
-        return [self._reference.lookup(s, k) for s, k in zip(scores, keys)]
+    def _decide(self, scores, references=None) -> StepDecision:
+        """The step's decision from its scores (``core.decide_step``); subclasses may replace it
+        (the benchmarks' random-pruning baseline does)."""
+        return decide_step(scores, self.config, references, Collectives(self._device()))
 
-    def _decide(self, scores, references=None):
-        """Algorithm 1 over each pool of the step: per micro-batch keep [B], prune_tokens [B],
-        token_keep [B, T], and the pools' quantile levels. ``references``: the base NLL of each
-        micro-batch (``reference: base``), whose rising samples are not kept."""
-        n = len(scores)
-        pools = [[i] for i in range(n)] if self.config.pool == "micro_batch" else [list(range(n))]
-        eligible = [None] * len(pools)
-        self._suspects = None
-        if references is not None:
-            suspects = [rising_samples([scores[i] for i in pool], [references[i] for i in pool],
-                                       self.config.reference_margin) for pool in pools]
-            eligible = [~x for x in suspects]
-            self._suspects = torch.cat([x.cpu() for x in suspects])
-            self._excess = excess(scores, references)
-        global_pool = self._gather_pool(scores, eligible[0]) if self.config.pool == "global" else None
-        keep, prune, token_keep = [None] * n, [None] * n, [None] * n
-        levels = []
-        for pool, ok in zip(pools, eligible):
-            decision = decide([scores[i] for i in pool], self.config, global_pool, eligible=ok)
-            levels.append(decision.triage.level)
-            prune_split = decision.triage.prune_tokens.split([scores[i].ppl.numel() for i in pool])
-            for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
-                keep[i], prune[i], token_keep[i] = k, p, t
-        return keep, prune, token_keep, levels
-
-    def _gather_pool(self, scores, eligible=None) -> GlobalPool | None:
-        """``pool: global``: every rank's (ppl, entropy[, eligible]), in rank order (a collective:
-        every rank calls it once per step, as it scores once per step). None in a single process."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return None
-        rows = [torch.cat([s.ppl for s in scores]).cpu(), torch.cat([s.entropy for s in scores]).cpu()]
-        if eligible is not None:
-            rows.append(eligible.cpu().to(torch.float64))
-        mine = torch.stack(rows)
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine.tolist())
-        ppl = torch.tensor([x for g in gathered for x in g[0]], dtype=torch.float64)
-        entropy = torch.tensor([x for g in gathered for x in g[1]], dtype=torch.float64)
-        groups = torch.tensor([r for r, g in enumerate(gathered) for _ in g[0]], dtype=torch.long)
-        ok = None if eligible is None else torch.tensor([x > 0 for g in gathered for x in g[2]], dtype=torch.bool)
-        self.last_global_pool = GlobalPool(ppl=ppl, entropy=entropy, groups=groups, rank=dist.get_rank(),
-                                           eligible=ok)
-        return self.last_global_pool
+    def _device(self):
+        trainer = self.trainer
+        return trainer.args.device if trainer is not None else None
 
     # ------------------------------------------------------------------ metrics
 
-    def _record(self, batches, scores, keep, prune, token_keep, levels, seconds: float) -> None:
-        """Metrics and totals of one step (``batches`` as fetched, before pruning)."""
+    def _record(self, result: StepResult) -> None:
+        """Metrics and totals of one scored step (``result.scored``: the micro-batches as scored)."""
+        batches, scores, d = result.scored, result.scores, result.decision
+        keep, prune, token_keep, levels, seconds = d.keep, d.prune, d.token_keep, d.levels, result.seconds
+        if d.global_pool is not None:
+            self.last_global_pool = d.global_pool
         ppl = torch.cat([s.ppl for s in scores]).cpu()
         ent = torch.cat([s.entropy for s in scores]).cpu()
         kept = torch.cat(keep).cpu()
@@ -398,12 +303,12 @@ class QTuning(TrainerCallback, ExportableState):
         self.last_pool = {"ppl": ppl, "entropy": ent, "keep": kept, "quadrant": quadrant,
                           "prune_tokens": torch.cat(prune).cpu()}
         if self._reference is not None:
-            suspects = self._suspects
+            suspects = d.suspects
             m["suspected_samples"].append(int(suspects.sum()) if suspects is not None else 0)
             self.totals["suspected_samples"] = self.totals.get("suspected_samples", 0) + m["suspected_samples"][-1]
             if suspects is not None:
                 self.last_pool["suspect"] = suspects
-                self.last_pool["excess_max"], self.last_pool["excess_mean"] = (x.cpu() for x in self._excess)
+                self.last_pool["excess_max"], self.last_pool["excess_mean"] = (x.cpu() for x in d.excess)
         if self._log is not None:
             trainer = self.trainer
             step = (trainer.state.global_step if trainer is not None else int(self.totals["steps"]) - 1) + 1
@@ -512,83 +417,6 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
             and isinstance(backbone, torch.nn.Module) and model.get_output_embeddings() is not None)
 
 
-def _check_batch(batch: Mapping[str, Any]) -> None:
-    if "labels" not in batch:
-        raise ValueError("QTuning: the training batches have no 'labels'; use a causal-LM collator "
-                         "(TRL's SFTTrainer or DataCollatorForLanguageModeling) that provides them.")
-    if packed_layout(batch) == "position_ids" and "position_ids" not in batch:
-        raise ValueError("QTuning: this padding-free batch has no position_ids, so its segments (samples) "
-                         "cannot be told apart.")
-    if "shift_labels" in batch:
-        raise ValueError("QTuning: batches with shift_labels (sequence parallelism) are not supported.")
-
-
-def _first_segment(batch, row: int, start: int, end: int) -> dict:
-    """One segment of a packed micro-batch as a 1-row batch, its labels all -100."""
-    return {"input_ids": batch["input_ids"][row:row + 1, start:end],
-            "attention_mask": torch.ones(1, end - start, dtype=torch.long, device=batch["input_ids"].device),
-            "labels": torch.full((1, end - start), -100, dtype=batch["labels"].dtype, device=batch["labels"].device)}
-
-
-def _repack_step(trainer, batches, unpacked, keep, token_keep, layout) -> list[dict]:
-    """Packed steps: the kept segments, pruned tokens' labels masked, re-packed into rows no longer
-    than the fetched ones (so the dropped segments cost nothing). If first-fit needs more
-    micro-batches than were fetched (it never did in the tests), the fetched batches are kept and
-    only their labels are masked: exact, but without the saving."""
-    pieces = []
-    for u, k, t in zip(unpacked, keep, token_keep):
-        for i in k.nonzero().squeeze(1).tolist():
-            n = u.lengths[i]
-            labels = torch.where(t[i, :n], u.batch["labels"][i, :n], -100)
-            pieces.append((u.batch["input_ids"][i, :n], labels))
-    pad = _pad_id(batches, trainer)
-    out = repack(pieces, layout, batches[-1], row_capacity=max(b["input_ids"].shape[1] for b in batches),
-                 rows_per_batch=max(b["input_ids"].shape[0] for b in batches), pad_id=pad)
-    if len(out) <= len(batches):
-        return out
-    logger.warning("QTuning: the kept segments did not re-pack into %d micro-batches; masking labels instead",
-                   len(batches))
-    masked = []
-    for b, u, k, t in zip(batches, unpacked, keep, token_keep):
-        labels = torch.full_like(b["labels"], -100)
-        for i in k.nonzero().squeeze(1).tolist():
-            r, s, n = u.rows[i], u.starts[i], u.lengths[i]
-            labels[r, s:s + n] = torch.where(t[i, :n], u.batch["labels"][i, :n], -100)
-        masked.append({**b, "labels": labels})
-    return masked
-
-
-def split_to_count(real: list[dict], target: int, layout: str) -> list[dict]:
-    """Packed steps under several processes: every rank must run the same number of training
-    forwards (FSDP / ZeRO-3 gather parameters in each, TRL gathers metrics in each), but how many
-    re-packed micro-batches the kept segments need depends on their lengths. Split the re-packed
-    micro-batch holding the most segments in two until there are ``target``; a micro-batch of one
-    segment cannot be split, so as a last resort the smallest one is repeated with every label
-    masked (a forward and a zero gradient: the loss and its token count are unchanged)."""
-    out = list(real)
-    while len(out) < target:
-        counts = [len(segments(b, layout)) for b in out]
-        i = max(range(len(out)), key=lambda j: counts[j])
-        if counts[i] >= 2:
-            pieces = _pieces(out[i], layout)
-            half = len(pieces) // 2
-            template = out[i]
-            cap = template["input_ids"].shape[1]
-            rows = template["input_ids"].shape[0]
-            pad = _pad_id([template], None)
-            first = repack(pieces[:half], layout, template, cap, rows, pad)
-            second = repack(pieces[half:], layout, template, cap, rows, pad)
-            out[i:i + 1] = first + second
-        else:
-            j = min(range(len(out)), key=lambda k: out[k]["input_ids"].numel())
-            out.insert(0, {**out[j], "labels": torch.full_like(out[j]["labels"], -100)})
-    return out
-
-
-def _pieces(batch: Mapping[str, Any], layout: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(batch["input_ids"][r, s:e], batch["labels"][r, s:e]) for r, s, e in segments(batch, layout)]
-
-
 def _row_tokens(batch: Mapping[str, Any]) -> list[list[int]]:
     """Each row's token ids without padding (what :func:`~qtuning_plugin.decisions.sample_id` hashes)."""
     ids = batch["input_ids"].cpu()
@@ -597,72 +425,6 @@ def _row_tokens(batch: Mapping[str, Any]) -> list[list[int]]:
         return ids.tolist()
     mask = mask.cpu().bool()
     return [row[m].tolist() for row, m in zip(ids, mask)]
-
-
-def _rebatch(trainer, batches, keep, token_keep) -> list[dict]:
-    """The kept rows of the step, labels outside ``token_keep`` masked, sorted by length and
-    padded into as few micro-batches as the collator's batch size allows (padding side and pad
-    id as it used). An empty list when no row is kept."""
-    rows = []
-    for batch, k, t in zip(batches, keep, token_keep):
-        if k.any():
-            rows += split_rows(apply_decision(batch, k, t))
-    rows.sort(key=lambda r: -r["labels"].shape[0])  # similar lengths together: less padding
-    size = max(b["labels"].shape[0] for b in batches)
-    return _collate_groups([rows[i:i + size] for i in range(0, len(rows), size)], batches, trainer)
-
-
-def _collate_groups(groups, batches, trainer) -> list[dict]:
-    pad = {"input_ids": _pad_id(batches, trainer)}
-    side = _padding_side(batches, trainer)
-    extras = {k: v for k, v in batches[0].items() if not isinstance(v, torch.Tensor)}
-    return [{**collate_rows(g, side=side, pad_values=pad), **extras} for g in groups if g]
-
-
-def _to_count(real: list[dict], target: int, batches, trainer) -> list[dict]:
-    """Padded steps under several processes: ``target`` micro-batches (the most any rank needs).
-    The kept rows are spread over more, smaller micro-batches; if there are fewer rows than
-    ``target`` (or none, on a rank whose samples all lack a label token), the rest are one-row
-    micro-batches whose labels are all masked: a forward and a zero gradient, so the loss and
-    its token count are unchanged."""
-    if len(real) >= target:
-        return real
-    rows = [r for b in real for r in split_rows(b)]
-    n = min(len(rows), target)
-    groups = [rows[i::n] for i in range(n)] if n else []
-    out = _collate_groups(groups, batches, trainer) if groups else []
-    filler = split_rows(batches[0])[:1]
-    filler = [{**filler[0], "labels": torch.full_like(filler[0]["labels"], IGNORE_INDEX)}]
-    while len(out) < target:
-        out.insert(0, _collate_groups([filler], batches, trainer)[0])
-    return out
-
-
-def _masked_segment(batch, layout: str, pad: int) -> dict:
-    """One segment of a packed micro-batch, re-packed alone with every label masked (a rank that
-    kept nothing still runs the forwards the others run)."""
-    row, start, end = segments(batch, layout)[0]
-    piece = (batch["input_ids"][row, start:end], torch.full_like(batch["labels"][row, start:end], IGNORE_INDEX))
-    return repack([piece], layout, batch, row_capacity=end - start, rows_per_batch=1, pad_id=pad)[0]
-
-
-def _padding_side(batches, trainer) -> str:
-    for b in batches:
-        if "attention_mask" in b and (side := padding_side(b["attention_mask"])):
-            return side
-    tok = getattr(trainer, "processing_class", None)
-    return getattr(getattr(tok, "tokenizer", tok), "padding_side", None) or "right"
-
-
-def _pad_id(batches, trainer) -> int:
-    for b in batches:
-        mask = b.get("attention_mask")
-        if mask is not None and (mask == 0).any():
-            return int(b["input_ids"][mask == 0][0])
-    tok = getattr(trainer, "processing_class", None)
-    tok = getattr(tok, "tokenizer", tok)
-    pad = getattr(tok, "pad_token_id", None)
-    return int(pad) if pad is not None else 0
 
 
 def _detach(trainer: Trainer) -> None:

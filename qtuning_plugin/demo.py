@@ -174,7 +174,7 @@ class _ComparedWithThePaper(QTuning):
         self.paper_keep: dict[int, list[bool]] = {}  # step -> keep over the pool, in decision-log order
 
     def _decide(self, scores, references=None):
-        result = super()._decide(scores, references)
+        result = super()._decide(scores, references)  # a StepDecision
         if self._paper is not None:
             trainer = self.trainer
             step = (trainer.state.global_step if trainer is not None else len(self.paper_keep)) + 1

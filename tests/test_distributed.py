@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtuning_plugin.callback import split_to_count
+from qtuning_plugin.core.packing import split_to_count
 from qtuning_plugin.core import GlobalPool, QTuningConfig, decide, score_batch, scoring_mode
 from qtuning_plugin.core.packing import packed_layout, segments, unpack
 from tiny import tiny_model, tiny_tokenizer
@@ -167,7 +167,8 @@ def test_split_to_count_aligns_the_number_of_training_forwards():
 def test_a_rank_that_kept_nothing_runs_masked_forwards(layout):
     """The filler micro-batches of a rank that kept no sample while the others did: as many as
     the others run, real tokens, every label masked (a forward and a zero gradient)."""
-    from qtuning_plugin.callback import _masked_segment, _to_count
+    from qtuning_plugin.core.batch import fill_to_count
+    from qtuning_plugin.core.packing import masked_segment
 
     if layout == "position_ids":  # TRL padding-free: one row, segments restart position_ids
         batch = {"input_ids": torch.arange(1, 11)[None], "labels": torch.full((1, 10), -100),
@@ -176,17 +177,17 @@ def test_a_rank_that_kept_nothing_runs_masked_forwards(layout):
         batch = {"input_ids": torch.arange(1, 11)[None], "labels": torch.full((1, 10), -100),
                  "attention_mask": torch.tensor([[1, 1, 1, 1, 2, 2, 2, 0, 0, 0]]),
                  "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 0, 0]])}
-    out = split_to_count([_masked_segment(batch, layout, 0)], 2, layout)
+    out = split_to_count([masked_segment(batch, layout, 0)], 2, layout)
     assert len(out) == 2
     for b in out:
         assert b["input_ids"][0, :4].tolist() == [1, 2, 3, 4] and int((b["labels"] != -100).sum()) == 0
     padded = {"input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]),
               "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
               "labels": torch.tensor([[-100, 6, 7, -100], [-100, -100, 10, 11]])}
-    filled = _to_count([], 2, [padded], None)
+    filled = fill_to_count([], 2, [padded], pad_id=0, side="right")
     assert len(filled) == 2 and all(int((b["labels"] != -100).sum()) == 0 for b in filled)
     assert filled[0]["input_ids"].tolist() == [[5, 6, 7]]
-    spread = _to_count([padded], 3, [padded], None)  # 2 kept rows, 3 forwards: one row each + a filler
+    spread = fill_to_count([padded], 3, [padded], pad_id=0, side="right")  # 2 kept rows, 3 forwards: one row each + a filler
     assert len(spread) == 3 and sum(int((b["labels"] != -100).sum()) for b in spread) == 4
     assert sorted(b["input_ids"].shape[0] for b in spread) == [1, 1, 1]
 

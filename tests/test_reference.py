@@ -163,15 +163,16 @@ def test_callback_does_not_keep_a_rising_sample():
     batch = padded_batch([8, 7, 9, 6, 8, 7, 9, 6], [2] * 8, seed=5)
     with scoring_mode(model):
         scores = [score_batch(model, batch)]
-    plain_keep = callback._decide(scores)[0][0]
+    plain_keep = callback._decide(scores).keep[0]
     victim = int(plain_keep.nonzero()[0])
     reference = scores[0].nll + 1.0  # the pool fell by one nat per token...
     row = scores[0].trainable[victim].nonzero()[-1]
     reference[victim, row] = scores[0].nll[victim, row] - 1.5  # ...but one token of the victim rose
-    keep = callback._decide(scores, [reference.masked_fill(~scores[0].trainable, float("nan"))])[0][0]
+    decision = callback._decide(scores, [reference.masked_fill(~scores[0].trainable, float("nan"))])
+    keep = decision.keep[0]
     assert int(keep.sum()) == int(plain_keep.sum()) == 4
     assert not keep[victim]
-    assert callback._suspects.tolist() == [i == victim for i in range(8)]
+    assert decision.suspects.tolist() == [i == victim for i in range(8)]
 
 
 def sft_trainer(callbacks, model, steps=4, n=16, bs=4, ga=2):
@@ -202,15 +203,15 @@ def test_every_rank_runs_the_reference_forwards_any_rank_needs(monkeypatch):
     """The micro-batches that get a reference forward come from an all-reduce (max) over ranks:
     here the 'other rank' needs every micro-batch of every step, so this process runs them all
     even in its second epoch, when its own rows are cached."""
-    import qtuning_plugin.callback as cb
+    from qtuning_plugin.core.distributed import Collectives
 
     calls = []
 
-    def fake_all_reduce_max(values, device=None):
+    def fake_all_reduce_max(self, values):
         calls.append(list(values))
         return [1] * len(values) if len(values) == 2 else list(values)
 
-    monkeypatch.setattr(cb, "all_reduce_max", fake_all_reduce_max)
+    monkeypatch.setattr(Collectives, "all_reduce_max", fake_all_reduce_max)
     tok = tiny_tokenizer()
     model, _ = lora_model(vocab_size=len(tok))
     callback = QTuning(sample_ratio=0.25, token_ratio=0.5, reference="base")

@@ -1,8 +1,9 @@
-"""Applying a decision to a padded batch: drop rows, mask pruned tokens, trim padding columns."""
+"""Padded batches: apply a decision (drop rows, mask pruned tokens, trim padding columns), and
+re-batch a step's kept rows into as few micro-batches as the batch size allows."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -123,3 +124,61 @@ def collate_rows(
         else:
             out[key] = torch.stack(values)
     return out
+
+
+def infer_pad_id(batches: Sequence[Mapping[str, Any]], default: int | None = None) -> int:
+    """The pad id a collator used: read from a padded position of ``batches``, else ``default``
+    (the tokenizer's), else 0."""
+    for b in batches:
+        mask = b.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and (mask == 0).any():
+            return int(b["input_ids"][mask == 0][0])
+    return int(default) if default is not None else 0
+
+
+def infer_padding_side(batches: Sequence[Mapping[str, Any]], default: str | None = None) -> str:
+    """"left" or "right", as seen in ``batches``, else ``default`` (the tokenizer's), else "right"."""
+    for b in batches:
+        mask = b.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and (side := padding_side(mask)):
+            return side
+    return default or "right"
+
+
+def rebatch(batches: Sequence[Mapping[str, Any]], keep: Sequence[torch.Tensor], token_keep: Sequence[torch.Tensor],
+            *, pad_id: int, side: str) -> list[dict[str, Any]]:
+    """The kept rows of a step's padded micro-batches, labels outside ``token_keep`` masked, sorted
+    by length and padded (``side``, ``pad_id``) into as few micro-batches as the largest fetched one
+    holds rows. An empty list when no row is kept."""
+    rows = []
+    for batch, k, t in zip(batches, keep, token_keep):
+        if k.any():
+            rows += split_rows(apply_decision(batch, k, t))
+    rows.sort(key=lambda r: -r["labels"].shape[0])  # similar lengths together: less padding
+    size = max(b["labels"].shape[0] for b in batches)
+    return _collate_groups([rows[i:i + size] for i in range(0, len(rows), size)], batches, pad_id, side)
+
+
+def fill_to_count(real: list[dict[str, Any]], target: int, batches: Sequence[Mapping[str, Any]], *,
+                  pad_id: int, side: str) -> list[dict[str, Any]]:
+    """Padded steps under several processes: ``target`` micro-batches (the most any rank needs).
+    The kept rows are spread over more, smaller micro-batches; if there are fewer rows than
+    ``target`` (or none, on a rank whose samples all lack a label token), the rest are one-row
+    micro-batches whose labels are all masked: a forward and a zero gradient, so the loss and
+    its token count are unchanged."""
+    if len(real) >= target:
+        return real
+    rows = [r for b in real for r in split_rows(b)]
+    n = min(len(rows), target)
+    groups = [rows[i::n] for i in range(n)] if n else []
+    out = _collate_groups(groups, batches, pad_id, side) if groups else []
+    filler = split_rows(batches[0])[:1]
+    filler = [{**filler[0], "labels": torch.full_like(filler[0]["labels"], IGNORE_INDEX)}]
+    while len(out) < target:
+        out.insert(0, _collate_groups([filler], batches, pad_id, side)[0])
+    return out
+
+
+def _collate_groups(groups, batches, pad_id: int, side: str) -> list[dict[str, Any]]:
+    extras = {k: v for k, v in batches[0].items() if not isinstance(v, torch.Tensor)}
+    return [{**collate_rows(g, side=side, pad_values={"input_ids": pad_id}), **extras} for g in groups if g]

@@ -7,7 +7,7 @@ In a single process (or before ``init_process_group``) every function here is lo
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -39,3 +39,38 @@ def all_reduce_max(values: Sequence[int], device: torch.device | str | None = No
 def all_agree(flag: bool, device: torch.device | str | None = None) -> bool:
     """True when ``flag`` is True on every rank (a collective)."""
     return not all_reduce_max([int(not flag)], device)[0]
+
+
+class Collectives:
+    """What a Q-Tuning step asks of the other processes (:func:`~qtuning_plugin.core.select_step`).
+
+    This default uses ``torch.distributed``'s default group, and every call is local in a single
+    process. Pass another object with the same methods to run a step under another launcher, or
+    a stand-in in a one-process test. ``device``: where reductions run (the training device)."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = device
+
+    @property
+    def world_size(self) -> int:
+        return world_size()
+
+    @property
+    def rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if world_size() > 1 else 0
+
+    def all_reduce_max(self, values: Sequence[int]) -> list[int]:
+        """Element-wise maximum over ranks (see :func:`all_reduce_max`)."""
+        return all_reduce_max(values, self.device)
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order; ``[value]`` in one process."""
+        if world_size() == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out

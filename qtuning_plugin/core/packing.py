@@ -20,12 +20,15 @@ dropped segments cost no compute.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from .scoring import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 LAYOUTS = ("position_ids", "segment_ids")
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
@@ -189,3 +192,75 @@ def _one_row(pieces, template, device) -> dict[str, Any]:
         out["seq_idx"] = torch.repeat_interleave(torch.arange(lengths.numel(), device=device),
                                                  lengths)[None].to(template["seq_idx"].dtype)
     return out
+
+
+def first_segment(batch: Mapping[str, Any], layout: str) -> Unpacked:
+    """The first segment of a packed micro-batch as a 1-row batch, its labels all masked: what a
+    micro-batch with no labelled segment is scored as, so that every rank scores alike."""
+    row, start, end = segments(batch, layout)[0]
+    ids = batch["input_ids"]
+    one = {"input_ids": ids[row:row + 1, start:end],
+           "attention_mask": torch.ones(1, end - start, dtype=torch.long, device=ids.device),
+           "labels": torch.full((1, end - start), IGNORE_INDEX, dtype=batch["labels"].dtype, device=ids.device)}
+    return Unpacked(one, [row], [start], [end - start])
+
+
+def repack_kept(batches: Sequence[Mapping[str, Any]], unpacked: Sequence[Unpacked], keep: Sequence[torch.Tensor],
+                token_keep: Sequence[torch.Tensor], layout: str, pad_id: int = 0) -> list[dict[str, Any]]:
+    """A packed step's kept segments, pruned tokens' labels masked, re-packed into rows no longer
+    than the fetched ones (so the dropped segments cost nothing). If first-fit needs more
+    micro-batches than were fetched (it never did in the tests), the fetched batches are returned
+    with only their labels masked: exact, but without the saving."""
+    pieces = []
+    for u, k, t in zip(unpacked, keep, token_keep):
+        for i in k.nonzero().squeeze(1).tolist():
+            n = u.lengths[i]
+            labels = torch.where(t[i, :n], u.batch["labels"][i, :n], IGNORE_INDEX)
+            pieces.append((u.batch["input_ids"][i, :n], labels))
+    out = repack(pieces, layout, batches[-1], row_capacity=max(b["input_ids"].shape[1] for b in batches),
+                 rows_per_batch=max(b["input_ids"].shape[0] for b in batches), pad_id=pad_id)
+    if len(out) <= len(batches):
+        return out
+    logger.warning("QTuning: the kept segments did not re-pack into %d micro-batches; masking labels instead",
+                   len(batches))
+    masked = []
+    for b, u, k, t in zip(batches, unpacked, keep, token_keep):
+        labels = torch.full_like(b["labels"], IGNORE_INDEX)
+        for i in k.nonzero().squeeze(1).tolist():
+            r, s, n = u.rows[i], u.starts[i], u.lengths[i]
+            labels[r, s:s + n] = torch.where(t[i, :n], u.batch["labels"][i, :n], IGNORE_INDEX)
+        masked.append({**b, "labels": labels})
+    return masked
+
+
+def split_to_count(real: list[dict[str, Any]], target: int, layout: str, pad_id: int = 0) -> list[dict[str, Any]]:
+    """Packed steps under several processes: every rank must run the same number of training
+    forwards (FSDP / ZeRO-3 gather parameters in each, TRL gathers metrics in each), but how many
+    re-packed micro-batches the kept segments need depends on their lengths. Split the re-packed
+    micro-batch holding the most segments in two until there are ``target``; a micro-batch of one
+    segment cannot be split, so as a last resort the smallest one is repeated with every label
+    masked (a forward and a zero gradient: the loss and its token count are unchanged)."""
+    out = list(real)
+    while len(out) < target:
+        counts = [len(segments(b, layout)) for b in out]
+        i = max(range(len(out)), key=lambda j: counts[j])
+        if counts[i] >= 2:
+            template = out[i]
+            pieces = [(template["input_ids"][r, s:e], template["labels"][r, s:e])
+                      for r, s, e in segments(template, layout)]
+            half = len(pieces) // 2
+            cap, rows = template["input_ids"].shape[1], template["input_ids"].shape[0]
+            out[i:i + 1] = (repack(pieces[:half], layout, template, cap, rows, pad_id)
+                            + repack(pieces[half:], layout, template, cap, rows, pad_id))
+        else:
+            j = min(range(len(out)), key=lambda k: out[k]["input_ids"].numel())
+            out.insert(0, {**out[j], "labels": torch.full_like(out[j]["labels"], IGNORE_INDEX)})
+    return out
+
+
+def masked_segment(batch: Mapping[str, Any], layout: str, pad_id: int = 0) -> dict[str, Any]:
+    """One segment of a packed micro-batch, re-packed alone with every label masked (a rank that
+    kept nothing still runs the forwards the others run)."""
+    row, start, end = segments(batch, layout)[0]
+    piece = (batch["input_ids"][row, start:end], torch.full_like(batch["labels"][row, start:end], IGNORE_INDEX))
+    return repack([piece], layout, batch, row_capacity=end - start, rows_per_batch=1, pad_id=pad_id)[0]
