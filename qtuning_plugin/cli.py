@@ -220,6 +220,7 @@ def analyze(args) -> int:
     import torch
 
     from .core import median_quadrants, score_batch, scoring_mode
+    from .core.scoring import IGNORE_INDEX
     from .data import check_token_ids, to_batch
     from .decisions import finite_or_none as _num
     from .decisions import sample_id
@@ -243,7 +244,7 @@ def analyze(args) -> int:
     model, tok, description = load(args.model, load_in_4bit=args.load_in_4bit, dtype=dtype, device=device)
     records, fmt, encoded = _dataset(args, tok, args.limit, records)
     check_token_ids(encoded, model.get_input_embeddings().num_embeddings, args.data)
-    if not any(any(x != -100 for x in lab) for _, lab in encoded):
+    if not any(any(x != IGNORE_INDEX for x in lab) for _, lab in encoded):
         raise CLIError(f"{args.data}: no sample has a response token to score (all labels are masked)")
 
     meta = {"model": args.model, "data": str(args.data), "split": args.split, "format": fmt,
@@ -356,6 +357,7 @@ def prune(args) -> int:
     import torch
 
     from .core import token_keep_mask, triage
+    from .core.scoring import IGNORE_INDEX
     from .decisions import sample_id
 
     scores_path = Path(args.scores)
@@ -396,7 +398,7 @@ def prune(args) -> int:
             kept = token_keep_mask(nll, trainable, args.token_ratio, args.neighbor_lambda)[0].tolist()
         else:
             kept = trainable[0].tolist()
-        new_labels = [lab if k else -100 for lab, k in zip(labels, kept)]
+        new_labels = [lab if k else IGNORE_INDEX for lab, k in zip(labels, kept)]
         tokens_in += int(trainable.sum())
         tokens_kept += sum(kept)
         written.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": new_labels})

@@ -21,8 +21,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from .core.scoring import IGNORE_INDEX
+
 FORMATS = ("messages", "prompt-completion", "alpaca")
-IGNORE_INDEX = -100
 ALPACA_PROMPT = "Below is an instruction that describes a task{with_input}. Write a response that appropriately " \
                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
 

@@ -22,6 +22,32 @@ TINY_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
+TINY_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_config(kind: str = "llama", vocab_size: int = 128, **overrides):
+    """The config of a tiny random causal LM (the one builder the tests, the benchmarks' ``--quick``
+    and ``tiny`` share): ``kind`` is llama, qwen2, or a family whose head post-processes its logits
+    (gemma2 / gemma3: softcapping, cohere: logit_scale, granite: logits_scaling)."""
+    import transformers
+
+    families = {
+        "llama": (transformers.LlamaConfig, {}),
+        "qwen2": (transformers.Qwen2Config, {}),
+        # a small softcap, so that it changes the logits a lot
+        "gemma2": (transformers.Gemma2Config, {"head_dim": 8, "final_logit_softcapping": 0.7}),
+        "gemma3": (transformers.Gemma3TextConfig, {"head_dim": 8, "final_logit_softcapping": 0.9}),
+        "cohere": (transformers.CohereConfig, {"logit_scale": 3.0, "bos_token_id": 1, "eos_token_id": 2,
+                                               "pad_token_id": 0}),
+        "granite": (transformers.GraniteConfig, {"logits_scaling": 0.25}),
+    }
+    if kind not in families:
+        raise ValueError(f"tiny_config: kind must be one of {list(families)}, got {kind!r}")
+    cls, extra = families[kind]
+    return cls(**{**TINY_SIZES, **extra, "vocab_size": vocab_size, **overrides})
+
+
 def tiny(seed: int = 0):
     """(model, tokenizer): a 2-layer random Llama and a character-level tokenizer with a chat template."""
     import transformers
@@ -37,10 +63,8 @@ def tiny(seed: int = 0):
                                   unk_token="<unk>", additional_special_tokens=specials[4:])
     tok.chat_template = TINY_TEMPLATE
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
-                                      eos_token_id=2)
+    config = tiny_config("llama", len(vocab), hidden_size=64, intermediate_size=128, max_position_embeddings=2048,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok
 
 

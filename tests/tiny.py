@@ -1,34 +1,9 @@
-"""Tiny causal LMs built from configs (no hub), shared by the tests."""
+"""Tiny causal LMs built from configs (no hub, ``qtuning_plugin.models.tiny_config``), shared by the tests."""
 
 import torch
 import transformers
 
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
-
-
-def tiny_config(kind: str, vocab_size: int = 128, **overrides):
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=vocab_size, **COMMON)
-    elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(vocab_size=vocab_size, **COMMON)
-    elif kind == "gemma2":
-        # a small softcap so that it changes the logits a lot
-        cfg = transformers.Gemma2Config(vocab_size=vocab_size, head_dim=8, final_logit_softcapping=0.7,
-                                        **COMMON)
-    elif kind == "gemma3":
-        cfg = transformers.Gemma3TextConfig(vocab_size=vocab_size, head_dim=8, final_logit_softcapping=0.9,
-                                            **COMMON)
-    elif kind == "cohere":
-        cfg = transformers.CohereConfig(vocab_size=vocab_size, logit_scale=3.0, bos_token_id=1, eos_token_id=2,
-                                        pad_token_id=0, **COMMON)
-    elif kind == "granite":
-        cfg = transformers.GraniteConfig(vocab_size=vocab_size, logits_scaling=0.25, **COMMON)
-    else:
-        raise ValueError(kind)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+from qtuning_plugin.models import tiny_config  # noqa: F401  (the one builder; re-exported for the tests)
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, vocab_size: int = 128, **overrides):

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True, init=False)
 class QTuningConfig:
-    """Settings of Q-Tuning (spec `qtuning.md`, sections 2-4).
+    """Settings of Q-Tuning (docs/method.md §2-4 and §6).
 
     Fields (keyword-only):
 
@@ -41,7 +41,7 @@ class QTuningConfig:
       floats per sample; thresholds identical on all ranks) while each keeps exactly its own K.
       In one process ``"global"`` is ``"step"``.
     - ``token_budget``: ``"sample"`` keeps ceil(r_t |T|) tokens in each Q2 sample (the paper);
-      ``"batch"`` reproduces the authors' code drop (one pooled budget, spec section 3).
+      ``"batch"`` reproduces the authors' code drop (one pooled budget, docs/method.md §3).
 
     Options beyond the paper (off by default; README "Options beyond the paper" says what each
     costs and what is measured of it):
@@ -50,7 +50,7 @@ class QTuningConfig:
       (the paper): p, e are PPL and Ent min-max normalised, so one huge PPL flattens every other
       p to about 0; ``"rank"``: p, e are the samples' rank levels in the pool (ties averaged), in [0, 1].
     - ``keep_tokens``: which tokens of a Q2 sample stay in the loss. ``"lowest"`` context score
-      (the paper, spec section 3); ``"highest"`` keeps the highest-perplexity ones (the tokens not
+      (the paper, docs/method.md §3); ``"highest"`` keeps the highest-perplexity ones (the tokens not
       learned yet; the authors' ``fwise`` code path and the paper's "reversed" ablation).
     - ``warmup_steps`` >= 0: the first optimizer steps are trained on every sample, unscored (the
       model first sees the data before judging it; InfoBatch does not prune its first epoch).

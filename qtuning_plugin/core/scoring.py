@@ -1,4 +1,4 @@
-"""The Error-Uncertainty plane (spec section 1): one gradient-free forward of the model being trained.
+"""The Error-Uncertainty plane (docs/method.md §1): one gradient-free forward of the model being trained.
 
 ``score_batch`` runs the model's backbone once (no grad, no KV cache, dropout off) and computes
 the next-token statistics only at trainable positions, in chunks, from the last hidden state and

@@ -1,4 +1,4 @@
-"""Token stage of Q-Tuning (spec section 3): inside misconception (Q2) samples, keep the tokens
+"""Token stage of Q-Tuning (docs/method.md §3): inside misconception (Q2) samples, keep the tokens
 with the lowest context-aware perplexity score and mask the rest out of the loss."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def token_keep_mask(
     neighbor_lambda: float = 0.5,
     keep: str = "lowest",
 ) -> torch.Tensor:
-    """Which trainable tokens of each row stay in the loss (spec section 3), bool [B, T].
+    """Which trainable tokens of each row stay in the loss (docs/method.md §3), bool [B, T].
 
     ``nll`` [B, T]: per-token negative log-likelihood; ``trainable`` [B, T] bool: the positions
     T of each row (labels != -100 after the causal shift). Each row keeps exactly

@@ -1,4 +1,4 @@
-"""Sample stage of Q-Tuning (spec section 2): triage a selection pool on the Error-Uncertainty plane.
+"""Sample stage of Q-Tuning (docs/method.md §2): triage a selection pool on the Error-Uncertainty plane.
 
 Error is the response perplexity (PPL), uncertainty the mean predictive entropy (Ent).
 
@@ -70,8 +70,8 @@ def _ascending_ranks(x: torch.Tensor) -> torch.Tensor:
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
     """Min-max normalise to [0, 1] over the finite values; +inf -> 1; all zeros when the finite
-    values are all equal. One infinite score does not flatten the others (spec section 2 says
-    "the finite ones to 0"; the project normalises them among themselves instead)."""
+    values are all equal. One infinite score does not flatten the others (docs/method.md §2: the
+    finite values are normalised among themselves, not all set to 0)."""
     inf = torch.isposinf(x)
     finite = torch.isfinite(x)
     out = torch.zeros_like(x)
@@ -96,7 +96,7 @@ def _rank_levels(x: torch.Tensor) -> torch.Tensor:
 def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
            groups: torch.Tensor | None = None, top_up: str = "minmax",
            eligible: torch.Tensor | None = None) -> Triage:
-    """Pick the samples to train from one pool (spec section 2, rank form).
+    """Pick the samples to train from one pool (docs/method.md §2, rank form).
 
     ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. A sample whose PPL or
     Ent is NaN (no trainable token, or a numerically broken forward) is not a candidate: it is
