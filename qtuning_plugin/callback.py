@@ -34,7 +34,7 @@ from .core.distributed import Collectives, all_agree
 from .core.reference import ReferenceCache, adapter_switch
 from .core.scoring import DEFAULT_CHUNK_SIZE, unwrap_causal_lm
 from .core.step import StepDecision, StepResult, decide_step, select_step
-from .decisions import DecisionLog, sample_id
+from .decision_log import DecisionLog, sample_id
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class QTuning(TrainerCallback, ExportableState):
     Pass it in ``callbacks=[...]`` (it attaches itself when training begins) or call
     :meth:`attach` with the trainer. ``chunk_size`` is the scorer's memory knob.
     ``log_decisions="decisions.jsonl"`` writes, every step, each pool sample's id, error,
-    uncertainty, quadrant and fate (see :mod:`qtuning_plugin.decisions`; ``qtuning plot`` draws it).
+    uncertainty, quadrant and fate (see :mod:`qtuning_plugin.decision_log`; ``qtuning plot`` draws it).
 
     Logged every ``logging_steps`` (averaged over the interval), see README for the meaning:
     ``qtuning/kept_samples``, ``qtuning/pool_samples`` (samples with a label token),
@@ -418,7 +418,7 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
 
 
 def _row_tokens(batch: Mapping[str, Any]) -> list[list[int]]:
-    """Each row's token ids without padding (what :func:`~qtuning_plugin.decisions.sample_id` hashes)."""
+    """Each row's token ids without padding (what :func:`~qtuning_plugin.decision_log.sample_id` hashes)."""
     ids = batch["input_ids"].cpu()
     mask = batch.get("attention_mask")
     if mask is None:

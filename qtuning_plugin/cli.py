@@ -222,8 +222,8 @@ def analyze(args) -> int:
     from .core import median_quadrants, score_batch, scoring_mode
     from .core.scoring import IGNORE_INDEX
     from .data import check_token_ids, to_batch
-    from .decisions import finite_or_none as _num
-    from .decisions import sample_id
+    from .decision_log import finite_or_none as _num
+    from .decision_log import sample_id
     from .models import load
     from .precision import compute_dtype
 
@@ -358,7 +358,7 @@ def prune(args) -> int:
 
     from .core import token_keep_mask, triage
     from .core.scoring import IGNORE_INDEX
-    from .decisions import sample_id
+    from .decision_log import sample_id
 
     scores_path = Path(args.scores)
     if not scores_path.is_file():
@@ -432,7 +432,7 @@ def _tokenizer(name: str):
 # ---------------------------------------------------------------------- plot
 
 def plot(args) -> int:
-    from .decisions import read_log
+    from .decision_log import read_log
     from .plots import plot_decisions
 
     _require("matplotlib", "plot")

@@ -20,7 +20,7 @@ import torch
 from .callback import QTuning
 from .core import QTuningConfig, decide, score_batch, scoring_mode
 from .data import DataError, check_token_ids, detect_format, encode, load_records, to_batch
-from .decisions import read_log, sample_id
+from .decision_log import read_log, sample_id
 from .models import load
 from .plots import plot_decisions, plot_scores
 from .precision import describe_precision, native_bf16

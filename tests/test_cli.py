@@ -13,7 +13,7 @@ import torch
 from qtuning_plugin import cli
 from qtuning_plugin.core import score_batch, scoring_mode, token_keep_mask, triage
 from qtuning_plugin.data import encode
-from qtuning_plugin.decisions import DecisionLog, read_log, sample_id
+from qtuning_plugin.decision_log import DecisionLog, read_log, sample_id
 from qtuning_plugin.models import tiny
 
 PROBLEMS = [(f"what is {a} + {b}?", f"{a} + {b} = {a + b}. the answer is {a + b}.")

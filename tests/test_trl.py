@@ -456,7 +456,7 @@ def test_resume_with_restored_callback_state_keeps_the_decision_log_whole(tmp_pa
     """restore_callback_states_from_checkpoint=True rebuilds the callback from its saved arguments:
     every constructor argument must be there (before, log_decisions and chunk_size were lost and the
     log stopped at the checkpoint). Interrupted at step 2 and resumed = one uninterrupted run."""
-    from qtuning_plugin.decisions import read_log
+    from qtuning_plugin.decision_log import read_log
 
     def run(out, log, stop_at=None, resume=None, callback=None):
         class Stop(TrainerCallback):
