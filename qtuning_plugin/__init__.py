@@ -3,8 +3,6 @@ fine-tuning, for TRL and Axolotl. The algorithm lives in :mod:`qtuning_plugin.co
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .core import QTuningConfig, decide, score_batch, token_keep_mask, triage
-
 try:
     __version__ = version("qtuning-plugin")
 except PackageNotFoundError:  # running from a source tree that was not installed
@@ -14,7 +12,11 @@ __all__ = ["QTuning", "QTuningPlugin", "QTuningConfig", "decide", "score_batch",
 
 
 def __getattr__(name: str):
-    # Front ends load lazily: `import qtuning_plugin` imports neither the Trainer nor Axolotl.
+    # Everything loads lazily: `import qtuning_plugin` imports neither torch, the Trainer nor Axolotl.
+    if name in ("QTuningConfig", "decide", "score_batch", "token_keep_mask", "triage"):
+        from . import core
+
+        return getattr(core, name)
     if name == "QTuning":
         from .callback import QTuning
 

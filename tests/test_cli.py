@@ -361,3 +361,15 @@ def test_analyze_load_in_4bit(tiny_dir, tmp_path):
     assert run_cli("analyze", "--model", tiny_dir, "--data", data, "--out", out, "--load-in-4bit") == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6 and all(r["ppl"] is not None and r["ppl"] > 1 for r in rows)
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["analyze"], ["prune"], ["plot"]])
+def test_help_imports_neither_torch_nor_transformers(command):
+    """`qtuning --help` and `qtuning COMMAND --help` answer without importing torch (seconds on a
+    small machine): the commands import what they need when they run."""
+    code = ("import sys\nfrom qtuning_plugin.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: qtuning" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

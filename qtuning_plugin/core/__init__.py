@@ -7,15 +7,25 @@ step for any training loop: :func:`select_step`). :mod:`.reference` is the refer
 :mod:`.distributed` the collectives a step needs.
 """
 
-from .batch import apply_decision
-from .config import QTuningConfig
-from .decision import Decision, GlobalPool, decide
-from .distributed import Collectives
-from .reference import ReferenceCache
-from .scoring import Scores, choose_scoring_path, score_batch, scoring_mode, trainable_positions
-from .tokens import context_scores, pooled_token_keep_mask, token_keep_mask
-from .step import StepDecision, StepResult, decide_step, select_step
-from .triage import QUADRANT_NAMES, Triage, kept_count, median_quadrants, triage
+import importlib
+import sys
+import types
+
+# Loaded on first use (PEP 562), so that `qtuning --help` and `from .core.config import ...` do
+# not import torch: name -> the submodule that defines it.
+_HOMES = {
+    "apply_decision": "batch",
+    "QTuningConfig": "config",
+    "Decision": "decision", "GlobalPool": "decision", "decide": "decision",
+    "Collectives": "distributed",
+    "ReferenceCache": "reference",
+    "Scores": "scoring", "choose_scoring_path": "scoring", "score_batch": "scoring", "scoring_mode": "scoring",
+    "trainable_positions": "scoring",
+    "StepDecision": "step", "StepResult": "step", "decide_step": "step", "select_step": "step",
+    "context_scores": "tokens", "pooled_token_keep_mask": "tokens", "token_keep_mask": "tokens",
+    "QUADRANT_NAMES": "triage", "Triage": "triage", "kept_count": "triage", "median_quadrants": "triage",
+    "triage": "triage",
+}
 
 __all__ = [
     "QTuningConfig",
@@ -43,3 +53,27 @@ __all__ = [
     "Collectives",
     "ReferenceCache",
 ]
+
+
+class _Core(types.ModuleType):
+    def __setattr__(self, name, value):
+        # The import system binds a submodule on its package once it is loaded; here `triage` is
+        # the function (as exported from the start), not its module `core.triage`.
+        if name == "triage" and isinstance(value, types.ModuleType):
+            value = value.triage
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Core
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_HOMES})
