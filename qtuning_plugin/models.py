@@ -100,6 +100,10 @@ def load(name: str, *, load_in_4bit: bool = False, dtype: torch.dtype | None = N
                                  "tokenizer_config.json); save one with tokenizer.save_pretrained(dir)")
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise ModelError(f"--model {name}: no such directory")
+        elif not _in_hub_cache(name) and not _hub_reachable():
+            # Without this check the hub client retries for a minute and logs a raw socket error.
+            raise ModelError(f"--model {name}: no network (the Hugging Face hub cannot be reached and the model is "
+                             "not in the local cache): pass a local model folder, 'smollm2' or 'tiny'")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - offline hub, missing files: one line for the user
@@ -121,6 +125,32 @@ def load(name: str, *, load_in_4bit: bool = False, dtype: torch.dtype | None = N
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok, description
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: let from_pretrained say so
+        return True
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is on (HF_HUB_OFFLINE) or the hub's host cannot be connected to."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _first_line(err: Exception) -> str:

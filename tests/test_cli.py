@@ -373,3 +373,22 @@ def test_help_imports_neither_torch_nor_transformers(command):
     assert proc.returncode == 0, proc.stderr
     assert "usage: qtuning" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("why", ["offline", "unreachable"])
+def test_a_hub_id_without_network_says_so_at_once(tmp_path, monkeypatch, capsys, why):
+    import socket
+
+    import huggingface_hub.constants
+
+    if why == "offline":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        def refuse(*a, **kw):
+            raise OSError("[Errno -2] Name or service not known")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(socket, "create_connection", refuse)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": a} for p, a in PROBLEMS[:2]])
+    assert run_cli("analyze", "--model", "nobody-here/not-a-model", "--data", data, "--out", tmp_path / "s.jsonl") == 2
+    err = capsys.readouterr().err
+    assert "no network" in err and "'smollm2' or 'tiny'" in err and "Errno" not in err
