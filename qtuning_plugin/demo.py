@@ -8,10 +8,12 @@ dropped), ``summary.json`` and the LoRA adapter (``adapter/``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -109,13 +111,20 @@ def run_demo(args) -> int:
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=0,
         use_cpu=on_cpu, bf16=bf16,
         max_length=args.max_length, dataloader_drop_last=True, disable_tqdm=False,
+        # TRL's default (checkpointing on), by its new name where transformers has it: no FutureWarning
+        **({"activation_checkpointing": True} if "activation_checkpointing" in
+           {f.name for f in dataclasses.fields(SFTConfig)} else {}),
     )
     settings = QTuningConfig.from_dict({"preset": preset, "sample_ratio": args.sample_ratio,
                                         "token_ratio": args.token_ratio, "neighbor_lambda": args.neighbor_lambda})
     qtuning = _ComparedWithThePaper(settings, log_decisions=out / "decisions.jsonl")
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=lora, callbacks=[qtuning])
+    with warnings.catch_warnings():
+        # PEFT (0.21) reads model.is_gradient_checkpointing, a name recent transformers deprecates:
+        # a warning about a library's internals that the demo's reader can do nothing about.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok, peft_config=lora, callbacks=[qtuning])
 
     class Progress(ProgressCallback):  # the usual bar, with one readable line per step instead of a dict
         def on_log(self, args_, state, control, logs=None, **kwargs):
@@ -125,6 +134,10 @@ def run_demo(args) -> int:
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress())
     result = trainer.train()
+    try:  # the Trainer makes its output_dir; nothing is saved in it (save_strategy "no")
+        (out / "trainer").rmdir()
+    except OSError:  # not empty: leave what is there
+        pass
     train_seconds = result.metrics.get("train_runtime", float("nan"))
     loss_after = held_out_loss(trainer.model, eval_encoded, pad_id)
     trainer.save_model(str(out / "adapter"))

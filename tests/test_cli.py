@@ -329,6 +329,8 @@ def test_demo_pipeline_tiny(tmp_path, preset):
     assert (out / "decisions.png").stat().st_size > 20_000
     assert (out / "eu-plane-last-steps.png").stat().st_size > 10_000
     assert (out / "adapter" / "adapter_config.json").exists()
+    assert not (out / "trainer").exists()  # no empty folder left behind
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_demo_smollm2(tmp_path):
