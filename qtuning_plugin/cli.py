@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="EU-plane panels by step range and the quadrant shares per step of a "
                           "decision log written with log_decisions.")
     plot.add_argument("log", help="decision log (jsonl)")
-    plot.add_argument("--out", default=None, help="PNG (default: LOG with .png)")
+    plot.add_argument("--out", default=None, help="PNG (default: LOG's name with -plot.png, beside it)")
     plot.add_argument("--panels", type=_positive("--panels"), default=4)
     return parser
 
@@ -445,7 +445,8 @@ def plot(args) -> int:
         raise CLIError(str(err)) from None
     if not rows:
         raise CLIError(f"{path}: the decision log is empty")
-    out = Path(args.out or path.with_suffix(".png"))
+    # not LOG.png: the demo writes its own decisions.png beside its decisions.jsonl
+    out = Path(args.out or path.with_name(path.stem + "-plot.png"))
     plot_decisions(rows, out, panels=args.panels, title=f"{path.name}: Q-Tuning decisions over training")
     steps = sorted({r["step"] for r in rows})
     print(f"wrote {out} ({len(steps)} steps, {len(rows)} sample-steps)")

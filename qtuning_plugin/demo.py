@@ -2,7 +2,7 @@
 on a small dataset, printing what was kept at every step.
 
 Writes to ``--out``: ``decisions.jsonl`` (the decision log), ``decisions.png`` (EU plane over
-training and quadrant shares per step), ``eu-plane-last-steps.png`` (the last pools, kept vs
+training and what was kept per step), ``eu-plane-last-step.png`` (the last pool, kept vs
 dropped), ``summary.json`` and the LoRA adapter (``adapter/``).
 """
 
@@ -24,7 +24,7 @@ from .core import QTuningConfig, decide, score_batch, scoring_mode
 from .data import DataError, check_token_ids, detect_format, encode, load_records, to_batch
 from .decision_log import read_log, sample_id
 from .models import load
-from .plots import plot_decisions, plot_scores
+from .plots import plot_decisions, plot_scores, pool_ratio, triage_thresholds
 from .precision import describe_precision, native_bf16
 
 N_HELD_OUT = 32
@@ -146,11 +146,14 @@ def run_demo(args) -> int:
     log = read_log(out / "decisions.jsonl")
     pictures = [plot_decisions(log, out / "decisions.png",
                                title=f"Q-Tuning on {Path(args.data).name} with {description}")]
-    last = sorted({r["step"] for r in log})[-max(1, args.steps // 4):]
-    last_rows = [r for r in log if r["step"] in last]
-    pictures.append(plot_scores(last_rows, out / "eu-plane-last-steps.png", sample_ratio=None,
-                                title=f"EU plane of the pools of steps {last[0]}-{last[-1]} "
-                                      "(quadrants by each pool's medians; hollow = dropped)"))
+    last = max(r["step"] for r in log)
+    pool = [r for r in log if r["step"] == last]
+    ratio = pool_ratio(pool)  # reproduces K; the paper's thresholds are drawn if they reproduce the kept set
+    same = triage_thresholds([r["ppl"] for r in pool], [r["entropy"] for r in pool], ratio)["keep"] == [
+        bool(r["kept"]) for r in pool]
+    pictures.append(plot_scores(pool, out / "eu-plane-last-step.png", sample_ratio=ratio, thresholds=same,
+                                title=f"EU plane of the last step's pool (step {last}; quadrants by its medians; "
+                                      "hollow = dropped)"))
 
     totals = qtuning.totals
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -60,108 +60,176 @@ def _finite_points(rows):
             and math.isfinite(r["ppl"]) and r["ppl"] > 0 and math.isfinite(r["entropy"])]
 
 
-def _scatter_quadrants(ax, rows, kept_key: str | None = None, size: float = 14) -> None:
+def bulk_limits(values: Sequence[float], fence: float = 3.0, pad: float = 0.06) -> tuple[float, float]:
+    """Axis limits that frame the bulk of ``values``: the data range cut at Tukey's far-out fences
+    (quartiles -/+ ``fence`` x the interquartile range), padded. A few garbled samples far out no
+    longer squash the other points into a corner; they are drawn at the edge (see ``_scatter``)."""
+    v = sorted(values)
+    if not v:
+        return 0.0, 1.0
+    q1, q3 = v[(len(v) - 1) // 4], v[(3 * (len(v) - 1) + 3) // 4]
+    iqr = q3 - q1
+    lo, hi = (v[0], v[-1]) if iqr <= 0 else (max(v[0], q1 - fence * iqr), min(v[-1], q3 + fence * iqr))
+    span = hi - lo or max(abs(hi), 1.0) * 0.1
+    return lo - pad * span, hi + pad * span
+
+
+def _scatter_quadrants(ax, rows, kept_key: str | None = None, size: float = 14) -> int:
+    """Points by quadrant (filled = kept, hollow = dropped when ``kept_key``), the axes framed on the
+    bulk; points beyond the frame are drawn on its edge as triangles pointing out. Returns their number."""
+    xs = [math.log(r["ppl"]) for r in rows]
+    ys = [r["entropy"] for r in rows]
+    (x0, x1), (y0, y1) = bulk_limits(xs), bulk_limits(ys)
+    outside = 0
     for q in (1, 2, 3, 4):
-        in_q = [r for r in rows if r["quadrant"] == q]
+        in_q = [(x, y, r) for x, y, r in zip(xs, ys, rows) if r["quadrant"] == q]
         groups = [(in_q, True)] if kept_key is None else [
-            ([r for r in in_q if r[kept_key]], True), ([r for r in in_q if not r[kept_key]], False)]
+            ([p for p in in_q if p[2][kept_key]], True), ([p for p in in_q if not p[2][kept_key]], False)]
         for pts, filled in groups:
-            if not pts:
-                continue
+            inside = [(x, y) for x, y, _ in pts if x0 <= x <= x1 and y0 <= y <= y1]
             label = quadrant_label(q) + ("" if kept_key is None else (" kept" if filled else " dropped"))
-            ax.scatter([math.log(r["ppl"]) for r in pts], [r["entropy"] for r in pts], s=size, alpha=0.75,
-                       label=label, linewidths=0.8,
-                       **({"c": QUADRANT_COLOURS[q]} if filled else
-                          {"facecolors": "none", "edgecolors": QUADRANT_COLOURS[q]}))
+            style = ({"c": QUADRANT_COLOURS[q]} if filled else {"facecolors": "none", "edgecolors": QUADRANT_COLOURS[q]})
+            if pts:
+                ax.scatter([x for x, _ in inside], [y for _, y in inside], s=size, alpha=0.75, label=label,
+                           linewidths=0.8, **style)
+            for x, y, _ in pts:
+                if x0 <= x <= x1 and y0 <= y <= y1:
+                    continue
+                outside += 1
+                marker = ">" if x > x1 else "<" if x < x0 else "^" if y > y1 else "v"
+                ax.scatter([min(max(x, x0), x1)], [min(max(y, y0), y1)], s=size * 2.5, marker=marker, alpha=0.9,
+                           linewidths=0.8, clip_on=False, zorder=3, **style)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    if outside:
+        ax.text(0.99, 0.01, f"{outside} beyond the frame, drawn on its edge", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7, color="0.3")
     ax.set_xlabel(X_LABEL)
     ax.set_ylabel(Y_LABEL)
     ax.grid(alpha=0.3, which="both")
+    return outside
+
+
+def _quadrant_lines(ax, rows, sample_ratio: float | None) -> float | None:
+    """The pool's median lines (its quadrants) and, for ``sample_ratio``, the triage thresholds
+    (returns their level a, None when not drawn)."""
+    ppl = sorted(r["ppl"] for r in rows)
+    ent = sorted(r["entropy"] for r in rows)
+    mid = (len(rows) - 1) // 2  # the lower median, as median_quadrants
+    ax.axvline(math.log(ppl[mid]), color="k", ls=":", lw=1, label="medians (the quadrants)")
+    ax.axhline(ent[mid], color="k", ls=":", lw=1)
+    if sample_ratio is None:
+        return None
+    th = triage_thresholds([r["ppl"] for r in rows], [r["entropy"] for r in rows], sample_ratio)
+    if "ppl_high" in th:
+        a = th["level"]
+        for x in (th["ppl_low"], th["ppl_high"]):
+            ax.axvline(math.log(x), color="tab:green", ls="--", lw=1)
+        for y in (th["entropy_low"], th["entropy_high"]):
+            ax.axhline(y, color="tab:green", ls="--", lw=1)
+        ax.plot([], [], color="tab:green", ls="--", lw=1, label="triage thresholds: quantiles a and 1 - a")
+        return a
+    return None
 
 
 def plot_scores(rows: Sequence[dict], path: str | os.PathLike, sample_ratio: float | None,
-                title: str = "") -> str:
-    """EU plane of one scored pool (rows with ppl, entropy, quadrant; ``kept`` if present).
-    Draws the median lines (the quadrants) and the triage thresholds of ``sample_ratio``
-    (``None``: rows from several pools, neither medians nor thresholds are drawn)."""
+                title: str = "", thresholds: bool = True) -> str:
+    """EU plane of one scored pool (rows with ppl, entropy, quadrant; ``kept`` if present), framed
+    on its bulk. Draws the median lines (the quadrants) and, with ``thresholds``, the triage
+    thresholds of ``sample_ratio`` (``None``: rows from several pools, no line is drawn)."""
     plt = _pyplot()
     pts = _finite_points(rows)
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
     _scatter_quadrants(ax, pts, kept_key="kept" if pts and "kept" in pts[0] else None)
     if pts and sample_ratio is not None:
-        ppl = sorted(r["ppl"] for r in pts)
-        ent = sorted(r["entropy"] for r in pts)
-        mid = (len(pts) - 1) // 2  # the lower median, as median_quadrants
-        ax.axvline(math.log(ppl[mid]), color="k", ls=":", lw=1, label="medians (quadrants)")
-        ax.axhline(ent[mid], color="k", ls=":", lw=1)
-        th = triage_thresholds([r["ppl"] for r in pts], [r["entropy"] for r in pts], sample_ratio)
-        if "ppl_high" in th:
-            a = th["level"]
-            for x in (th["ppl_low"], th["ppl_high"]):
-                ax.axvline(math.log(x), color="tab:green", ls="--", lw=1)
-            for y in (th["entropy_low"], th["entropy_high"]):
-                ax.axhline(y, color="tab:green", ls="--", lw=1)
-            ax.plot([], [], color="tab:green", ls="--", lw=1,
-                    label=f"triage thresholds, r_s={sample_ratio:g} (quantiles {a:.2f} / {1 - a:.2f})")
+        level = _quadrant_lines(ax, pts, sample_ratio if thresholds else None)
+        if level is not None and not title:
+            title = f"Error-Uncertainty plane ({len(pts)} samples; r_s = {sample_ratio:g}: triage level a = {level:.2f})"
     ax.set_title(textwrap.fill(title or f"Error-Uncertainty plane ({len(pts)} samples)", 70), fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
 
 
+def pool_ratio(rows: Sequence[dict]) -> float:
+    """A sample ratio that reproduces the pool's kept count K: (K + 1/2) / n (floor gives K)."""
+    return (sum(bool(r["kept"]) for r in rows) + 0.5) / len(rows)
+
+
 def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 4, title: str = "") -> str:
-    """A decision log over training: ``panels`` EU-plane panels by step range, then quadrant shares
-    (stacked, % of the pool) and the kept share per step."""
+    """A decision log over training. Top: ``panels`` pools spread over training (first to last
+    step; rank 0's where there are several), each on its own EU plane framed on its bulk, with its
+    median lines (the quadrants) and, where the paper's triage reproduces what was kept, its
+    triage level. Bottom: the kept samples by quadrant per step, and the share of their label
+    tokens kept (token pruning)."""
     plt = _pyplot()
     steps = sorted({r["step"] for r in rows})
     if not steps:
         raise ValueError("the decision log has no rows")
     panels = max(1, min(panels, len(steps)))
-    bounds = [steps[round(i * len(steps) / panels)] for i in range(panels)] + [steps[-1] + 1]
-    fig = plt.figure(figsize=(4.2 * panels, 8.2))
-    grid = fig.add_gridspec(2, panels, height_ratios=[1.25, 1])
-    pts = _finite_points(rows)
-    first = None
-    for i in range(panels):
-        ax = fig.add_subplot(grid[0, i], sharex=first, sharey=first)
-        first = first or ax
-        lo, hi = bounds[i], bounds[i + 1]
-        _scatter_quadrants(ax, [r for r in pts if lo <= r["step"] < hi], kept_key="kept", size=10)
-        ax.set_title(f"steps {lo}-{hi - 1}" if hi - 1 > lo else f"step {lo}", fontsize=10)
+    shown = sorted({steps[round(i * (len(steps) - 1) / max(1, panels - 1))] for i in range(panels)})
+    fig = plt.figure(figsize=(4.2 * max(panels, 2) + 1.5, 8.6), layout="constrained")
+    grid = fig.add_gridspec(2, len(shown), height_ratios=[1.3, 1])
+    rank = min(r.get("rank", 0) for r in rows)
+    several = len({r.get("rank", 0) for r in rows}) > 1
+    legend: dict = {}
+    for i, step in enumerate(shown):
+        ax = fig.add_subplot(grid[0, i])
+        pool = _finite_points([r for r in rows if r["step"] == step and r.get("rank", 0) == rank])
+        if not pool:
+            ax.set_title(f"step {step}: no scored sample", fontsize=10)
+            continue
+        _scatter_quadrants(ax, pool, kept_key="kept", size=14)
+        ratio = pool_ratio(pool)
+        same = triage_thresholds([r["ppl"] for r in pool], [r["entropy"] for r in pool], ratio)["keep"] == [
+            bool(r["kept"]) for r in pool]
+        level = _quadrant_lines(ax, pool, ratio if same else None)
+        ax.set_title(f"step {step}{f' (rank {rank})' if several else ''}: {len(pool)} samples, "
+                     f"{sum(bool(r['kept']) for r in pool)} kept" + (f", a = {level:.2f}" if level else ""),
+                     fontsize=10)
         ax.set_xlabel("error: log PPL (mean NLL, nats)", fontsize=9)
         if i:
             ax.set_ylabel("")
-    first.legend(fontsize=6, loc="best", ncol=2)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    order = sorted(legend, key=lambda k: (not k.startswith("Q"), k))
+    fig.legend([legend[k] for k in order], order, loc="outside right upper", fontsize=7)
 
-    counts: dict[int, list[int]] = defaultdict(lambda: [0] * 6)  # per step: quadrants 1-4, kept, n
+    kept_by_q: dict[int, list[int]] = defaultdict(lambda: [0] * 5)  # per step: kept in Q1-4, kept
+    tokens = defaultdict(lambda: [0, 0])
     for r in rows:
-        c = counts[r["step"]]
-        c[r["quadrant"]] += 1
-        c[5] += 1
-        c[0] += bool(r["kept"])
-    ax = fig.add_subplot(grid[1, :])
-    n = [counts[s][5] for s in steps]
-    ax.stackplot(steps, *[[100 * counts[s][q] / m for s, m in zip(steps, n)] for q in (1, 2, 3, 4)],
+        if r["kept"]:
+            kept_by_q[r["step"]][r["quadrant"]] += 1
+            kept_by_q[r["step"]][0] += 1
+            if "kept_tokens" in r and "n_tokens" in r:
+                tokens[r["step"]][0] += r["kept_tokens"]
+                tokens[r["step"]][1] += r["n_tokens"]
+    half = max(1, (2 * len(shown)) // 3)
+    ax = fig.add_subplot(grid[1, :half])
+    kept = [max(1, kept_by_q[s][0]) for s in steps]
+    ax.stackplot(steps, *[[100 * kept_by_q[s][q] / k for s, k in zip(steps, kept)] for q in (1, 2, 3, 4)],
                  labels=[quadrant_label(q) for q in (1, 2, 3, 4)],
-                 colors=[QUADRANT_COLOURS[q] for q in (1, 2, 3, 4)], alpha=0.55)
-    ax.plot(steps, [100 * counts[s][0] / m for s, m in zip(steps, n)], "k-", lw=2, label="kept")
-    kept_tokens = defaultdict(lambda: [0, 0])
-    for r in rows:
-        if "kept_tokens" in r and "n_tokens" in r and r["kept"]:
-            kept_tokens[r["step"]][0] += r["kept_tokens"]
-            kept_tokens[r["step"]][1] += r["n_tokens"]
-    if kept_tokens:
-        ax.plot(steps, [100 * kept_tokens[s][0] / max(1, kept_tokens[s][1]) for s in steps], "k--", lw=1.5,
-                label="label tokens kept, in kept samples")
-    ax.set(xlabel="optimizer step", ylabel="% of the pool's samples", ylim=(0, 100))
-    if len(steps) > 1:
-        ax.set_xlim(steps[0], steps[-1])
+                 colors=[QUADRANT_COLOURS[q] for q in (1, 2, 3, 4)], alpha=0.6)
+    ax.set(xlabel="optimizer step", ylabel="% of the kept samples", ylim=(0, 100),
+           title="the kept samples, by quadrant of their pool")
+    ax.title.set_fontsize(10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3)
+    if len(steps) > 1:
+        ax.set_xlim(steps[0], steps[-1])
+    ax2 = fig.add_subplot(grid[1, half:]) if half < len(shown) else None
+    if ax2 is not None and tokens:
+        ax2.plot(steps, [100 * tokens[s][0] / max(1, tokens[s][1]) for s in steps], "k-", lw=1.5)
+        ax2.set(xlabel="optimizer step", ylabel="% of their label tokens", ylim=(0, 105),
+                title="label tokens kept in the kept samples")
+        ax2.title.set_fontsize(10)
+        ax2.grid(alpha=0.3)
+        if len(steps) > 1:
+            ax2.set_xlim(steps[0], steps[-1])
     fig.suptitle(textwrap.fill(title or f"Q-Tuning decisions over training ({len(steps)} steps, "
                                f"{len(rows)} sample-steps)", 120))
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)

@@ -224,6 +224,11 @@ def test_decision_log_from_training_and_plot(tmp_path):
 
     png = tmp_path / "d.png"
     assert run_cli("plot", log, "--out", png) == 0 and png.stat().st_size > 20_000
+    beside = log.with_suffix(".png")
+    beside.write_bytes(b"the demo's own picture")
+    assert run_cli("plot", log) == 0  # its default name does not overwrite LOG.png
+    assert beside.read_bytes() == b"the demo's own picture"
+    assert log.with_name(log.stem + "-plot.png").stat().st_size > 20_000
 
     # Resuming from step 2 drops the rows of step 3, written after that checkpoint.
     assert DecisionLog(log).start(2) == 8
@@ -327,7 +332,7 @@ def test_demo_pipeline_tiny(tmp_path, preset):
         assert sum(v["seen"] for v in paper.values()) == 16 and sum(v["kept"] for v in paper.values()) == 4
         assert "the paper's Algorithm 1 on the same pools would keep" in proc.stdout
     assert (out / "decisions.png").stat().st_size > 20_000
-    assert (out / "eu-plane-last-steps.png").stat().st_size > 10_000
+    assert (out / "eu-plane-last-step.png").stat().st_size > 10_000
     assert (out / "adapter" / "adapter_config.json").exists()
     assert not (out / "trainer").exists()  # no empty folder left behind
     assert "FutureWarning" not in proc.stderr, proc.stderr[-3000:]
@@ -394,3 +399,25 @@ def test_a_hub_id_without_network_says_so_at_once(tmp_path, monkeypatch, capsys,
     assert run_cli("analyze", "--model", "nobody-here/not-a-model", "--data", data, "--out", tmp_path / "s.jsonl") == 2
     err = capsys.readouterr().err
     assert "no network" in err and "'smollm2' or 'tiny'" in err and "Errno" not in err
+
+
+def test_pictures_frame_the_bulk_and_mark_the_outliers():
+    """A few garbled samples far out do not squash the others: the axes frame the bulk (Tukey's
+    far-out fences) and the outliers are counted and drawn on the frame's edge."""
+    from qtuning_plugin.plots import bulk_limits
+
+    bulk = [0.1 + 0.01 * i for i in range(30)]
+    lo, hi = bulk_limits(bulk + [6.0, 6.5])
+    assert lo < 0.1 and 0.39 < hi < 2.0
+    assert bulk_limits(bulk) == pytest.approx((0.1 - 0.06 * 0.29, 0.39 + 0.06 * 0.29))  # no outlier: the data range
+    lo, hi = bulk_limits([1.0] * 5)
+    assert lo < 1.0 < hi
+    pytest.importorskip("matplotlib")
+    from qtuning_plugin.plots import _pyplot, _scatter_quadrants
+
+    rows = [{"ppl": math.exp(x), "entropy": 0.5 + x / 10, "quadrant": 1 + i % 4, "kept": i % 2 == 0}
+            for i, x in enumerate(bulk + [6.0, 6.5])]
+    fig, ax = _pyplot().subplots()
+    assert _scatter_quadrants(ax, rows, kept_key="kept") == 2
+    assert ax.get_xlim()[1] < 2.0
+    _pyplot().close(fig)
