@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -77,7 +77,6 @@ class StepResult:
     scores: list[Scores] | None = None
     decision: StepDecision | None = None
     seconds: float = 0.0
-    layout: str | None = field(default=None, repr=False)
 
 
 def label_tokens(micro_batches: Sequence[Mapping[str, Any]]) -> int:
@@ -240,7 +239,7 @@ def select_step(
     # branches below are decided together: one all-reduce per step, on every rank.
     kept_tokens = int(sum(t.sum() for t in token_keep))  # one host sync
     target, any_tokens = collectives.all_reduce_max([len(real), int(kept_tokens > 0)])
-    result = StepResult(fetched, 0, pruned=False, scored=scored, scores=scores, decision=decision, layout=layout)
+    result = StepResult(fetched, 0, pruned=False, scored=scored, scores=scores, decision=decision)
     if not any_tokens:
         # No rank kept a label token: every sample of the step lacks one (e.g. all truncated
         # away). There is nothing to prune; the step is trained as fetched, as without Q-Tuning.
