@@ -6,7 +6,9 @@ MODE: ``step`` or ``global`` (the pool option), ``degenerate`` (rank 1's data al
 longer, so the ranks re-pack into different shapes), ``unlabelled`` / ``unlabelled-global``
 (3 of 4 of rank 1's samples without any label token, as truncation leaves them; pool step /
 global), ``unlabelled-all`` (no label token at all on rank 1), ``mismatch`` (rank 1's model
-rescales its logits, so only rank 1 would need the scorer's full-logits path).
+rescales its logits, so only rank 1 would need the scorer's full-logits path), ``guard`` (LoRA with
+``reference: base``; rank 1's data all identical, so after its first micro-batch only rank 0 needs
+base-model forwards).
 Each rank saves, for the first optimizer step: the micro-batches it fetched (before pruning),
 the kept micro-batches it trained, the label-token count the Trainer divided by, the gradient
 after the step's backward passes (all-reduced by DDP), and, with ``pool: global``, the whole pool
@@ -67,7 +69,7 @@ def main(out: str, mode: str) -> None:
     rank_hint = int(__import__("os").environ.get("RANK", "0"))
     rows = []
     for i, r in enumerate(arithmetic_dataset(64)):
-        if mode == "degenerate" and rank_hint == 1:
+        if mode in ("degenerate", "guard") and rank_hint == 1:
             r = {"prompt": "what is 1+1?", "completion": " 2. so 1+1=2"}  # every sample the same
         if mode == "packed" and rank_hint == 1:
             r = {**r, "completion": r["completion"] * 3}
@@ -82,7 +84,8 @@ def main(out: str, mode: str) -> None:
         ddp_backend="gloo",
     )
     grads = FirstStepGradient()
-    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode.endswith("global") else "step")
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode.endswith("global") else "step",
+                 reference="base" if mode == "guard" else "none")
     collator = (transformers.DataCollatorWithFlattening(return_position_ids=True) if mode == "packed"
                 else transformers.DataCollatorForSeq2Seq(tok, padding=True))
     if mode == "packed":
@@ -92,6 +95,10 @@ def main(out: str, mode: str) -> None:
         scaled = ScaledLogitsLlama(model.config)
         scaled.load_state_dict(model.state_dict())
         model = scaled
+    if mode == "guard":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     forwards = TrainingForwards(model)
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), data_collator=collator,
                       callbacks=[grads, cb, forwards])
@@ -124,6 +131,8 @@ def main(out: str, mode: str) -> None:
     from qtuning_plugin.core import scoring
 
     record["full_logits"] = model in scoring._FALLBACK
+    if cb._reference is not None:
+        record["reference"] = {"forwards": cb._reference.forwards, "cached": len(cb._reference)}
     torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")
 
 

@@ -225,3 +225,15 @@ def test_the_scoring_path_is_chosen_by_all_ranks_together(runs):
     records = runs("mismatch")
     assert [r["full_logits"] for r in records] == [True, True]
     assert [r["steps"] for r in records] == [2, 2] and records[0]["forwards"] == records[1]["forwards"]
+
+
+def test_reference_forwards_are_aligned_across_ranks(runs):
+    """reference: base under DDP: rank 1's samples are all one sample, cached after its first
+    micro-batch, yet it runs a base-model forward whenever rank 0 needs one (one all-reduce per
+    step), so neither rank waits for the other; the training forwards match too."""
+    pytest.importorskip("peft")
+    records = runs("guard")
+    assert [r["steps"] for r in records] == [2, 2]
+    assert [r["reference"]["forwards"] for r in records] == [2 * 2, 2 * 2]  # 2 steps x 2 micro-batches, both ranks
+    assert records[0]["reference"]["cached"] == 2 * 2 * 4 and records[1]["reference"]["cached"] == 1
+    assert records[0]["forwards"] == records[1]["forwards"]
