@@ -1,5 +1,6 @@
 """The benchmark pipelines run end to end (their numbers are checked by reading them, not here)."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -36,9 +37,9 @@ def test_quality_benchmark_quick_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     runs = result["results"]
-    arms = ("full", "random-25x50", "qtuning-25x50", "qtuning-25x100", "qtuning-rank-25x50",
+    arms = ("full", "random-25x50", "qtuning-25x50", "random-25x100", "qtuning-25x100", "qtuning-rank-25x50",
             "qtuning-highest-25x50", "qtuning-warmup-25x50", "qtuning-batch-25x50", "qtuning-guard-25x50",
-            "qtuning-observe-25x50")
+            "qtuning-guard-highest-25x50", "qtuning-guard-25x100", "qtuning-observe-25x50")
     regimes = ("paper", "stress", "paper-3ep", "stress-3ep")
     assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g in regimes for a in arms)
     runs_file = tmp_path / "quality.runs.jsonl"
@@ -57,6 +58,12 @@ def test_quality_benchmark_quick_mode(tmp_path):
             assert ("suspect" in r["decisions"][0]) == ("guard" in r["arm"] or "observe" in r["arm"])
     report = out.with_suffix(".md").read_text()
     assert "| qtuning-25x50 |" in report
+    # each arm is paired with random pruning at its own budget: 25 x 100 with random-25x100
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    assert [quality.baseline_of(a) for a in ("full", "qtuning-25x100", "qtuning-guard-highest-25x50",
+                                             "random-25x50")] == ["random-25x50", "random-25x100", "random-25x50", None]
     assert (tmp_path / "quality-accuracy-vs-compute.png").exists() and (tmp_path / "quality-eu-plane.png").exists()
 
 
