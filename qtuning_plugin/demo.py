@@ -75,7 +75,7 @@ def _line(step: int, total: int, logs: dict) -> str:
 def run_demo(args) -> int:
     import datasets
     from peft import LoraConfig
-    from transformers import ProgressCallback
+    from transformers import ProgressCallback, TrainingArguments
     from trl import SFTConfig, SFTTrainer
 
     started = time.perf_counter()
@@ -113,7 +113,7 @@ def run_demo(args) -> int:
         max_length=args.max_length, dataloader_drop_last=True, disable_tqdm=False,
         # TRL's default (checkpointing on), by its new name where transformers has it: no FutureWarning
         **({"activation_checkpointing": True} if "activation_checkpointing" in
-           {f.name for f in dataclasses.fields(SFTConfig)} else {}),
+           {f.name for f in dataclasses.fields(TrainingArguments)} else {}),
     )
     settings = QTuningConfig.from_dict({"preset": preset, "sample_ratio": args.sample_ratio,
                                         "token_ratio": args.token_ratio, "neighbor_lambda": args.neighbor_lambda})
