@@ -24,7 +24,7 @@ from .core import QTuningConfig, decide, score_batch, scoring_mode
 from .data import DataError, check_token_ids, detect_format, encode, load_records, to_batch
 from .decision_log import read_log, sample_id
 from .models import load
-from .plots import plot_decisions, plot_scores, pool_ratio, triage_thresholds
+from .plots import plot_decisions, plot_scores, pool_ratio, reproduces_kept
 from .precision import describe_precision, native_bf16
 
 N_HELD_OUT = 32
@@ -148,10 +148,8 @@ def run_demo(args) -> int:
                                title=f"Q-Tuning on {Path(args.data).name} with {description}")]
     last = max(r["step"] for r in log)
     pool = [r for r in log if r["step"] == last]
-    ratio = pool_ratio(pool)  # reproduces K; the paper's thresholds are drawn if they reproduce the kept set
-    same = triage_thresholds([r["ppl"] for r in pool], [r["entropy"] for r in pool], ratio)["keep"] == [
-        bool(r["kept"]) for r in pool]
-    pictures.append(plot_scores(pool, out / "eu-plane-last-step.png", sample_ratio=ratio, thresholds=same,
+    pictures.append(plot_scores(pool, out / "eu-plane-last-step.png", sample_ratio=pool_ratio(pool),
+                                thresholds=reproduces_kept(pool),
                                 title=f"EU plane of the last step's pool (step {last}; quadrants by its medians; "
                                       "hollow = dropped)"))
 

@@ -158,6 +158,14 @@ def pool_ratio(rows: Sequence[dict]) -> float:
     return (sum(bool(r["kept"]) for r in rows) + 0.5) / len(rows)
 
 
+def reproduces_kept(pool: Sequence[dict]) -> bool:
+    """Whether the paper's triage, at the ratio that gives the pool's K, keeps what the log says was
+    kept (not so under the reference guard, say): only then are its thresholds drawn."""
+    ratio = pool_ratio(pool)
+    return triage_thresholds([r["ppl"] for r in pool], [r["entropy"] for r in pool], ratio)["keep"] == [
+        bool(r["kept"]) for r in pool]
+
+
 def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 4, title: str = "") -> str:
     """A decision log over training. Top: ``panels`` pools spread over training (first to last
     step; rank 0's where there are several), each on its own EU plane framed on its bulk, with its
@@ -182,10 +190,7 @@ def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 
             ax.set_title(f"step {step}: no scored sample", fontsize=10)
             continue
         _scatter_quadrants(ax, pool, kept_key="kept", size=14)
-        ratio = pool_ratio(pool)
-        same = triage_thresholds([r["ppl"] for r in pool], [r["entropy"] for r in pool], ratio)["keep"] == [
-            bool(r["kept"]) for r in pool]
-        level = _quadrant_lines(ax, pool, ratio if same else None)
+        level = _quadrant_lines(ax, pool, pool_ratio(pool) if reproduces_kept(pool) else None)
         ax.set_title(f"step {step}{f' (rank {rank})' if several else ''}: {len(pool)} samples, "
                      f"{sum(bool(r['kept']) for r in pool)} kept" + (f", a = {level:.2f}" if level else ""),
                      fontsize=10)

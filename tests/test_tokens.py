@@ -1,4 +1,4 @@
-"""Token stage (spec section 3): a row worked by hand, and properties against a literal reference."""
+"""Token stage (docs/method.md §3): a row worked by hand, and properties against a literal reference."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Sample stage (spec section 2): hand-worked pools and properties over random pools."""
+"""Sample stage (docs/method.md §2): hand-worked pools and properties over random pools."""
 
 import math
 from fractions import Fraction
@@ -168,7 +168,7 @@ INCREASING = {"exp": lambda x: torch.exp(x / 7), "cube": lambda x: x**3 - 5, "lo
 @given(pools(), ratios, st.sampled_from(sorted(INCREASING)))
 def test_rank_invariance_under_increasing_transforms(pool, r, name):
     """The core (the quantile stage) depends on ranks only. The top-up ranks by |p - e| of
-    min-max normalised raw values (spec section 2, step 4), which only an affine map preserves:
+    min-max normalised raw values (docs/method.md §2, step 4), which only an affine map preserves:
     so `keep` is invariant under any increasing map when no top-up is needed, and always under
     a positive affine map."""
     ppl, ent = pool
@@ -220,7 +220,7 @@ def test_core_equals_the_papers_quantile_sets_between_breakpoints(pool, r):
 
 
 def _reference(ppl, ent, r):
-    """A literal, loop-by-loop reading of spec section 2, for cross-checking (NaN samples are
+    """A literal, loop-by-loop reading of docs/method.md §2, for cross-checking (NaN samples are
     left out of the pool; the top-up normalises over finite values, +inf -> 1)."""
     ids = [i for i in range(len(ppl)) if not (math.isnan(ppl[i]) or math.isnan(ent[i]))]
     if not ids:
@@ -293,7 +293,7 @@ def test_groups_each_keep_exactly_their_k_at_one_shared_level(pool, r, n_groups)
     assert not (result.prune_tokens & ~result.keep).any()
     # The level is the largest at which every group's core fits: one more and some group overflows.
     if m < n // 2:
-        # core_m by hand (rank form of spec section 2 over the whole pool)
+        # core_m by hand (rank form of docs/method.md §2 over the whole pool)
         rp = torch.sort(ppl.nan_to_num(INF), stable=True).indices.argsort()
         re = torch.sort(ent.nan_to_num(INF), stable=True).indices.argsort()
         joins = torch.minimum(torch.maximum(n - rp, re + 1), torch.maximum(rp + 1, n - re))
