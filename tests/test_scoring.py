@@ -47,7 +47,7 @@ def test_matches_full_logits_reference(kind, padding_side):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the known post-processing must not need the fallback
         scores = score_batch(model, batch, chunk_size=5)  # several chunks, one partial
-    assert model not in scoring_module._FALLBACK
+    assert scoring_module.scoring_path(model) == "head"
     assert_matches(scores, naive_reference(model, batch))
     assert torch.equal(scores.trainable, trainable_positions(batch["labels"]))
     assert scores.n_tokens.tolist() == [8, 5, 15, 0]
@@ -133,7 +133,7 @@ def test_bf16_autocast_runs_and_is_close():
     ref = naive_reference(model, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = score_batch(model, batch)
-    assert model not in scoring_module._FALLBACK
+    assert scoring_module.scoring_path(model) == "head"
     torch.testing.assert_close(scores.entropy[:3], ref["entropy"][:3], rtol=5e-2, atol=5e-2)
 
 
@@ -198,6 +198,6 @@ def test_a_forward_wrapped_in_autocast_like_accelerate_does_is_scored_in_its_pre
         warnings.simplefilter("error")
         scores = score_batch(model, batch)
     hook.remove()
-    assert model not in scoring_module._FALLBACK
+    assert scoring_module.scoring_path(model) == "head"
     assert seen and all(d == torch.bfloat16 for d in seen)  # the scorer's head ran in bf16 too
     torch.testing.assert_close(scores.entropy[:3], ref["entropy"][:3], rtol=5e-2, atol=5e-2)

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qtuning_plugin import QTuning, QTuningConfig
 from qtuning_plugin.callback import SkippedMicroBatch
-from qtuning_plugin.core import decide, score_batch, scoring_mode
+from qtuning_plugin.core import decide, score_batch, scoring, scoring_mode
 from tiny import arithmetic_dataset, tiny_model, tiny_tokenizer
 
 trl = pytest.importorskip("trl")
@@ -560,7 +560,9 @@ def test_peft_prompt_learning_is_refused_at_attach():
 
 def test_a_model_whose_forward_bypasses_its_backbone_module_is_scored_from_its_logits():
     """BartForCausalLM calls model.decoder directly, never its `model` wrapper: the scorer's hook on
-    the backbone sees nothing (before: IndexError at step 1). The path is chosen at train start."""
+    the backbone sees nothing (before: IndexError at step 1), so it is scored from its full logits;
+    TRL's fused head, where SFTTrainer installs it, runs the wrapper itself and is used instead. The
+    path is chosen at train start."""
     tok = tiny_tokenizer()
     cfg = transformers.BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=2,
                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
@@ -573,6 +575,11 @@ def test_a_model_whose_forward_bypasses_its_backbone_module_is_scored_from_its_l
     trainer = sft_trainer([cb], ga=2, bs=4, steps=2, model=model)
     counter = TrainingRows(model)
     trainer.add_callback(counter)
-    with pytest.warns(UserWarning, match="does not run its backbone module"):
+    if scoring.fused_head_installed(model):  # TRL >= 1.16: its fused head calls the backbone's wrapper itself
         trainer.train()
+        assert scoring.scoring_path(model) == "fused"
+    else:
+        with pytest.warns(UserWarning, match="does not run its backbone and output embedding modules"):
+            trainer.train()
+        assert scoring.scoring_path(model) == "logits"
     assert counter.per_step == [2, 2]

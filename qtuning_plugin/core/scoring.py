@@ -136,18 +136,29 @@ def _logit_postprocess(lm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return apply
 
 
-# The scoring path of each model, decided once (at its first scoring call, or by choose_scoring_path):
-# models whose own logits our head did not reproduce are scored from their full logits from then on.
-_FALLBACK: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-_HEAD_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# The scoring path of each model, decided once by :func:`choose_scoring_path` (the callback calls it at
+# attach; otherwise the first scoring call does): "fused" (TRL's fused LM head, where it is installed,
+# reproduces the model's logits and is compact, or where ours does not reproduce them), "head" (our
+# chunked head, run inside the model's forward), or "logits" (the model's full logits, when neither
+# head reproduces them).
+PATHS = ("fused", "head", "logits")
+_PATH: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _WARNED: set[str] = set()
 
 
-def _head_fn(head: nn.Module, post: Callable, hidden_dtype: torch.dtype, device: torch.device,
-             forward_autocast: torch.dtype | None = None):
-    """lm_head + post-processing, in the precision the forward ran in: under the autocast the
-    model's forward ran under (``forward_autocast``, e.g. accelerate's mixed-precision wrapper),
-    else in the weight's dtype."""
+def scoring_path(model: nn.Module) -> str | None:
+    """How :func:`score_batch` scores ``model`` (one of :data:`PATHS`), or None before it is decided."""
+    return _PATH.get(unwrap_causal_lm(model))
+
+
+def _head_fn(head: nn.Module, post: Callable, hidden_dtype: torch.dtype, device: torch.device):
+    """lm_head + post-processing, called from inside the model's forward: under the autocast the
+    forward runs under (accelerate's mixed-precision wrapper, say), else in the weight's dtype.
+
+    A plain ``nn.Linear`` head (also FSDP2's) is applied as ``F.linear`` on its weight as it is
+    inside the forward (gathered by FSDP / ZeRO-3), without calling the module again, since a
+    second call would run the sharding hooks again (and re-shard the weight before the model's own
+    call). FSDP2 may still hand out a DTensor: it is gathered, as TRL's fused head does."""
     weight = getattr(head, "weight", None)
     half = (torch.bfloat16, torch.float16)
     outside_autocast = not torch.is_autocast_enabled(device.type)
@@ -155,20 +166,25 @@ def _head_fn(head: nn.Module, post: Callable, hidden_dtype: torch.dtype, device:
         isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dtype != hidden_dtype
         and outside_autocast
     )
-    if forward_autocast is not None and outside_autocast:
-        ctx = lambda: torch.autocast(device.type, dtype=forward_autocast)  # noqa: E731
-        cast = None
-    elif mixed and hidden_dtype in half:  # half-precision hidden states: the head runs in half too
+    if mixed and hidden_dtype in half:  # half-precision hidden states: the head runs in half too
         ctx = lambda: torch.autocast(device.type, dtype=hidden_dtype)  # noqa: E731
         cast = None
     elif mixed:
         ctx, cast = contextlib.nullcontext, weight.dtype
     else:
         ctx, cast = contextlib.nullcontext, None
+    if isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward:
+        w, b = head.weight, head.bias
+        if hasattr(w, "full_tensor"):  # a DTensor (FSDP2): gather it once, on every rank alike
+            w = w.full_tensor()
+            b = b.full_tensor() if hasattr(b, "full_tensor") else b
+        project = lambda h: torch.nn.functional.linear(h, w, b)  # noqa: E731
+    else:
+        project = head
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         with ctx():
-            return post(head(h if cast is None else h.to(cast)))
+            return post(project(h if cast is None else h.to(cast)))
 
     return fn
 
@@ -190,11 +206,16 @@ def _token_stats(
     return nll, ent
 
 
-def _forward_kwargs(lm: nn.Module, batch: Mapping[str, torch.Tensor], logits_to_keep: int) -> dict:
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    for key in ("attention_mask", "position_ids"):
-        if batch.get(key) is not None:
-            kwargs[key] = batch[key]
+def forward_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
+    """What a scoring forward passes to the model: ``input_ids``, ``attention_mask``, ``position_ids``
+    and the varlen metadata of packed batches, when present (never ``labels``)."""
+    keys = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+            "max_length_q", "max_length_k", "seq_idx")
+    return {k: batch[k] for k in keys if batch.get(k) is not None}
+
+
+def _forward_kwargs(lm: nn.Module, inputs: Mapping, logits_to_keep: int) -> dict:
+    kwargs = {**inputs, "use_cache": False}
     params = inspect.signature(lm.forward).parameters
     if "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         kwargs["logits_to_keep"] = logits_to_keep
@@ -212,140 +233,208 @@ def score_batch(
     """Score a padded batch (``input_ids``, ``attention_mask``, ``labels``; ``position_ids``
     optional) with the model as it is now: one no-grad forward, ``use_cache=False``.
 
-    ``model`` is what the trainer calls (a PEFT model, a DDP/DeepSpeed wrapper, a bare causal LM);
-    it is called as a whole so that wrappers and adapters act as in training, with
-    ``logits_to_keep=1`` so that it builds logits for the last position only. The last hidden
-    state is taken from the backbone and turned into log-softmax statistics at trainable
-    positions only, ``chunk_size`` positions at a time (the memory knob: about
-    3 x chunk_size x vocab floats at the peak).
+    ``model`` is what the trainer calls (a PEFT model, a DDP / FSDP / DeepSpeed wrapper, a bare
+    causal LM); it is called as a whole so that wrappers and adapters act as in training. The
+    next-token statistics are computed at trainable positions only, ``chunk_size`` positions at a
+    time (the memory knob: about 3 x chunk_size x vocab floats at the peak), inside the model's
+    forward, where sharded weights are gathered as in training: by our head from a pre-hook on the
+    output embedding (the backbone's last hidden state, captured by a hook, times the gathered
+    weight), or by TRL's fused LM head where ``SFTTrainer`` installed it and its kernel projects
+    only the labelled positions (Triton on CUDA / XPU; see :func:`fused_head_is_compact`). The model
+    builds logits for its last position only.
 
-    The scoring path is decided once per model (at its first call, or before training by
-    :func:`choose_scoring_path`): if the output embedding plus known post-processing (softcapping,
-    logit scales) do not reproduce the model's own logits at the last position, or the forward
-    does not run the backbone module, the model is scored from its full logits from then on,
-    with a one-time warning.
+    The path is decided once per model (:func:`choose_scoring_path`, on an 8-token probe): a model
+    whose logits neither head reproduces (unknown post-processing, a forward that bypasses its
+    backbone or head module) is scored from its full logits, with a one-time warning.
 
     Dropout is not switched off here: wrap the call in :func:`scoring_mode`.
     """
     labels = batch["labels"]
     trainable = trainable_positions(labels, ignore_index, batch.get("attention_mask"))
-    lm = unwrap_causal_lm(model)
-    backbone, head = _backbone_and_head(lm)
-    targets = labels[:, 1:][trainable[:, 1:]]
-    n = targets.numel()
-
-    if lm in _FALLBACK:
-        nll, ent = _score_from_logits(model, lm, batch, trainable, targets, chunk_size)
-    else:
-        forward = _forward_with_hidden(model, lm, backbone, batch)
-        if forward is None and lm in _HEAD_CHECKED:
-            raise RuntimeError(f"score_batch: {type(lm).__name__}'s forward no longer ran its backbone module")
-        if lm not in _HEAD_CHECKED:  # the first call decides the path, for good
-            _set_path(lm, _verdict(head, lm, forward))
-        if lm in _FALLBACK:
-            del forward
-            nll, ent = _score_from_logits(model, lm, batch, trainable, targets, chunk_size)
-        else:
-            _, hidden, forward_autocast = forward
-            head_fn = _head_fn(head, _logit_postprocess(lm), hidden.dtype, hidden.device, forward_autocast)
-            selected = hidden[:, :-1][trainable[:, 1:]]
-            nll, ent = _token_stats(lambda s, e: head_fn(selected[s:e]), n, targets, chunk_size)
+    nll, ent = score_positions(model, forward_inputs(batch), labels, trainable, chunk_size)
     mask = batch.get("attention_mask")
     input_tokens = mask.ne(0).sum(1) if mask is not None else torch.full_like(labels[:, 0], labels.shape[1])
-    return _assemble(nll, ent, trainable, input_tokens.long())
+    return assemble(nll, ent, trainable, input_tokens.long())
 
 
-def _reproduces_logits(head_fn, hidden: torch.Tensor, logits: torch.Tensor | None, low_precision: bool) -> bool:
-    if logits is None or logits.shape[1] != 1:  # nothing to compare with: trust the head
-        return True
-    ours = head_fn(hidden[:, -1]).float()
-    theirs = logits[:, -1].float()
-    low_precision = low_precision or any(t in (hidden.dtype, logits.dtype) for t in (torch.bfloat16, torch.float16))
-    rtol = 3e-2 if low_precision else 1e-4
-    return bool(((ours - theirs).abs().max() <= rtol * (1.0 + theirs.abs().max())).item())
+@torch.no_grad()
+def score_positions(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                    trainable: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """nll and entropy (float32, flat, in row-major order) of the positions where ``trainable``
+    [B, T] is True (each predicts ``labels`` there from the prefix before it), by one forward of
+    ``model(**inputs)`` on the model's scoring path (see :func:`score_batch`)."""
+    lm = unwrap_causal_lm(model)
+    if lm not in _PATH:
+        choose_scoring_path(model)
+    path = _PATH[lm]
+    targets = labels[:, 1:][trainable[:, 1:]]
+    if path == "fused":
+        return _score_fused(model, inputs, labels, trainable)
+    if path == "logits":
+        return _score_from_logits(model, lm, inputs, trainable, targets, chunk_size)
+    got = _forward_with_head(model, lm, inputs, trainable, targets, chunk_size)
+    if got is None:
+        raise RuntimeError(f"score_batch: {type(lm).__name__}'s forward no longer ran its backbone and head modules")
+    return got[1]
 
 
-def _forward_with_hidden(model, lm, backbone, batch):
-    """One forward of ``model`` (logits for the last position only): (output, the backbone's last
-    hidden state, the autocast dtype the forward ran under), or None when the forward did not run
-    the backbone module (e.g. ``BartForCausalLM`` calls ``model.decoder`` directly)."""
-    captured: list[tuple[torch.Tensor, torch.dtype | None]] = []
+def _forward_with_head(model, lm, inputs, trainable, targets, chunk_size):
+    """One forward of ``model`` (logits for the last position only) in which our head computes the
+    statistics at ``trainable``: (output, (nll, entropy), whether the head ran in half precision),
+    or None when the forward did not run the backbone and head modules (e.g. ``BartForCausalLM``
+    calls ``model.decoder`` directly)."""
+    backbone, head = _backbone_and_head(lm)
+    post = _logit_postprocess(lm)
+    state: dict = {}
 
-    def hook(module, args, out):  # the hidden state, and the autocast the forward runs under
-        device = out[0].device.type
-        on = torch.is_autocast_enabled(device)
-        captured.append((out[0], torch.get_autocast_dtype(device) if on else None))
+    def on_backbone(module, args, out):
+        state["hidden"] = out[0]
 
-    handle = backbone.register_forward_hook(hook)
+    def on_head(module, args):  # before the model's own head call: the weight is gathered here
+        hidden = state.get("hidden")
+        if state.get("busy") or "stats" in state or not isinstance(hidden, torch.Tensor):
+            return
+        state["busy"] = True  # a head that is not a plain Linear is called again below
+        try:
+            fn = _head_fn(module, post, hidden.dtype, hidden.device)
+            selected = hidden[:, :-1][trainable[:, 1:]]
+            state["stats"] = _token_stats(lambda s, e: fn(selected[s:e]), targets.numel(), targets, chunk_size)
+            state["low"] = hidden.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(
+                hidden.device.type) or getattr(getattr(module, "weight", None), "dtype", None) in (torch.bfloat16, torch.float16)
+        finally:
+            state["busy"] = False
+        del state["hidden"]
+
+    handles = [backbone.register_forward_hook(on_backbone), head.register_forward_pre_hook(on_head)]
     try:
-        out = model(**_forward_kwargs(lm, batch, logits_to_keep=1))
+        out = model(**_forward_kwargs(lm, inputs, logits_to_keep=1))
     finally:
-        handle.remove()
-    if not captured or not isinstance(captured[-1][0], torch.Tensor):
+        for h in handles:
+            h.remove()
+    if "stats" not in state:
         return None
-    return out, captured[-1][0], captured[-1][1]
+    return out, state["stats"], state["low"]
 
 
-def _head_matches(head, lm, out, hidden, forward_autocast) -> bool:
-    head_fn = _head_fn(head, _logit_postprocess(lm), hidden.dtype, hidden.device, forward_autocast)
-    low_precision = forward_autocast in (torch.bfloat16, torch.float16)
-    return _reproduces_logits(head_fn, hidden, getattr(out, "logits", None), low_precision)
+def fused_head_installed(lm: nn.Module) -> bool:
+    """Whether TRL's ``add_fused_lm_head`` (TRL >= 1.16's ``SFTTrainer`` installs it) patched this
+    model's forward: ``model(..., labels=..., fused_lm_head=True)`` then returns per-token
+    log-probabilities and entropies without building the logits."""
+    fn = lm.__dict__.get("forward")
+    for _ in range(16):  # through wrappers that keep __wrapped__ (accelerate's autocast and fp32 outputs)
+        fn = getattr(fn, "__func__", fn)
+        code = getattr(fn, "__code__", None)
+        if code is not None and "fused_lm_head" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False
 
 
-_BYPASS = "does not run its backbone module, so the scorer cannot read its last hidden state"
+def _score_fused(model, inputs, labels, trainable):
+    out = model(**inputs, labels=labels.masked_fill(~trainable, IGNORE_INDEX), fused_lm_head=True, use_cache=False)
+    if getattr(out, "log_probs", None) is None or getattr(out, "entropy", None) is None:
+        raise RuntimeError("score_batch: TRL's fused LM head returned no entropy (installed without "
+                           "outputs=('log_probs', 'entropy', ...))")
+    at = trainable[:, 1:]
+    return (-out.log_probs[at]).float(), out.entropy[at].float()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, low_precision: bool) -> bool:
+    rtol = 3e-2 if low_precision else 1e-4
+    return a.shape == b.shape and bool(((a.float() - b.float()).abs().max() <= rtol * (1.0 + b.float().abs().max())).item())
+
+
+def fused_head_is_compact(device: torch.device) -> bool:
+    """Whether TRL's fused head projects only the labelled positions on ``device``: with Triton on
+    CUDA / XPU. Elsewhere (CPU) it projects every position, prompt and padding included, in large
+    tiles: slower and more memory than our head (benchmarks/speed.py --scoring)."""
+    from importlib.util import find_spec
+
+    return device.type in ("cuda", "xpu") and find_spec("triton") is not None
+
+
+def _verdict(model, lm) -> tuple[str, str | None]:
+    """(path, why the model's full logits are needed or None), from an 8-token probe: the model's
+    full logits (the truth), our head inside the forward, and TRL's fused head where installed.
+    Among the heads that reproduce the truth: TRL's where its kernel is compact (Triton), else ours,
+    else TRL's (it knows post-processings ours does not)."""
+    param = next(lm.parameters())
+    vocab = int(getattr(lm.config, "vocab_size", 0) or 0) or 8
+    ids = (torch.arange(1, 9, device=param.device) % vocab)[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    trainable = trainable_positions(ids.clone())
+    targets = ids[:, 1:][trainable[:, 1:]]
+    out = model(**_forward_kwargs(lm, inputs, logits_to_keep=0))
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.shape[1] != ids.shape[1]:
+        return "head", None  # nothing to compare with: trust the head
+    truth = _token_stats(lambda s, e: logits[0, :-1][s:e], targets.numel(), targets, 8)
+    low = logits.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(param.device.type)
+    got = _forward_with_head(model, lm, inputs, trainable, targets, 8)
+    low = low or (got is not None and got[2])
+    head_ok = got is not None and all(_close(a, b, low) for a, b in zip(got[1], truth))
+    fused_ok = False
+    if fused_head_installed(lm):
+        try:
+            fused = _score_fused(model, inputs, ids, trainable)
+        except (RuntimeError, TypeError) as err:  # an older or foreign patch: not used
+            warnings.warn(f"qtuning: TRL's fused LM head could not score ({err}); not using it", stacklevel=4)
+        else:
+            fused_ok = all(_close(a, b, low) for a, b in zip(fused, truth))
+    if fused_ok and (fused_head_is_compact(param.device) or not head_ok):
+        return "fused", None
+    if head_ok:
+        return "head", None
+    return "logits", _BYPASS if got is None else _MISMATCH
+
+
+_BYPASS = "does not run its backbone and output embedding modules, so the scorer cannot read its last hidden state"
 _MISMATCH = "post-processes its logits in a way the scorer does not reproduce"
 
 
-def _verdict(head, lm, forward) -> str | None:
-    """None when the scorer's own head reproduces the forward, else why not."""
-    if forward is None:
-        return _BYPASS
-    return None if _head_matches(head, lm, *forward) else _MISMATCH
-
-
-def _set_path(lm: nn.Module, why_not: str | None) -> None:
-    _HEAD_CHECKED.add(lm)
+def _set_path(lm: nn.Module, path: str, why_not: str | None) -> None:
+    _PATH[lm] = path
     if why_not is None:
-        _FALLBACK.discard(lm)
         return
-    _FALLBACK.add(lm)
     name = type(lm).__name__
     if name not in _WARNED:
         _WARNED.add(name)
         warnings.warn(
             f"qtuning: {name}'s forward {why_not}; scoring from the model's full logits instead "
             "(more memory).",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
 @torch.no_grad()
-def choose_scoring_path(model: nn.Module, agree: Callable[[bool], bool] | None = None) -> bool:
-    """Decide once, before training, how :func:`score_batch` scores ``model``: from the backbone's
-    last hidden state and the output embedding (True), or from the model's full logits (False),
-    by one probe forward on 8 tokens. ``agree`` turns this process's verdict into the one every
-    process uses (the callback passes an all-reduce, so that no rank runs a second forward alone).
+def choose_scoring_path(model: nn.Module, agree: Callable[[bool], bool] | None = None) -> str:
+    """Decide once, before training, how :func:`score_batch` scores ``model`` (one of
+    :data:`PATHS`), by probe forwards on 8 tokens compared with the model's own full logits.
+    ``agree`` turns "this process would not need the full logits" into the answer every process
+    uses (the callback passes an all-reduce, so that no rank runs other forwards than the rest).
     Call it in :func:`scoring_mode`, through the wrapper training uses."""
     lm = unwrap_causal_lm(model)
-    backbone, head = _backbone_and_head(lm)
-    param = next(lm.parameters())
-    vocab = int(getattr(lm.config, "vocab_size", 0) or 0) or 8
-    ids = (torch.arange(1, 9, device=param.device) % vocab)[None]
-    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    why_not = _verdict(head, lm, _forward_with_hidden(model, lm, backbone, probe))
-    if agree is not None and not agree(why_not is None):
-        why_not = why_not or "does not reproduce its logits on another process"
-    _set_path(lm, why_not)
-    return why_not is None
+    _backbone_and_head(lm)  # refuse a model that is no causal LM before any forward
+    path, why_not = _verdict(model, lm)
+    if agree is not None:
+        fused_everywhere = agree(path == "fused")
+        if not agree(path != "logits"):
+            path, why_not = "logits", why_not or "does not reproduce its logits on another process"
+        elif path == "fused" and not fused_everywhere:
+            path = "head"
+    _set_path(lm, path, why_not)
+    return path
 
 
-def _score_from_logits(model, lm, batch, trainable, targets, chunk_size):
-    logits = model(**_forward_kwargs(lm, batch, logits_to_keep=0)).logits
+def _score_from_logits(model, lm, inputs, trainable, targets, chunk_size):
+    logits = model(**_forward_kwargs(lm, inputs, logits_to_keep=0)).logits
     rows, cols = trainable[:, 1:].nonzero(as_tuple=True)
     return _token_stats(lambda s, e: logits[rows[s:e], cols[s:e]], targets.numel(), targets, chunk_size)
 
 
-def _assemble(nll, ent, trainable, input_tokens) -> Scores:
+def assemble(nll, ent, trainable, input_tokens) -> Scores:
     token_nll = torch.zeros(trainable.shape, dtype=torch.float32, device=trainable.device)
     token_ent = torch.zeros_like(token_nll)
     token_nll[trainable] = nll
