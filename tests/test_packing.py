@@ -256,3 +256,48 @@ def test_axolotl_v1_layout_and_left_padding_are_told_apart():
         left[k] = torch.stack([row.roll(int(t - m)) for row, m in zip(left[k], n)])
     left["position_ids"] = (left["attention_mask"].cumsum(1) - 1).clamp(min=0)
     assert packed_layout(left) is None
+
+
+def skewed_examples(lengths, seed=0):
+    """Samples of the given total lengths (prompt = a third), random tokens: a length-skewed bin."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tiny_tokenizer())
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        p = n // 3
+        out.append((ids, [-100] * p + ids[p:]))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["trl", "trl-padded-to-64", "axolotl"])
+def test_packed_scoring_equals_padded_scoring_per_segment_and_costs_the_packed_tokens(layout):
+    """One 300-token segment and ten of 12-20 tokens (lengths spread 25x): scored as the packed rows
+    come, each segment's ppl, entropy and per-token scores equal its scores alone, and the scoring
+    forward sees the packed tokens, not 11 rows padded to 300."""
+    from qtuning_plugin.core.packing import score_packed
+
+    exs = skewed_examples([300] + [12 + i for i in range(0, 20, 2)], seed=5)
+    if layout == "axolotl":
+        batch, _ = packed_axolotl(exs, rows=2)
+    else:
+        batch = packed_trl(exs, pad_to=64 if layout.endswith("64") else None)
+    model = tiny_model("llama", vocab_size=len(tiny_tokenizer()))
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+    kind = packed_layout(batch)
+    u = unpack(batch, kind)
+    with scoring_mode(model):
+        alone = score_batch(model, u.batch)
+        seen.clear()
+        packed = score_packed(model, batch, kind, u)
+    assert seen == [batch["input_ids"].numel()]  # one forward, over the packed rows as they are
+    assert batch["input_ids"].numel() < u.batch["input_ids"].numel() / 3
+    torch.testing.assert_close(packed.ppl, alone.ppl, rtol=1e-5, atol=0)
+    torch.testing.assert_close(packed.entropy, alone.entropy, rtol=1e-5, atol=0)
+    torch.testing.assert_close(packed.nll, alone.nll, rtol=1e-4, atol=1e-5)
+    assert torch.equal(packed.trainable, alone.trainable) and torch.equal(packed.input_tokens, alone.input_tokens)
+    # the segments are kept apart: with the packing ignored (one causal row), the scores differ
+    with scoring_mode(model):
+        leaked = score_batch(model, {"input_ids": batch["input_ids"], "labels": batch["labels"]})
+    assert not torch.allclose(leaked.nll[batch["labels"] != -100].sum(), alone.nll.sum(), rtol=1e-3)

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .scoring import IGNORE_INDEX
+from .scoring import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Scores, assemble, forward_inputs, score_positions
 
 logger = logging.getLogger(__name__)
 
@@ -61,52 +61,98 @@ class Unpacked:
     rows: list[int]
     starts: list[int]
     lengths: list[int]
+    packed: bool = True  # False for :func:`first_segment`'s stand-in, scored as the padded batch it is
+
+
+def _segment_table(batch: Mapping[str, Any], layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every segment of a packed batch, with a constant number of host syncs (not one per segment):
+
+    - ``table`` long [S, 3]: per segment, the flat index of its first token, its length, and its
+      label tokens after the causal shift;
+    - ``first`` bool [R, T]: True at each segment's first token;
+    - ``which`` long [R * T]: the segment of each flat position, -1 on padding.
+
+    A segment ends at the next one's start or at the first padding token; padding is no segment."""
+    if layout == "position_ids":
+        pos, mask = batch["position_ids"], batch.get("attention_mask")
+        valid = mask != 0 if mask is not None else torch.ones_like(pos, dtype=torch.bool)
+        first = pos == 0
+        first[:, 1:] |= valid[:, 1:] & ~valid[:, :-1]  # where padding ends
+    elif layout == "segment_ids":
+        ids = batch["attention_mask"]
+        valid = ids != 0
+        first = torch.ones_like(valid)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    else:
+        raise ValueError(f"unknown packed layout {layout!r}; expected one of {list(LAYOUTS)}")
+    first[:, 0] = True
+    first &= valid
+    flat_first, member = first.flatten(), valid.flatten()
+    # a real token's segment starts at the last first token before it (no padding lies between:
+    # the first real token after padding starts a segment)
+    which = torch.where(member, flat_first.long().cumsum(0) - 1, -1)
+    heads = flat_first.nonzero().squeeze(1)
+    labelled = member & (batch["labels"].flatten() != IGNORE_INDEX) & ~flat_first
+    at = which.clamp(min=0)
+    length = torch.zeros(heads.numel(), dtype=torch.long, device=heads.device).index_add_(0, at, member.long())
+    n_labels = torch.zeros_like(length).index_add_(0, at, labelled.long())
+    return torch.stack([heads, length, n_labels], 1), first, which
 
 
 def segments(batch: Mapping[str, Any], layout: str) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every segment of a packed batch, in order."""
-    out = []
-    if layout == "position_ids":
-        pos, mask = batch["position_ids"], batch.get("attention_mask")
-        for r in range(pos.shape[0]):
-            valid = mask[r] != 0 if mask is not None else torch.ones_like(pos[r], dtype=torch.bool)
-            # a segment starts at position 0 and where padding ends; padding is no segment
-            start = (pos[r] == 0) | torch.cat([valid[:1], valid[1:] & ~valid[:-1]])
-            start[0] = True
-            bounds = start.nonzero().squeeze(1).tolist() + [pos.shape[1]]
-            for s, e in zip(bounds, bounds[1:]):
-                end = s + int(valid[s:e].long().cumprod(0).sum())  # cut at the first padding token
-                if end > s:
-                    out.append((r, s, end))
-    elif layout == "segment_ids":
-        mask = batch["attention_mask"]
-        for r in range(mask.shape[0]):
-            ids = mask[r]
-            change = (ids[1:] != ids[:-1]).nonzero().squeeze(1).add(1).tolist()
-            bounds = [0] + change + [ids.numel()]
-            for s, e in zip(bounds, bounds[1:]):
-                if int(ids[s]) != 0:  # 0 is padding
-                    out.append((r, s, e))
-    else:
-        raise ValueError(f"unknown packed layout {layout!r}; expected one of {list(LAYOUTS)}")
-    return out
+    """(row, start, end) of every segment of a packed batch, in order (one host sync)."""
+    t = batch["input_ids"].shape[1]
+    return [(f // t, f % t, f % t + n) for f, n, _ in _segment_table(batch, layout)[0].tolist()]
 
 
 def unpack(batch: Mapping[str, Any], layout: str, pad_id: int = 0) -> Unpacked:
-    """The segments with at least one label token (after the causal shift) as a right-padded batch."""
+    """The segments with at least one label token (after the causal shift) as a right-padded batch
+    (gathered in one go: one host sync for the whole micro-batch)."""
     ids, labels = batch["input_ids"], batch["labels"]
-    kept = [(r, s, e) for r, s, e in segments(batch, layout) if (labels[r, s + 1:e] != IGNORE_INDEX).any()]
-    t = max((e - s for _, s, e in kept), default=1)
-    n = len(kept)
-    out = {"input_ids": torch.full((n, t), pad_id, dtype=ids.dtype, device=ids.device),
-           "attention_mask": torch.zeros((n, t), dtype=torch.long, device=ids.device),
-           "labels": torch.full((n, t), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)}
-    for i, (r, s, e) in enumerate(kept):
-        out["input_ids"][i, : e - s] = ids[r, s:e]
-        out["attention_mask"][i, : e - s] = 1
-        out["labels"][i, : e - s] = labels[r, s:e]
-        out["labels"][i, 0] = IGNORE_INDEX  # never predicted from the previous segment
-    return Unpacked(out, [r for r, _, _ in kept], [s for _, s, _ in kept], [e - s for _, s, e in kept])
+    t = ids.shape[1]
+    table, _, _ = _segment_table(batch, layout)
+    kept = [(f, n) for f, n, k in table.tolist() if k > 0]
+    width = max((n for _, n in kept), default=1)
+    device = ids.device
+    heads = torch.tensor([f for f, _ in kept], dtype=torch.long, device=device)
+    lengths = torch.tensor([n for _, n in kept], dtype=torch.long, device=device)
+    col = torch.arange(width, device=device)
+    inside = col[None] < lengths[:, None]
+    at = (heads[:, None] + col[None]).clamp(max=max(ids.numel() - 1, 0))
+    out = {"input_ids": ids.flatten()[at].masked_fill(~inside, pad_id),
+           "attention_mask": inside.long(),
+           "labels": labels.flatten()[at].masked_fill(~inside, IGNORE_INDEX)}
+    out["labels"][:, 0] = IGNORE_INDEX  # never predicted from the previous segment
+    return Unpacked(out, [f // t for f, _ in kept], [f % t for f, _ in kept], [n for _, n in kept])
+
+
+def score_packed(model, batch: Mapping[str, Any], layout: str, unpacked: Unpacked, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> Scores:
+    """Scores of ``unpacked``'s rows (the labelled segments of a packed micro-batch) from one forward
+    over the packed rows as they come, not padded to the longest segment: a bin holding one
+    3,000-token segment and twenty 50-token ones costs 4,000 tokens, as in training.
+
+    The model keeps the segments apart by their restarting ``position_ids`` (transformers builds a
+    block-causal mask from them when no ``attention_mask`` is passed; flash-attention kernels read
+    the varlen metadata, passed as the collator made it for TRL's padding-free rows), so each
+    segment is scored as if alone, as in :func:`unpack`'s padded batch."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    r, t = ids.shape
+    table, first, which = _segment_table(batch, layout)
+    inside = which >= 0
+    flat = torch.arange(r * t, device=ids.device)
+    # the position of each token within its segment; 0 on padding (a segment of its own)
+    position = torch.where(inside, flat - table[which.clamp(min=0), 0], 0).view(r, t)
+    trainable = inside.view(r, t) & (labels != IGNORE_INDEX) & ~first
+    inputs = {"input_ids": ids, "position_ids": position}
+    if layout == "position_ids" and "attention_mask" not in batch:  # TRL's rows: its varlen metadata as made
+        inputs.update({k: v for k, v in forward_inputs(batch).items() if k not in ("input_ids", "position_ids")})
+    nll, ent = score_positions(model, inputs, labels, trainable, chunk_size)
+    u_labels = unpacked.batch["labels"]
+    u_trainable = u_labels != IGNORE_INDEX
+    u_trainable[:, 0] = False
+    lengths = torch.tensor(unpacked.lengths, dtype=torch.long, device=ids.device)
+    return assemble(nll, ent, u_trainable, lengths)
 
 
 def repack(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: str, template: Mapping[str, Any],
@@ -202,7 +248,7 @@ def first_segment(batch: Mapping[str, Any], layout: str) -> Unpacked:
     one = {"input_ids": ids[row:row + 1, start:end],
            "attention_mask": torch.ones(1, end - start, dtype=torch.long, device=ids.device),
            "labels": torch.full((1, end - start), IGNORE_INDEX, dtype=batch["labels"].dtype, device=ids.device)}
-    return Unpacked(one, [row], [start], [end - start])
+    return Unpacked(one, [row], [start], [end - start], packed=False)
 
 
 def repack_kept(batches: Sequence[Mapping[str, Any]], unpacked: Sequence[Unpacked], keep: Sequence[torch.Tensor],

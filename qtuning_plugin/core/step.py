@@ -30,7 +30,8 @@ from .batch import fill_to_count, infer_pad_id, infer_padding_side, rebatch
 from .config import QTuningConfig
 from .decision import GlobalPool, decide
 from .distributed import Collectives
-from .packing import first_segment, masked_segment, packed_layout, repack_kept, split_to_count, unpack
+from .packing import (first_segment, masked_segment, packed_layout, repack_kept, score_packed, split_to_count,
+                      unpack)
 from .reference import ReferenceCache, excess, rising_samples, row_keys
 from .scoring import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Scores, score_batch, scoring_mode
 
@@ -221,7 +222,12 @@ def select_step(
         scored = fetched
 
     with scoring_mode(model):
-        scores = [score_batch(model, b, chunk_size=chunk_size) for b in scored]
+        if unpacked is None:
+            scores = [score_batch(model, b, chunk_size=chunk_size) for b in scored]
+        else:  # the packed rows as they come (not padded to the longest segment); a micro-batch
+            # without a labelled segment is its first segment, alone and masked
+            scores = [score_packed(model, b, layout, u, chunk_size=chunk_size) if u.packed else
+                      score_batch(model, u.batch, chunk_size=chunk_size) for b, u in zip(fetched, unpacked)]
         references = None
         if config.reference == "base":
             references = reference_nll(model, scored, scores, reference, collectives, chunk_size)
