@@ -382,7 +382,7 @@ def _refuse_unsupported(trainer: Trainer, config: QTuningConfig) -> None:
         # loss by its label-token count. Axolotl 0.19 switches this off for every model whose
         # forward() does not name `num_items_in_batch`; turn it back on when the model's loss
         # does use it (checked on a 4-token input), else refuse.
-        if not _loss_uses_num_items(lm):
+        if not _loss_uses_num_items(getattr(trainer, "model_wrapped", None) or trainer.model):
             raise ValueError(
                 f"QTuning: {type(trainer).__name__} averages per-micro-batch losses "
                 "(model_accepts_loss_kwargs is False, no compute_loss_func) and the model's loss "
@@ -393,14 +393,16 @@ def _refuse_unsupported(trainer: Trainer, config: QTuningConfig) -> None:
         trainer.model_accepts_loss_kwargs = True
 
 
-def _loss_uses_num_items(lm: torch.nn.Module) -> bool:
-    """Whether the model's own loss divides by ``num_items_in_batch`` when it is given."""
-    device = next(lm.parameters()).device
+def _loss_uses_num_items(model: torch.nn.Module) -> bool:
+    """Whether the model's own loss divides by ``num_items_in_batch`` when it is given: two forwards
+    on 4 tokens, through the model as training calls it (a DDP / FSDP wrapper once the Trainer has
+    wrapped it: sharded weights are gathered as in training, and every rank runs the same forwards)."""
+    device = next(model.parameters()).device
     ids = torch.tensor([[1, 2, 3, 4]], device=device)
     try:
-        with scoring_mode(lm), torch.no_grad():
-            mean = lm(input_ids=ids, labels=ids, use_cache=False).loss
-            summed = lm(input_ids=ids, labels=ids, use_cache=False, num_items_in_batch=1).loss
+        with scoring_mode(model), torch.no_grad():
+            mean = model(input_ids=ids, labels=ids, use_cache=False).loss
+            summed = model(input_ids=ids, labels=ids, use_cache=False, num_items_in_batch=1).loss
     except TypeError:
         return False
     return bool(torch.isclose(summed, mean * 3, rtol=1e-3))

@@ -130,7 +130,7 @@ def main(out: str, mode: str) -> None:
     record["steps"] = trainer.state.global_step
     from qtuning_plugin.core import scoring
 
-    record["full_logits"] = model in scoring._FALLBACK
+    record["full_logits"] = scoring.scoring_path(model) == "logits"
     if cb._reference is not None:
         record["reference"] = {"forwards": cb._reference.forwards, "cached": len(cb._reference)}
     torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")

@@ -116,6 +116,30 @@ def test_first_step_gradient_is_the_mean_ce_over_all_ranks_kept_tokens(runs, poo
         torch.testing.assert_close(records[1]["grads"][name], got, rtol=0, atol=0)  # DDP: same on both ranks
 
 
+def test_fsdp2_scores_inside_the_forward_and_the_gradient_is_the_mean_ce_over_the_kept_tokens(tmp_path):
+    """FSDP version 2 (torch's fully_shard; Accelerate does not enable FSDP on CPU, see
+    tests/fsdp_worker.py), two CPU processes on gloo, one step as recipes/custom_loop.py runs it: the
+    LM head's weight is a shard outside the forward, so the scorer computes its statistics inside
+    the wrapped model's forward (a pre-hook on the head), where FSDP has gathered it. Same rows kept,
+    same first gradient as one process's mean CE over the kept tokens of both ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+                           "--master_port", "29590", str(HERE / "fsdp_worker.py"), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert [r["head_weight"] for r in records] == ["DTensor"] * 2  # sharded outside the forward
+    assert [r["head_weight_after_forward"] for r in records] == ["DTensor"] * 2
+    assert [r["path"] for r in records] == ["head"] * 2 and all(r["pruned"] for r in records)
+    want, count, kept_rows = reference_gradient(records, QTuningConfig(sample_ratio=0.25, token_ratio=0.5))
+    for rank, rec in enumerate(records):
+        assert sorted(trained_rows(rec)) == sorted(kept_rows[rank]) and len(kept_rows[rank]) == 2
+        assert rec["num_items"][0] == count
+    for name, g in want.items():
+        assert relative_error(records[0]["grads"][name], g) < 1e-5, name
+        torch.testing.assert_close(records[1]["grads"][name], records[0]["grads"][name], rtol=0, atol=0)
+
+
 def test_global_pool_ranks_against_the_other_rank():
     """What `pool: global` changes, on hand-made scores: a rank whose samples all have a higher
     error than the other rank's is no longer judged against itself alone."""
