@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_speed_benchmark_quick_mode(tmp_path):
     out = tmp_path / "speed"
-    arms = ["full", "qt-100x100", "qt-25x50", "qt-12.5x50", "qt-25x50-guard", "qt-25x50-guard-revisit"]
+    arms = ["full", "qt-100x100", "qt-25x50", "qt-12.5x50", "qt-25x50-guard", "qt-25x50-guard-revisit",
+            "full-packed", "qt-25x50-packed"]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out),
                            "--arms", *arms], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -26,6 +27,24 @@ def test_speed_benchmark_quick_mode(tmp_path):
         assert table[arm]["score_median_s"] > 0 and table[arm]["floor"] > 0
     assert table["qt-100x100"]["score_median_s"] == 0  # nothing to prune: no scoring pass
     assert "| qt-25x50 |" in out.with_suffix(".md").read_text()
+    # the packed arms: TRL packing, ratios to full-packed
+    assert table["full-packed"]["epoch_ratio"] == 1.0
+    assert table["qt-25x50-packed"]["score_median_s"] > 0 and table["qt-25x50-packed"]["floor"] > 0
+
+
+def test_scoring_benchmark_quick_mode(tmp_path):
+    out = tmp_path / "scoring"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--scoring", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    calls = set(result["seconds"])
+    assert {"packed: no-grad forward", "packed: scoring, packed rows", "padded: scoring, our head"} <= calls
+    assert result["agree"]["packed_vs_padded_ppl_max_rel"] < 1e-5
+    if "padded: scoring, TRL fused head" in calls:  # where TRL has it
+        assert result["agree"]["fused_vs_head_ppl_max_rel"] < 1e-5
+    assert result["tokens"]["packed rows"] < result["tokens"]["padded to the longest"] / 3
+    assert all(v > 0 for v in result["memory"].values())
 
 
 def test_quality_benchmark_quick_mode(tmp_path):
