@@ -272,7 +272,7 @@ def skewed_examples(lengths, seed=0):
 
 @pytest.mark.parametrize("layout", ["trl", "trl-padded-to-64", "axolotl"])
 def test_packed_scoring_equals_padded_scoring_per_segment_and_costs_the_packed_tokens(layout):
-    """One 300-token segment and ten of 12-20 tokens (lengths spread 25x): scored as the packed rows
+    """One 300-token segment and ten of 12-30 tokens (lengths spread 25x): scored as the packed rows
     come, each segment's ppl, entropy and per-token scores equal its scores alone, and the scoring
     forward sees the packed tokens, not 11 rows padded to 300."""
     from qtuning_plugin.core.packing import score_packed
