@@ -275,13 +275,12 @@ def score_positions(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels
     got = _forward_with_head(model, lm, inputs, trainable, targets, chunk_size)
     if got is None:
         raise RuntimeError(f"score_batch: {type(lm).__name__}'s forward no longer ran its backbone and head modules")
-    return got[1]
+    return got[0]
 
 
 def _forward_with_head(model, lm, inputs, trainable, targets, chunk_size):
     """One forward of ``model`` (logits for the last position only) in which our head computes the
-    statistics at ``trainable``: (output, (nll, entropy), whether the head ran in half precision),
-    or None when the forward did not run the backbone and head modules (e.g. ``BartForCausalLM``
+    statistics at ``trainable``: ((nll, entropy), whether the head ran in half precision), or None when the forward did not run the backbone and head modules (e.g. ``BartForCausalLM``
     calls ``model.decoder`` directly)."""
     backbone, head = _backbone_and_head(lm)
     post = _logit_postprocess(lm)
@@ -307,13 +306,13 @@ def _forward_with_head(model, lm, inputs, trainable, targets, chunk_size):
 
     handles = [backbone.register_forward_hook(on_backbone), head.register_forward_pre_hook(on_head)]
     try:
-        out = model(**_forward_kwargs(lm, inputs, logits_to_keep=1))
+        model(**_forward_kwargs(lm, inputs, logits_to_keep=1))
     finally:
         for h in handles:
             h.remove()
     if "stats" not in state:
         return None
-    return out, state["stats"], state["low"]
+    return state["stats"], state["low"]
 
 
 def fused_head_installed(lm: nn.Module) -> bool:
@@ -373,8 +372,8 @@ def _verdict(model, lm) -> tuple[str, str | None]:
     truth = _token_stats(lambda s, e: logits[0, :-1][s:e], targets.numel(), targets, 8)
     low = logits.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(param.device.type)
     got = _forward_with_head(model, lm, inputs, trainable, targets, 8)
-    low = low or (got is not None and got[2])
-    head_ok = got is not None and all(_close(a, b, low) for a, b in zip(got[1], truth))
+    low = low or (got is not None and got[1])
+    head_ok = got is not None and all(_close(a, b, low) for a, b in zip(got[0], truth))
     fused_ok = False
     if fused_head_installed(lm):
         try:
