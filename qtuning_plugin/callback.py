@@ -188,9 +188,13 @@ class QTuning(TrainerCallback, ExportableState):
         saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
         if not isinstance(saved, dict) or not state.global_step:
             return
-        totals = saved.get("attributes", {}).get("totals")
+        attributes = saved.get("attributes") or {}
+        totals = attributes.get("totals")
         if isinstance(totals, dict):
             self.totals.update(totals)
+        suspects = attributes.get("reference_suspects")
+        if self._reference is not None and self.config.reference_sticky and isinstance(suspects, list):
+            self._reference.suspected.update(k for k in suspects if isinstance(k, str))
         saved_config = {k: v for k, v in (saved.get("args") or {}).items() if k not in ("chunk_size", "log_decisions")}
         try:  # a checkpoint of an older version lacks newer fields: compare with their defaults
             same = QTuningConfig.from_dict(saved_config) == self.config
@@ -207,8 +211,12 @@ class QTuning(TrainerCallback, ExportableState):
         """Saved in checkpoints. ``args`` are every constructor argument: with
         ``restore_callback_states_from_checkpoint=True`` the Trainer rebuilds the callback from them."""
         log = None if self.log_decisions is None else os.fspath(self.log_decisions)
+        attributes = {"totals": dict(self.totals)}
+        if self._reference is not None and self.config.reference_sticky:
+            # the samples flagged so far (content keys), flagged again after a resume
+            attributes["reference_suspects"] = sorted(self._reference.suspected)
         return {"args": {**self.config.to_dict(), "chunk_size": self.chunk_size, "log_decisions": log},
-                "attributes": {"totals": dict(self.totals)}}
+                "attributes": attributes}
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if not self._fetched:
@@ -253,10 +261,10 @@ class QTuning(TrainerCallback, ExportableState):
         num_items = trainer._get_num_items_in_batch(real, device)  # collective under DDP: every rank
         return stand_ins + real, num_items
 
-    def _decide(self, scores, references=None) -> StepDecision:
+    def _decide(self, scores, references=None, prior=None) -> StepDecision:
         """The step's decision from its scores (``core.decide_step``); subclasses may replace it
         (the benchmarks' random-pruning baseline does)."""
-        return decide_step(scores, self.config, references, Collectives(self._device()))
+        return decide_step(scores, self.config, references, Collectives(self._device()), prior)
 
     def _device(self):
         trainer = self.trainer

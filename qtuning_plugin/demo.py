@@ -183,12 +183,14 @@ class _ComparedWithThePaper(QTuning):
     def __init__(self, config: QTuningConfig, **kw):
         super().__init__(config, **kw)
         paper = QTuningConfig.from_dict({**config.to_dict(), **{f: getattr(QTuningConfig(), f) for f in
-                                         ("top_up", "keep_tokens", "warmup_steps", "reference", "token_budget")}})
+                                         ("top_up", "keep_tokens", "warmup_steps", "reference", "reference_margin",
+                                          "reference_spread", "reference_sticky", "reference_tokens",
+                                          "token_budget")}})
         self._paper = None if paper == config else paper
         self.paper_keep: dict[int, list[bool]] = {}  # step -> keep over the pool, in decision-log order
 
-    def _decide(self, scores, references=None):
-        result = super()._decide(scores, references)  # a StepDecision
+    def _decide(self, scores, references=None, prior=None):
+        result = super()._decide(scores, references, prior)  # a StepDecision
         if self._paper is not None:
             trainer = self.trainer
             step = (trainer.state.global_step if trainer is not None else len(self.paper_keep)) + 1

@@ -19,6 +19,9 @@ def test_defaults_are_the_papers():
         "warmup_steps": 0,
         "reference": "none",
         "reference_margin": 0.5,
+        "reference_spread": 0.0,
+        "reference_sticky": False,
+        "reference_tokens": False,
     }
     assert not cfg.prunes_nothing
     assert QTuningConfig(sample_ratio=1, token_ratio=1).prunes_nothing

@@ -10,7 +10,8 @@ import torch
 
 from qtuning_plugin import QTuning, QTuningConfig
 from qtuning_plugin.core import Scores, decide, kept_count, score_batch, scoring_mode, triage
-from qtuning_plugin.core.reference import ReferenceCache, adapter_switch, excess, rising_samples, row_keys
+from qtuning_plugin.core.reference import (ReferenceCache, adapter_switch, excess, rising_samples, rising_tokens,
+                                            row_keys)
 from qtuning_plugin.core.scoring import trainable_positions
 from tiny import arithmetic_dataset, padded_batch, tiny_model, tiny_tokenizer
 
@@ -234,3 +235,134 @@ def test_reference_margin_is_validated(bad):
     with pytest.raises(ValueError, match=r"reference must be one of \['none', 'base'\]"):
         QTuningConfig(reference="initial")
     assert QTuningConfig.from_dict({"reference": "base", "reference_margin": 2}).reference_margin == 2.0
+
+
+def test_spread_raises_the_threshold_by_the_pools_median_absolute_deviation():
+    # every sample: two tokens fell one nat below the base, one rose by r (the pool fell overall)
+    rises = [0.0, 0.4, 0.8, 1.2, 3.0]  # median 0.8, median absolute deviation 0.4
+    current = make_scores([[0.5, 0.5, 2.0]] * 5)
+    base = make_scores([[1.5, 1.5, 2.0 - r] for r in rises]).nll
+    assert excess([current], [base])[0].tolist() == pytest.approx(rises, abs=1e-6)
+    # margin alone (spread 0, the first rule): above 0.8 + 0.3
+    assert rising_samples([current], [base], margin=0.3).tolist() == [False, False, False, True, True]
+    assert rising_samples([current], [base], margin=0.3, spread=0.0).tolist() == [False, False, False, True, True]
+    # plus two deviations: above 0.8 + 0.3 + 0.8 = 1.9
+    assert rising_samples([current], [base], margin=0.3, spread=2.0).tolist() == [False, False, False, False, True]
+    # plus six: above 3.5, nothing
+    assert not rising_samples([current], [base], margin=0.3, spread=6.0).any()
+
+
+def test_sticky_flags_a_sample_again_after_its_rise_is_gone():
+    from qtuning_plugin.core import select_step
+
+    model, _ = lora_model()
+    batch = padded_batch([8, 7, 9, 6, 8, 7, 9, 6], [2] * 8, seed=5)
+    with scoring_mode(model):
+        current = score_batch(model, batch)
+    keys = row_keys(batch, current.trainable)
+    plain = QTuningConfig(sample_ratio=0.5, token_ratio=1.0)
+    plain_keep = select_step(model, [batch], plain).decision.keep[0]
+    victim = int(plain_keep.nonzero()[0])
+    last = int(current.trainable[victim].nonzero()[-1])
+
+    def cache_with(rise):
+        """A cache in which the pool fell one nat per token and the victim's last token rose by ``rise``."""
+        cache = ReferenceCache()
+        for row, key in enumerate(keys):
+            ref = current.nll[row] + 1.0
+            if row == victim:
+                ref[last] = current.nll[row, last] - rise
+            cache.nll[key] = ref[current.trainable[row]].float().clone()
+        return cache
+
+    for sticky in (False, True):
+        config = plain.replace(reference="base", reference_margin=1.0, reference_sticky=sticky)
+        cache = cache_with(rise=1.5)
+        first = select_step(model, [batch], config, reference=cache).decision
+        assert first.suspects.tolist() == [i == victim for i in range(8)]
+        assert not first.keep[0][victim]
+        assert cache.suspected == ({keys[victim]} if sticky else set())
+        cache.nll.update(cache_with(rise=-1.0).nll)  # the rise is gone at the next sighting
+        second = select_step(model, [batch], config, reference=cache).decision
+        assert second.suspects.tolist() == [sticky and i == victim for i in range(8)]
+        assert bool(second.keep[0][victim]) is not sticky
+        assert cache.forwards == 0  # every row was cached: no reference forward
+
+
+def test_sticky_suspects_are_saved_and_restored():
+    from types import SimpleNamespace
+
+    callback = QTuning(reference="base", reference_sticky=True)
+    callback._reference.suspected.update({"b" * 24, "a" * 24})
+    saved = callback.state()
+    assert saved["attributes"]["reference_suspects"] == ["a" * 24, "b" * 24]
+    resumed = QTuning(reference="base", reference_sticky=True)
+    resumed._restore_from(SimpleNamespace(global_step=3, stateful_callbacks={"QTuning": saved}))
+    assert resumed._reference.suspected == {"a" * 24, "b" * 24}
+    # not sticky: nothing saved, nothing restored
+    assert "reference_suspects" not in QTuning(reference="base").state()["attributes"]
+    other = QTuning(reference="base")
+    other._restore_from(SimpleNamespace(global_step=3, stateful_callbacks={"QTuning": saved}))
+    assert not other._reference.suspected
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "2", True])
+def test_reference_spread_and_sticky_are_validated(bad):
+    with pytest.raises(ValueError, match=r"reference_spread must be a finite number >= 0"):
+        QTuningConfig(reference_spread=bad)
+    with pytest.raises(ValueError, match="reference_sticky must be true or false"):
+        QTuningConfig(reference_sticky=1)
+    with pytest.raises(ValueError, match="reference_tokens must be true or false"):
+        QTuningConfig(reference_tokens="yes")
+    config = QTuningConfig.from_dict({"reference": "base", "reference_spread": 2, "reference_sticky": True})
+    assert config.reference_spread == 2.0 and config.reference_sticky is True
+
+
+def test_rising_tokens_are_never_kept_in_a_pruned_sample():
+    from qtuning_plugin.core import decide_step
+
+    g = torch.Generator().manual_seed(0)
+    current = make_scores((torch.rand(8, 4, generator=g) * 3).tolist())
+    config = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, keep_tokens="highest")
+    plain = decide_step([current], config)
+    pruned = (plain.prune[0] & plain.keep[0]).nonzero().squeeze(1).tolist()
+    assert pruned, "the pool needs a kept misconception sample"
+    p = pruned[0]
+    t = int(plain.token_keep[0][p].nonzero()[0])  # a token the plain decision trains
+    # the pool fell one nat per token; each sample has one token with a rise, graded: median -0.4
+    # (torch's median: the lower middle value), median absolute deviation 0.3; sample p's kept
+    # token t rose by 1.0
+    others = iter([-1.0, -0.8, -0.6, -0.4, -0.2, -0.1, 0.0])
+    base = current.nll + 1.0
+    for row in range(8):
+        col = t if row == p else 1
+        base[row, col] = current.nll[row, col] - (1.0 if row == p else next(others))
+    base = base.masked_fill(~current.trainable, float("nan"))
+    guarded = config.replace(reference="base", reference_margin=0.5, reference_spread=4.0)
+    # the sample rule (above -0.4 + 0.5 + 4 x 0.3 = 1.3) flags nobody; the token rule (above 0.1) flags t
+    assert not rising_samples([current], [base], 0.5, 4.0).any()
+    assert rising_tokens([current], [base], 0.5)[0].nonzero().tolist() == [[p, t]]
+    without = decide_step([current], guarded, [base])
+    assert torch.equal(without.token_keep[0], plain.token_keep[0])  # reference_tokens off: same tokens
+    with_tokens = decide_step([current], guarded.replace(reference_tokens=True), [base])
+    assert torch.equal(with_tokens.keep[0], plain.keep[0])
+    keep_p = with_tokens.token_keep[0][p]
+    assert not keep_p[t]
+    assert int(keep_p.sum()) == int(plain.token_keep[0][p].sum())  # its budget, from its other tokens
+    rows = [r for r in range(8) if r != p]
+    assert torch.equal(with_tokens.token_keep[0][rows], plain.token_keep[0][rows])
+
+
+def test_token_keep_mask_avoids_positions_and_keeps_k_of_the_others():
+    from qtuning_plugin.core.tokens import token_keep_mask
+
+    nll = torch.tensor([[0.1, 3.0, 2.0, 1.0, 0.5, 0.0]])
+    trainable = torch.tensor([[False, True, True, True, True, True]])
+    avoid = torch.zeros_like(trainable)
+    avoid[0, 1] = True
+    highest = token_keep_mask(nll, trainable, 0.4, 0.0, "highest")  # k = 2 of 5
+    assert highest.nonzero()[:, 1].tolist() == [1, 2]
+    assert token_keep_mask(nll, trainable, 0.4, 0.0, "highest", avoid).nonzero()[:, 1].tolist() == [2, 3]
+    # fewer other tokens than k: all of them, never an avoided one
+    most = trainable & ~torch.tensor([[False, False, False, True, True, True]])
+    assert token_keep_mask(nll, trainable, 1.0, 0.0, "lowest", most).nonzero()[:, 1].tolist() == [3, 4, 5]

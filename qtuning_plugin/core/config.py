@@ -62,6 +62,16 @@ class QTuningConfig:
       to another sample; see :mod:`qtuning_plugin.core.reference`). ``"none"`` (the paper).
     - ``reference_margin`` > 0: how far, in nats, a sample's largest rise must exceed the pool's
       median rise to be flagged (0.5: a factor e^0.5 = 1.65 in that token's probability).
+    - ``reference_spread`` >= 0: the threshold also rises by this many median absolute deviations
+      of the pool's rises, so that a pool whose correct answers all drift (long worked answers)
+      flags fewer of them; 0 (the first rule) uses the margin alone.
+    - ``reference_sticky``: a sample once flagged stays flagged at its later sightings (by its
+      content key, saved with checkpoints). Without it, a wrong answer trained once (as with
+      ``keep_tokens="highest"``, which trains its surprising tokens) is learned and stops rising.
+    - ``reference_tokens``: inside the misconception samples whose tokens are pruned, a token whose
+      NLL rose above its base by more than the pool's median largest rise plus ``reference_margin``
+      is never kept (the row keeps its budget of other tokens): a wrong answer's contradicting
+      tokens, in a sample the sample rule did not flag.
 
     Any other name, a value of the wrong type, NaN or a value out of range raises ``ValueError``
     naming the field and what it accepts. ``dataclasses.asdict`` / ``from_dict`` round-trip.
@@ -77,6 +87,9 @@ class QTuningConfig:
     warmup_steps: int
     reference: str
     reference_margin: float
+    reference_spread: float
+    reference_sticky: bool
+    reference_tokens: bool
 
     def __init__(
         self,
@@ -91,6 +104,9 @@ class QTuningConfig:
         warmup_steps: int = 0,
         reference: str = "none",
         reference_margin: float = 0.5,
+        reference_spread: float = 0.0,
+        reference_sticky: bool = False,
+        reference_tokens: bool = False,
         **unknown: Any,
     ) -> None:
         if "preset" in unknown:
@@ -118,6 +134,17 @@ class QTuningConfig:
             raise ValueError(f"QTuningConfig.reference_margin must be a finite number > 0 (nats), "
                              f"got {reference_margin!r}")
         set_(self, "reference_margin", float(reference_margin))
+        if (isinstance(reference_spread, bool) or not isinstance(reference_spread, numbers.Real)
+                or not math.isfinite(reference_spread) or reference_spread < 0):
+            raise ValueError(f"QTuningConfig.reference_spread must be a finite number >= 0 (median absolute "
+                             f"deviations), got {reference_spread!r}")
+        set_(self, "reference_spread", float(reference_spread))
+        if not isinstance(reference_sticky, bool):
+            raise ValueError(f"QTuningConfig.reference_sticky must be true or false, got {reference_sticky!r}")
+        set_(self, "reference_sticky", reference_sticky)
+        if not isinstance(reference_tokens, bool):
+            raise ValueError(f"QTuningConfig.reference_tokens must be true or false, got {reference_tokens!r}")
+        set_(self, "reference_tokens", reference_tokens)
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any] | None) -> "QTuningConfig":

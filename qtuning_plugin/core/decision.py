@@ -46,7 +46,7 @@ class Decision:
 
 
 def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalPool | None = None,
-           eligible: torch.Tensor | None = None) -> Decision:
+           eligible: torch.Tensor | None = None, avoid_tokens: Sequence[torch.Tensor] | None = None) -> Decision:
     """Run both stages of Q-Tuning on a pool whose batches were scored by ``score_batch``.
 
     Rows without a score (no trainable token, or a NaN from a broken forward) are not samples:
@@ -56,7 +56,8 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
     rank's; the token stage is per sample and needs only this rank's scores.
 
     ``eligible`` (bool [n] over the pool, the reference guard's verdict; None: all): samples
-    marked False are never kept, but K still counts them (see :func:`triage`)."""
+    marked False are never kept, but K still counts them (see :func:`triage`). ``avoid_tokens``
+    (bool [B_i, T_i] per batch, ``reference_tokens``): tokens never kept in a pruned (Q2) row."""
     if not scores:
         raise ValueError("decide: the pool is empty")
     sizes = [s.ppl.numel() for s in scores]
@@ -78,11 +79,12 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
 
     # Rows whose tokens are pruned; every other kept row keeps all its trainable positions.
     candidates = [s.trainable & p[:, None] for s, p in zip(scores, prune)]
+    avoid = list(avoid_tokens) if avoid_tokens is not None else [None] * len(scores)
     if config.token_ratio == 1:
         pruned_keep = candidates
     elif config.token_budget == "sample":
-        pruned_keep = [token_keep_mask(s.nll, c, config.token_ratio, config.neighbor_lambda, config.keep_tokens)
-                       for s, c in zip(scores, candidates)]
+        pruned_keep = [token_keep_mask(s.nll, c, config.token_ratio, config.neighbor_lambda, config.keep_tokens, a)
+                       for s, c, a in zip(scores, candidates, avoid)]
     else:  # "batch": the authors' code drop, one budget round(r_s r_t N) over the pool's N tokens
         # (of its samples: rows without a score, e.g. without any label token, are not in the pool)
         pool_tokens = sum(int(s.input_tokens[~(s.ppl.isnan() | s.entropy.isnan())].sum()) for s in scores)
@@ -90,6 +92,8 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
         n_drop = max(0, kept_tokens - round(config.sample_ratio * config.token_ratio * pool_tokens))
         pruned_keep = pooled_token_keep_mask([s.nll for s in scores], candidates, n_drop,
                                              config.neighbor_lambda, config.keep_tokens)
+    if avoid_tokens is not None and (config.token_ratio == 1 or config.token_budget == "batch"):
+        pruned_keep = [pk & ~a for pk, a in zip(pruned_keep, avoid)]  # chosen without them above otherwise
     token_keep = [
         torch.where(p[:, None], pk, s.trainable) & k[:, None]
         for s, k, p, pk in zip(scores, keep, prune, pruned_keep)

@@ -70,6 +70,7 @@ class ReferenceCache:
     def __init__(self) -> None:
         self.nll: dict[str, torch.Tensor] = {}
         self.forwards = 0  # reference forwards run (each over one micro-batch)
+        self.suspected: set[str] = set()  # reference_sticky: the keys of every sample flagged so far
 
     def __len__(self) -> int:
         return len(self.nll)
@@ -93,6 +94,14 @@ class ReferenceCache:
         for row, key in enumerate(keys):
             if key and key not in self.nll:
                 self.nll[key] = nll[row][trainable[row]].clone()
+
+    def flagged_before(self, keys: Sequence[str]) -> torch.Tensor:
+        """bool [B]: the rows whose key was flagged at an earlier sighting (``reference_sticky``)."""
+        return torch.tensor([bool(k) and k in self.suspected for k in keys], dtype=torch.bool)
+
+    def remember(self, keys: Sequence[str], flagged: torch.Tensor) -> None:
+        """Add the flagged rows' keys to :attr:`suspected`."""
+        self.suspected.update(k for k, f in zip(keys, flagged.tolist()) if f and k)
 
     def lookup(self, scores: Scores, keys: Sequence[str]) -> torch.Tensor:
         """float32 [B, T]: the cached base NLL at each row's trainable positions (NaN for a row
@@ -120,15 +129,18 @@ def excess(scores: Sequence[Scores], references: Sequence[torch.Tensor]) -> tupl
     return torch.cat(largest), torch.cat(mean)
 
 
-def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor], margin: float) -> torch.Tensor:
+def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor], margin: float,
+                   spread: float = 0.0) -> torch.Tensor:
     """bool [n] over the pool (batches in order): samples suspected of a wrong label.
 
     Each sample's *rise* is the largest (NLL - base NLL) over its label tokens. Once the pool's
     loss has fallen below the base (the median over its samples of mean NLL - mean base NLL is
     below zero), a sample is flagged when its rise exceeds the pool's median rise by more than
-    ``margin`` nats. The median makes the rule relative to the pool: longer answers have more
-    tokens, so a larger largest rise, wrong label or not. Rows without a score or a reference are
-    never flagged, and while the pool has not improved on the base (the first steps) nothing is.
+    ``margin`` nats plus ``spread`` median absolute deviations of the pool's rises. The median
+    makes the rule relative to the pool: longer answers have more tokens, so a larger largest
+    rise, wrong label or not; the deviation scales it to how much the pool's rises differ (long
+    worked answers drift more, wrong or not). Rows without a score or a reference are never
+    flagged, and while the pool has not improved on the base (the first steps) nothing is.
 
     Chosen from the quality benchmark's evidence (``qtuning-observe-25x50`` records the rises):
     over 3 epochs of SmolLM2-135M, a wrong answer's largest rise had a median of +0.2 nats
@@ -139,7 +151,29 @@ def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor],
     known = ~torch.isnan(mean)
     if not known.any() or not bool(mean[known].median() < 0):
         return torch.zeros_like(known)
-    return known & (largest > largest[known].median() + margin)
+    rises = largest[known]
+    centre = rises.median()
+    threshold = centre + margin + spread * (rises - centre).abs().median()
+    return known & (largest > threshold)
 
 
-__all__ = ["adapter_switch", "row_keys", "ReferenceCache", "excess", "rising_samples"]
+def rising_tokens(scores: Sequence[Scores], references: Sequence[torch.Tensor], margin: float) -> list[torch.Tensor]:
+    """bool [B, T] per batch of the pool: the label tokens whose NLL rose above their base NLL by
+    more than the pool's median largest rise plus ``margin`` (the first sample rule's threshold,
+    applied per token), once the pool's loss fell below the base (nothing before, as in
+    :func:`rising_samples`). ``reference_tokens``: such tokens are never kept in a pruned
+    (misconception) sample: a wrong answer's contradicting tokens, in a sample not flagged."""
+    largest, mean = excess(scores, references)
+    known = ~torch.isnan(mean)
+    none = [torch.zeros_like(s.trainable, dtype=torch.bool) for s in scores]
+    if not known.any() or not bool(mean[known].median() < 0):
+        return none
+    threshold = largest[known].median() + margin
+    out = []
+    for s, ref in zip(scores, references):
+        delta = s.nll.double() - ref.to(s.nll.device).double()
+        out.append(s.trainable & ~torch.isnan(delta) & (delta > threshold))
+    return out
+
+
+__all__ = ["adapter_switch", "row_keys", "ReferenceCache", "excess", "rising_samples", "rising_tokens"]

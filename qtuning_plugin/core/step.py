@@ -32,7 +32,7 @@ from .decision import GlobalPool, decide
 from .distributed import Collectives
 from .packing import (first_segment, masked_segment, packed_layout, repack_kept, score_packed, split_to_count,
                       unpack)
-from .reference import ReferenceCache, excess, rising_samples, row_keys
+from .reference import ReferenceCache, excess, rising_samples, rising_tokens, row_keys
 from .scoring import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Scores, score_batch, scoring_mode
 
 logger = logging.getLogger(__name__)
@@ -98,12 +98,14 @@ def check_batch(batch: Mapping[str, Any]) -> None:
 
 
 def reference_nll(model: nn.Module, scored: Sequence[Mapping[str, torch.Tensor]], scores: Sequence[Scores],
-                  cache: ReferenceCache, collectives: Collectives, chunk_size: int = DEFAULT_CHUNK_SIZE
-                  ) -> list[torch.Tensor]:
+                  cache: ReferenceCache, collectives: Collectives, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  keys: Sequence[Sequence[str]] | None = None) -> list[torch.Tensor]:
     """``reference: base``: the base model's NLL [B, T] of each micro-batch's rows. A micro-batch
     holding a row not in ``cache`` is scored once more, adapters off; which micro-batches are is
-    decided by all ranks together (one all-reduce), so every rank runs the same forwards."""
-    keys = [row_keys(b, s.trainable) for b, s in zip(scored, scores)]
+    decided by all ranks together (one all-reduce), so every rank runs the same forwards.
+    ``keys``: each micro-batch's :func:`~qtuning_plugin.core.reference.row_keys`, if computed."""
+    if keys is None:
+        keys = [row_keys(b, s.trainable) for b, s in zip(scored, scores)]
     needed = collectives.all_reduce_max([int(cache.missing(k)) for k in keys])
     for batch, k, need in zip(scored, keys, needed):
         if need:
@@ -129,18 +131,27 @@ def gather_pool(scores: Sequence[Scores], collectives: Collectives,
 
 
 def decide_step(scores: Sequence[Scores], config: QTuningConfig, references: Sequence[torch.Tensor] | None = None,
-                collectives: Collectives | None = None) -> StepDecision:
+                collectives: Collectives | None = None, prior: Sequence[torch.Tensor] | None = None
+                ) -> StepDecision:
     """Algorithm 1 on each pool of a step (``pool``: the whole step, each micro-batch, or every
     rank's step), per scored micro-batch. ``references``: the base NLL of each micro-batch
     (``reference: base``); its rising samples (:func:`~qtuning_plugin.core.reference.rising_samples`)
-    are not kept, and K still counts them."""
+    are not kept, and K still counts them. ``prior`` (``reference_sticky``): bool [B] per
+    micro-batch, the rows flagged at an earlier sighting, flagged again. With ``reference_tokens``
+    the pruned rows never keep a rising token (:func:`~qtuning_plugin.core.reference.rising_tokens`)."""
     n = len(scores)
     pools = [[i] for i in range(n)] if config.pool == "micro_batch" else [list(range(n))]
     eligible: list[torch.Tensor | None] = [None] * len(pools)
+    avoid: list[list[torch.Tensor] | None] = [None] * len(pools)
     suspects = rises = None
     if references is not None:
-        flagged = [rising_samples([scores[i] for i in pool], [references[i] for i in pool], config.reference_margin)
-                   for pool in pools]
+        if config.reference_tokens:
+            avoid = [rising_tokens([scores[i] for i in pool], [references[i] for i in pool], config.reference_margin)
+                     for pool in pools]
+        flagged = [rising_samples([scores[i] for i in pool], [references[i] for i in pool], config.reference_margin,
+                                  config.reference_spread) for pool in pools]
+        if prior is not None:
+            flagged = [f | torch.cat([prior[i].to(f.device) for i in pool]) for f, pool in zip(flagged, pools)]
         eligible = [~x for x in flagged]
         suspects = torch.cat([x.cpu() for x in flagged])
         rises = excess(scores, references)
@@ -151,8 +162,8 @@ def decide_step(scores: Sequence[Scores], config: QTuningConfig, references: Seq
     prune: list = [None] * n
     token_keep: list = [None] * n
     levels = []
-    for pool, ok in zip(pools, eligible):
-        decision = decide([scores[i] for i in pool], config, global_pool, eligible=ok)
+    for pool, ok, av in zip(pools, eligible, avoid):
+        decision = decide([scores[i] for i in pool], config, global_pool, eligible=ok, avoid_tokens=av)
         levels.append(decision.triage.level)
         prune_split = decision.triage.prune_tokens.split([scores[i].ppl.numel() for i in pool])
         for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
@@ -191,7 +202,9 @@ def select_step(
     - ``collectives``: see :class:`~qtuning_plugin.core.distributed.Collectives` (default:
       ``torch.distributed``, local in one process).
     - ``decide_fn(scores, references) -> StepDecision``: another decision rule on the same
-      scores (a random-pruning baseline, say); default :func:`decide_step` with ``config``.
+      scores (a random-pruning baseline, say); default :func:`decide_step` with ``config``. With
+      ``reference_sticky`` it is called with ``prior=`` too (see :func:`decide_step`), and the
+      returned ``suspects`` are remembered in ``reference``.
     """
     if not micro_batches:
         raise ValueError("select_step: no micro-batches")
@@ -228,13 +241,18 @@ def select_step(
             # without a labelled segment is its first segment, alone and masked
             scores = [score_packed(model, b, layout, u, chunk_size=chunk_size) if u.packed else
                       score_batch(model, u.batch, chunk_size=chunk_size) for b, u in zip(fetched, unpacked)]
-        references = None
+        references = keys = prior = None
         if config.reference == "base":
-            references = reference_nll(model, scored, scores, reference, collectives, chunk_size)
+            keys = [row_keys(b, s.trainable) for b, s in zip(scored, scores)]
+            references = reference_nll(model, scored, scores, reference, collectives, chunk_size, keys)
+            if config.reference_sticky:
+                prior = [reference.flagged_before(k) for k in keys]
     if decide_fn is not None:
-        decision = decide_fn(scores, references)
+        decision = decide_fn(scores, references) if prior is None else decide_fn(scores, references, prior=prior)
     else:
-        decision = decide_step(scores, config, references, collectives)
+        decision = decide_step(scores, config, references, collectives, prior)
+    if prior is not None and decision.suspects is not None:
+        reference.remember([k for ks in keys for k in ks], decision.suspects)
     keep, token_keep = decision.keep, decision.token_keep
     if layout is None:
         real = rebatch(fetched, keep, token_keep, pad_id=pad, side=side)

@@ -31,14 +31,19 @@ def tokens_to_keep(n_trainable: torch.Tensor, token_ratio: float) -> torch.Tenso
     return torch.ceil(n_trainable.to(torch.float64) * token_ratio - 1e-9).clamp(min=0).long()
 
 
-def _keep_lowest(scores: torch.Tensor, trainable: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _keep_lowest(scores: torch.Tensor, trainable: torch.Tensor, k: torch.Tensor,
+                 avoid: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of [R, T], True at the k[row] trainable positions with the lowest score
-    (stable: of equal scores, the earlier position is kept)."""
+    (stable: of equal scores, the earlier position is kept); positions in ``avoid`` are never
+    kept (the row keeps k of the others, or all of them when fewer)."""
     masked = scores.masked_fill(~trainable, float("inf"))
+    if avoid is not None:
+        masked = masked.masked_fill(avoid, float("inf"))
     order = torch.sort(masked, dim=1, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return (rank < k.unsqueeze(1)) & trainable
+    kept = (rank < k.unsqueeze(1)) & trainable
+    return kept if avoid is None else kept & ~avoid
 
 
 def token_keep_mask(
@@ -47,6 +52,7 @@ def token_keep_mask(
     token_ratio: float,
     neighbor_lambda: float = 0.5,
     keep: str = "lowest",
+    avoid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which trainable tokens of each row stay in the loss (docs/method.md §3), bool [B, T].
 
@@ -54,12 +60,14 @@ def token_keep_mask(
     T of each row (labels != -100 after the causal shift). Each row keeps exactly
     k = ceil(r_t |T_row|) of its trainable positions, those with the lowest context score
     (``keep="highest"``: the highest; ties to the earlier position either way); non-trainable
-    positions and rows without trainable tokens are all False.
+    positions and rows without trainable tokens are all False. ``avoid`` (bool [B, T], the
+    reference guard's rising tokens): positions never kept; a row keeps k of its other trainable
+    positions (all of them when it has fewer).
     """
     _check_token_args(nll, trainable, token_ratio, neighbor_lambda, keep)
     trainable = trainable.bool()
     scores = _oriented(context_scores(nll, trainable, neighbor_lambda), keep)
-    return _keep_lowest(scores, trainable, tokens_to_keep(trainable.sum(1), token_ratio))
+    return _keep_lowest(scores, trainable, tokens_to_keep(trainable.sum(1), token_ratio), avoid)
 
 
 def pooled_token_keep_mask(
