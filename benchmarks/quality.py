@@ -17,11 +17,13 @@ Regimes:
 
 Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): full data; random
 25 % of samples x random 50 % of their tokens; Q-Tuning 25 % x 50 % (the paper) and 25 % x 100 %
-(samples only); one arm per option beyond the paper, the reference guard among them, and an
-observe-only guard that records the base-model rises without acting. Paired by seed: data, order
-(``data_seed``) and test set are the same in every arm of a seed. Metrics on a held-out clean test
-set: exact-match accuracy (greedy decoding) and NLL of the correct answers; plus what each pruning
-arm kept: the share of corrupted samples among kept vs pool, by quadrant, over training.
+(samples only); one arm per option beyond the paper, the reference guard among them; the guard's
+refinements (``guard2``: ``reference_spread: 2`` and ``reference_sticky``; ``guard3``: also
+``reference_tokens``); and an observe-only guard that records the base-model rises without acting.
+Paired by seed: data, order (``data_seed``) and test set are the same in every arm of a seed.
+Metrics on a held-out clean test set: exact-match accuracy (greedy decoding) and NLL of the
+correct answers; plus what each pruning arm kept: the share of corrupted samples among kept vs
+pool, by quadrant, over training.
 
 Every finished run is appended to ``<out>.runs.jsonl``: the same command resumes an interrupted
 invocation, other seeds / arms / regimes with the same settings add to one report, and
@@ -76,6 +78,15 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
         "qtuning-guard-25x50": ("qtuning", 0.25, 0.5, {"reference": "base"}),
         "qtuning-guard-highest-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "keep_tokens": "highest"}),
         "qtuning-guard-25x100": ("qtuning", 0.25, 1.0, {"reference": "base"}),
+        # the guard's second rule: a threshold scaled by the pool's spread of rises, and sticky flags
+        "qtuning-guard2-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "reference_spread": 2.0,
+                                                        "reference_sticky": True}),
+        "qtuning-guard2-highest-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "reference_spread": 2.0,
+                                                                "reference_sticky": True, "keep_tokens": "highest"}),
+        # ... and the rising tokens of the pruned samples never kept
+        "qtuning-guard3-highest-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "reference_spread": 2.0,
+                                                                "reference_sticky": True, "reference_tokens": True,
+                                                                "keep_tokens": "highest"}),
         # the reference computed and recorded, never acting: the evidence the guard's rule comes from
         "qtuning-observe-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "reference_margin": 1e9})}
 
@@ -162,7 +173,7 @@ class RandomPruning(Recording):
         super().__init__(*a, **kw)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _decide(self, scores, references=None):
+    def _decide(self, scores, references=None, prior=None):
         n = sum(s.ppl.numel() for s in scores)
         k = max(1, int(self.config.sample_ratio * n))
         chosen = torch.zeros(n, dtype=torch.bool)
