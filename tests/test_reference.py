@@ -289,6 +289,44 @@ def test_sticky_flags_a_sample_again_after_its_rise_is_gone():
         assert cache.forwards == 0  # every row was cached: no reference forward
 
 
+def test_sticky_flags_reach_every_rank():
+    """A distributed sampler deals a sample to another rank at its next sighting, so each step's
+    newly flagged keys are gathered from every rank into every rank's cache (stand-in: rank 1
+    flagged one key; this process flags the victim)."""
+    from qtuning_plugin.core import select_step
+
+    class TwoRanks:
+        world_size, rank = 2, 0
+        gathered = []
+
+        def all_reduce_max(self, values):
+            return list(values)
+
+        def all_gather(self, value):
+            self.gathered.append(value)
+            return [value, ["rank-1-key"]]
+
+    model, _ = lora_model()
+    batch = padded_batch([8, 7, 9, 6, 8, 7, 9, 6], [2] * 8, seed=5)
+    with scoring_mode(model):
+        current = score_batch(model, batch)
+    keys = row_keys(batch, current.trainable)
+    cache = ReferenceCache()
+    for row, key in enumerate(keys):
+        ref = current.nll[row] + 1.0
+        if row == 2:
+            ref[int(current.trainable[row].nonzero()[-1])] -= 2.5  # rose by 1.5
+        cache.nll[key] = ref[current.trainable[row]].float().clone()
+    config = QTuningConfig(sample_ratio=0.5, token_ratio=1.0, reference="base", reference_margin=1.0,
+                           reference_sticky=True)
+    collectives = TwoRanks()
+    select_step(model, [batch], config, reference=cache, collectives=collectives)
+    assert collectives.gathered == [[keys[2]]]
+    assert cache.suspected == {keys[2], "rank-1-key"}
+    select_step(model, [batch], config, reference=cache, collectives=collectives)
+    assert collectives.gathered[-1] == []  # known already: not sent again, but the gather still runs
+
+
 def test_sticky_suspects_are_saved_and_restored():
     from types import SimpleNamespace
 

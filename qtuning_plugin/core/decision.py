@@ -93,7 +93,7 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
         pruned_keep = pooled_token_keep_mask([s.nll for s in scores], candidates, n_drop,
                                              config.neighbor_lambda, config.keep_tokens)
     if avoid_tokens is not None and (config.token_ratio == 1 or config.token_budget == "batch"):
-        pruned_keep = [pk & ~a for pk, a in zip(pruned_keep, avoid)]  # chosen without them above otherwise
+        pruned_keep = [pk & ~a for pk, a in zip(pruned_keep, avoid)]  # (the per-sample budget chose around them)
     token_keep = [
         torch.where(p[:, None], pk, s.trainable) & k[:, None]
         for s, k, p, pk in zip(scores, keep, prune, pruned_keep)

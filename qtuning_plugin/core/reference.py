@@ -99,10 +99,6 @@ class ReferenceCache:
         """bool [B]: the rows whose key was flagged at an earlier sighting (``reference_sticky``)."""
         return torch.tensor([bool(k) and k in self.suspected for k in keys], dtype=torch.bool)
 
-    def remember(self, keys: Sequence[str], flagged: torch.Tensor) -> None:
-        """Add the flagged rows' keys to :attr:`suspected`."""
-        self.suspected.update(k for k, f in zip(keys, flagged.tolist()) if f and k)
-
     def lookup(self, scores: Scores, keys: Sequence[str]) -> torch.Tensor:
         """float32 [B, T]: the cached base NLL at each row's trainable positions (NaN for a row
         not cached or whose positions do not match)."""

@@ -204,7 +204,7 @@ def select_step(
     - ``decide_fn(scores, references) -> StepDecision``: another decision rule on the same
       scores (a random-pruning baseline, say); default :func:`decide_step` with ``config``. With
       ``reference_sticky`` it is called with ``prior=`` too (see :func:`decide_step`), and the
-      returned ``suspects`` are remembered in ``reference``.
+      returned ``suspects`` are remembered in ``reference``, every rank's on every rank.
     """
     if not micro_batches:
         raise ValueError("select_step: no micro-batches")
@@ -251,8 +251,14 @@ def select_step(
         decision = decide_fn(scores, references) if prior is None else decide_fn(scores, references, prior=prior)
     else:
         decision = decide_step(scores, config, references, collectives, prior)
-    if prior is not None and decision.suspects is not None:
-        reference.remember([k for ks in keys for k in ks], decision.suspects)
+    if prior is not None:
+        # Every rank learns every rank's newly flagged samples (one gather per step, on every
+        # rank): a distributed sampler deals a sample to another rank at its next sighting.
+        flat = [k for ks in keys for k in ks]
+        flagged = decision.suspects.tolist() if decision.suspects is not None else [False] * len(flat)
+        new = [k for k, f in zip(flat, flagged) if f and k and k not in reference.suspected]
+        for rank_keys in collectives.all_gather(new):
+            reference.suspected.update(rank_keys)
     keep, token_keep = decision.keep, decision.token_keep
     if layout is None:
         real = rebatch(fetched, keep, token_keep, pad_id=pad, side=side)
