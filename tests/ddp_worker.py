@@ -7,8 +7,8 @@ longer, so the ranks re-pack into different shapes), ``unlabelled`` / ``unlabell
 (3 of 4 of rank 1's samples without any label token, as truncation leaves them; pool step /
 global), ``unlabelled-all`` (no label token at all on rank 1), ``mismatch`` (rank 1's model
 rescales its logits, so only rank 1 would need the scorer's full-logits path), ``guard`` (LoRA with
-``reference: base``; rank 1's data all identical, so after its first micro-batch only rank 0 needs
-base-model forwards).
+``reference: base``, sticky flags at a margin of ~0; rank 1's data all identical, so after its first
+micro-batch only rank 0 needs base-model forwards).
 Each rank saves, for the first optimizer step: the micro-batches it fetched (before pruning),
 the kept micro-batches it trained, the label-token count the Trainer divided by, the gradient
 after the step's backward passes (all-reduced by DDP), and, with ``pool: global``, the whole pool
@@ -85,7 +85,8 @@ def main(out: str, mode: str) -> None:
     )
     grads = FirstStepGradient()
     cb = QTuning(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode.endswith("global") else "step",
-                 reference="base" if mode == "guard" else "none")
+                 reference="base" if mode == "guard" else "none", reference_sticky=mode == "guard",
+                 reference_margin=1e-6 if mode == "guard" else 0.5)
     collator = (transformers.DataCollatorWithFlattening(return_position_ids=True) if mode == "packed"
                 else transformers.DataCollatorForSeq2Seq(tok, padding=True))
     if mode == "packed":
@@ -132,7 +133,8 @@ def main(out: str, mode: str) -> None:
 
     record["full_logits"] = scoring.scoring_path(model) == "logits"
     if cb._reference is not None:
-        record["reference"] = {"forwards": cb._reference.forwards, "cached": len(cb._reference)}
+        record["reference"] = {"forwards": cb._reference.forwards, "cached": len(cb._reference),
+                               "suspected": sorted(cb._reference.suspected), "keys": sorted(cb._reference.nll)}
     torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")
 
 
