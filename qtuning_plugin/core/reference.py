@@ -143,14 +143,24 @@ def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor],
     (10th-90th percentile 0 to +3.1) on one-step additions against 0 (0 to +0.6) for correct
     ones, and +8.2 (+4.6 to +8.7) on three-step worked answers against +1.2 (0 to +5.7).
     """
-    largest, mean = excess(scores, references)
-    known = ~torch.isnan(mean)
-    if not known.any() or not bool(mean[known].median() < 0):
-        return torch.zeros_like(known)
+    largest, known = _fallen_pool_rises(scores, references)
+    if known is None:
+        return torch.zeros(largest.shape, dtype=torch.bool, device=largest.device)
     rises = largest[known]
     centre = rises.median()
     threshold = centre + margin + spread * (rises - centre).abs().median()
     return known & (largest > threshold)
+
+
+def _fallen_pool_rises(scores: Sequence[Scores], references: Sequence[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each sample's largest rise [n] and which samples have one (bool [n]), or ``known`` None
+    while the pool has not fallen below the base (its median mean rise is not below zero)."""
+    largest, mean = excess(scores, references)
+    known = ~torch.isnan(mean)
+    if not known.any() or not bool(mean[known].median() < 0):
+        return largest, None
+    return largest, known
 
 
 def rising_tokens(scores: Sequence[Scores], references: Sequence[torch.Tensor], margin: float) -> list[torch.Tensor]:
@@ -159,11 +169,9 @@ def rising_tokens(scores: Sequence[Scores], references: Sequence[torch.Tensor], 
     applied per token), once the pool's loss fell below the base (nothing before, as in
     :func:`rising_samples`). ``reference_tokens``: such tokens are never kept in a pruned
     (misconception) sample: a wrong answer's contradicting tokens, in a sample not flagged."""
-    largest, mean = excess(scores, references)
-    known = ~torch.isnan(mean)
-    none = [torch.zeros_like(s.trainable, dtype=torch.bool) for s in scores]
-    if not known.any() or not bool(mean[known].median() < 0):
-        return none
+    largest, known = _fallen_pool_rises(scores, references)
+    if known is None:
+        return [torch.zeros_like(s.trainable, dtype=torch.bool) for s in scores]
     threshold = largest[known].median() + margin
     out = []
     for s, ref in zip(scores, references):
