@@ -404,3 +404,42 @@ def test_token_keep_mask_avoids_positions_and_keeps_k_of_the_others():
     # fewer other tokens than k: all of them, never an avoided one
     most = trainable & ~torch.tensor([[False, False, False, True, True, True]])
     assert token_keep_mask(nll, trainable, 1.0, 0.0, "lowest", most).nonzero()[:, 1].tolist() == [3, 4, 5]
+
+
+@pytest.mark.parametrize("pool", ["step", "micro_batch"])
+def test_decide_step_computes_the_rises_once_and_gives_each_pool_its_share(monkeypatch, pool):
+    """The per-sample rises are computed once per step (not once per rule and pool); each pool's
+    rules see that pool's rows only, and decide as the rules do on the pool by themselves."""
+    import qtuning_plugin.core.reference as reference
+    import qtuning_plugin.core.step as step
+
+    g = torch.Generator().manual_seed(3)
+    scores, refs = [], []
+    # every token fell one nat but one per row, which rose by: the second micro-batch's rows rose
+    # more, so a pool of its own has a higher threshold than the step's pool
+    for rises in ([-1.0, -0.5, 0.0, 0.2, 1.0, 3.0], [0.0, 1.0, 2.0, 2.5, 3.5, 6.0]):
+        current = make_scores((torch.rand(6, 4, generator=g) * 3).tolist())
+        base = current.nll + 1.0
+        for row, rise in enumerate(rises):
+            base[row, 2] = current.nll[row, 2] - rise
+        scores.append(current)
+        refs.append(base.masked_fill(~current.trainable, float("nan")))
+    config = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, pool=pool, reference="base", reference_margin=0.3,
+                           reference_tokens=True)
+    pools = [[0], [1]] if pool == "micro_batch" else [[0, 1]]
+    expected = torch.cat([rising_samples([scores[i] for i in p], [refs[i] for i in p], 0.3) for p in pools])
+    # pools of their own: above 0 + 0.3 and above 2 + 0.3; one pool: above 1 + 0.3 (lower medians)
+    flagged = {"micro_batch": [4, 5, 9, 10, 11], "step": [5, 8, 9, 10, 11]}[pool]
+    assert expected.nonzero().squeeze(1).tolist() == flagged
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return excess(*args, **kwargs)
+
+    monkeypatch.setattr(step, "excess", counted)
+    monkeypatch.setattr(reference, "excess", counted)
+    decision = step.decide_step(scores, config, refs)
+    assert len(calls) == 1
+    assert torch.equal(decision.suspects, expected)
+    assert all(torch.equal(a, b) for a, b in zip(decision.excess, excess(scores, refs)))

@@ -126,7 +126,7 @@ def excess(scores: Sequence[Scores], references: Sequence[torch.Tensor]) -> tupl
 
 
 def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor], margin: float,
-                   spread: float = 0.0) -> torch.Tensor:
+                   spread: float = 0.0, *, rises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """bool [n] over the pool (batches in order): samples suspected of a wrong label.
 
     Each sample's *rise* is the largest (NLL - base NLL) over its label tokens. Once the pool's
@@ -137,13 +137,14 @@ def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor],
     rise, wrong label or not; the deviation scales it to how much the pool's rises differ (long
     worked answers drift more, wrong or not). Rows without a score or a reference are never
     flagged, and while the pool has not improved on the base (the first steps) nothing is.
+    ``rises``: the pool's :func:`excess`, if the caller has it already (it is not recomputed).
 
     Chosen from the quality benchmark's evidence (``qtuning-observe-25x50`` records the rises):
     over 3 epochs of SmolLM2-135M, a wrong answer's largest rise had a median of +0.2 nats
     (10th-90th percentile 0 to +3.1) on one-step additions against 0 (0 to +0.6) for correct
     ones, and +8.2 (+4.6 to +8.7) on three-step worked answers against +1.2 (0 to +5.7).
     """
-    largest, known = _fallen_pool_rises(scores, references)
+    largest, known = _fallen_pool_rises(scores, references, rises)
     if known is None:
         return torch.zeros(largest.shape, dtype=torch.bool, device=largest.device)
     rises = largest[known]
@@ -152,24 +153,28 @@ def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor],
     return known & (largest > threshold)
 
 
-def _fallen_pool_rises(scores: Sequence[Scores], references: Sequence[torch.Tensor]
+def _fallen_pool_rises(scores: Sequence[Scores], references: Sequence[torch.Tensor],
+                       rises: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each sample's largest rise [n] and which samples have one (bool [n]), or ``known`` None
-    while the pool has not fallen below the base (its median mean rise is not below zero)."""
-    largest, mean = excess(scores, references)
+    while the pool has not fallen below the base (its median mean rise is not below zero).
+    ``rises``: the pool's :func:`excess`, if already computed."""
+    largest, mean = excess(scores, references) if rises is None else rises
     known = ~torch.isnan(mean)
     if not known.any() or not bool(mean[known].median() < 0):
         return largest, None
     return largest, known
 
 
-def rising_tokens(scores: Sequence[Scores], references: Sequence[torch.Tensor], margin: float) -> list[torch.Tensor]:
+def rising_tokens(scores: Sequence[Scores], references: Sequence[torch.Tensor], margin: float, *,
+                  rises: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """bool [B, T] per batch of the pool: the label tokens whose NLL rose above their base NLL by
     more than the pool's median largest rise plus ``margin`` (the first sample rule's threshold,
     applied per token), once the pool's loss fell below the base (nothing before, as in
     :func:`rising_samples`). ``reference_tokens``: such tokens are never kept in a pruned
-    (misconception) sample: a wrong answer's contradicting tokens, in a sample not flagged."""
-    largest, known = _fallen_pool_rises(scores, references)
+    (misconception) sample: a wrong answer's contradicting tokens, in a sample not flagged.
+    ``rises``: the pool's :func:`excess`, if already computed."""
+    largest, known = _fallen_pool_rises(scores, references, rises)
     if known is None:
         return [torch.zeros_like(s.trainable, dtype=torch.bool) for s in scores]
     threshold = largest[known].median() + margin

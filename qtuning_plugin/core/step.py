@@ -145,16 +145,20 @@ def decide_step(scores: Sequence[Scores], config: QTuningConfig, references: Seq
     avoid: list[list[torch.Tensor] | None] = [None] * len(pools)
     suspects = rises = None
     if references is not None:
-        if config.reference_tokens:
-            avoid = [rising_tokens([scores[i] for i in pool], [references[i] for i in pool], config.reference_margin)
-                     for pool in pools]
-        flagged = [rising_samples([scores[i] for i in pool], [references[i] for i in pool], config.reference_margin,
-                                  config.reference_spread) for pool in pools]
+        rises = excess(scores, references)  # once per step: each pool's rules take its share
+        per_batch = list(zip(*(x.split([s.ppl.numel() for s in scores]) for x in rises)))
+        flagged, avoid = [], []
+        for pool in pools:
+            pool_scores, pool_refs = [scores[i] for i in pool], [references[i] for i in pool]
+            share = tuple(torch.cat([per_batch[i][j] for i in pool]) for j in (0, 1))
+            flagged.append(rising_samples(pool_scores, pool_refs, config.reference_margin, config.reference_spread,
+                                          rises=share))
+            avoid.append(rising_tokens(pool_scores, pool_refs, config.reference_margin, rises=share)
+                         if config.reference_tokens else None)
         if prior is not None:
             flagged = [f | torch.cat([prior[i].to(f.device) for i in pool]) for f, pool in zip(flagged, pools)]
         eligible = [~x for x in flagged]
         suspects = torch.cat([x.cpu() for x in flagged])
-        rises = excess(scores, references)
     global_pool = None
     if config.pool == "global":
         global_pool = gather_pool(scores, collectives or Collectives(), eligible[0])
