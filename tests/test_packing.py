@@ -271,11 +271,17 @@ def skewed_examples(lengths, seed=0):
 
 
 @pytest.mark.parametrize("layout", ["trl", "trl-padded-to-64", "axolotl"])
-def test_packed_scoring_equals_padded_scoring_per_segment_and_costs_the_packed_tokens(layout):
+def test_packed_scoring_equals_padded_scoring_per_segment_and_costs_the_packed_tokens(layout, monkeypatch):
     """One 300-token segment and ten of 12-30 tokens (lengths spread 25x): scored as the packed rows
     come, each segment's ppl, entropy and per-token scores equal its scores alone, and the scoring
-    forward sees the packed tokens, not 11 rows padded to 300."""
+    forward sees the packed tokens, not 11 rows padded to 300. The segments are found once per
+    micro-batch (``unpack`` keeps them for ``score_packed``)."""
+    import qtuning_plugin.core.packing as packing
     from qtuning_plugin.core.packing import score_packed
+
+    tables = []
+    find = packing._segment_table
+    monkeypatch.setattr(packing, "_segment_table", lambda *a: tables.append(1) or find(*a))
 
     exs = skewed_examples([300] + [12 + i for i in range(0, 20, 2)], seed=5)
     if layout == "axolotl":
@@ -292,6 +298,7 @@ def test_packed_scoring_equals_padded_scoring_per_segment_and_costs_the_packed_t
         seen.clear()
         packed = score_packed(model, batch, kind, u)
     assert seen == [batch["input_ids"].numel()]  # one forward, over the packed rows as they are
+    assert len(tables) == 1
     assert batch["input_ids"].numel() < u.batch["input_ids"].numel() / 3
     torch.testing.assert_close(packed.ppl, alone.ppl, rtol=1e-5, atol=0)
     torch.testing.assert_close(packed.entropy, alone.entropy, rtol=1e-5, atol=0)

@@ -21,7 +21,7 @@ dropped segments cost no compute.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -62,6 +62,8 @@ class Unpacked:
     starts: list[int]
     lengths: list[int]
     packed: bool = True  # False for :func:`first_segment`'s stand-in, scored as the padded batch it is
+    # the packed micro-batch's _segment_table, kept for score_packed (computed once per micro-batch)
+    table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
 def _segment_table(batch: Mapping[str, Any], layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,7 +112,8 @@ def unpack(batch: Mapping[str, Any], layout: str, pad_id: int = 0) -> Unpacked:
     (gathered in one go: a constant number of host syncs per micro-batch, not one per segment)."""
     ids, labels = batch["input_ids"], batch["labels"]
     t = ids.shape[1]
-    table, _, _ = _segment_table(batch, layout)
+    segment_table = _segment_table(batch, layout)
+    table = segment_table[0]
     kept = [(f, n) for f, n, k in table.tolist() if k > 0]
     width = max((n for _, n in kept), default=1)
     device = ids.device
@@ -123,7 +126,8 @@ def unpack(batch: Mapping[str, Any], layout: str, pad_id: int = 0) -> Unpacked:
            "attention_mask": inside.long(),
            "labels": labels.flatten()[at].masked_fill(~inside, IGNORE_INDEX)}
     out["labels"][:, 0] = IGNORE_INDEX  # never predicted from the previous segment
-    return Unpacked(out, [f // t for f, _ in kept], [f % t for f, _ in kept], [n for _, n in kept])
+    return Unpacked(out, [f // t for f, _ in kept], [f % t for f, _ in kept], [n for _, n in kept],
+                    table=segment_table)
 
 
 def score_packed(model, batch: Mapping[str, Any], layout: str, unpacked: Unpacked, *,
@@ -138,7 +142,7 @@ def score_packed(model, batch: Mapping[str, Any], layout: str, unpacked: Unpacke
     segment is scored as if alone, as in :func:`unpack`'s padded batch."""
     ids, labels = batch["input_ids"], batch["labels"]
     r, t = ids.shape
-    table, first, which = _segment_table(batch, layout)
+    table, first, which = unpacked.table if unpacked.table is not None else _segment_table(batch, layout)
     inside = which >= 0
     flat = torch.arange(r * t, device=ids.device)
     # the position of each token within its segment; 0 on padding (a segment of its own)
