@@ -308,3 +308,39 @@ def test_packed_scoring_equals_padded_scoring_per_segment_and_costs_the_packed_t
     with scoring_mode(model):
         leaked = score_batch(model, {"input_ids": batch["input_ids"], "labels": batch["labels"]})
     assert not torch.allclose(leaked.nll[batch["labels"] != -100].sum(), alone.nll.sum(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["trl", "axolotl"])
+def test_the_guard_scores_packed_rows_with_the_adapters_off_as_they_come(layout):
+    """``reference: base`` on a packed step: the base-model forward, like the scoring forward,
+    runs over the packed rows (not the segments padded to the longest), with the adapters off,
+    and caches per segment what the padded batch would give."""
+    peft = pytest.importorskip("peft")
+    from qtuning_plugin.core import select_step
+    from qtuning_plugin.core.reference import ReferenceCache, row_keys
+
+    exs = skewed_examples([200] + [12 + i for i in range(0, 14, 2)], seed=7)
+    batch = packed_axolotl(exs, rows=2)[0] if layout == "axolotl" else packed_trl(exs)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_model("llama", vocab_size=len(tiny_tokenizer())),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False, task_type="CAUSAL_LM"))
+    seen = []  # (tokens, adapters on) of every forward
+    lora = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    model.get_base_model().register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["input_ids"].numel(), not lora.disable_adapters)), with_kwargs=True)
+    cache = ReferenceCache()
+    config = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, reference="base")
+    result = select_step(model, [batch], config, reference=cache)
+    packed_tokens = batch["input_ids"].numel()
+    # after the two 8-token probes that choose the scoring path (once per model): the scoring
+    # forward, then the base's, both over the packed rows
+    assert seen == [(8, True), (8, True), (packed_tokens, True), (packed_tokens, False)]
+    assert cache.forwards == 1 and len(cache) == len(exs)
+    unpacked = result.scored[0]
+    assert unpacked["input_ids"].numel() > 3 * packed_tokens  # what a padded base forward would have cost
+    with scoring_mode(model), model.disable_adapter():
+        padded_base = score_batch(model, unpacked)
+    for row, key in enumerate(row_keys(unpacked, padded_base.trainable)):
+        expected = padded_base.nll[row][padded_base.trainable[row]]
+        torch.testing.assert_close(cache.nll[key], expected.float(), rtol=1e-4, atol=1e-5)

@@ -80,15 +80,17 @@ class ReferenceCache:
 
     @torch.no_grad()
     def fill(self, model: nn.Module, batch: Mapping[str, torch.Tensor], keys: Sequence[str], *,
-             chunk_size: int) -> None:
+             chunk_size: int, score: Callable[[], Scores] | None = None) -> None:
         """Score ``batch`` with the adapters of ``model`` switched off and cache its rows (also
-        called on a batch whose rows are all cached, to keep ranks' forwards aligned)."""
+        called on a batch whose rows are all cached, to keep ranks' forwards aligned). ``score``:
+        how to score it, if not as the padded batch it is (a packed micro-batch's rows as they
+        come: :func:`~qtuning_plugin.core.packing.score_packed`), run with the adapters off."""
         switch = adapter_switch(model)
         if switch is None:
             raise ValueError("reference='base' needs a PEFT model (LoRA / QLoRA): the base model is the "
                              "model with its adapters switched off")
         with switch():
-            ref = score_batch(model, batch, chunk_size=chunk_size)
+            ref = score() if score is not None else score_batch(model, batch, chunk_size=chunk_size)
         self.forwards += 1
         nll, trainable = ref.nll.float().cpu(), ref.trainable.cpu()
         for row, key in enumerate(keys):

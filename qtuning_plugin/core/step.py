@@ -18,6 +18,7 @@ kept a label token at all; ``pool: global`` gathers every rank's scores. Pure to
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -99,17 +100,21 @@ def check_batch(batch: Mapping[str, Any]) -> None:
 
 def reference_nll(model: nn.Module, scored: Sequence[Mapping[str, torch.Tensor]], scores: Sequence[Scores],
                   cache: ReferenceCache, collectives: Collectives, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  keys: Sequence[Sequence[str]] | None = None) -> list[torch.Tensor]:
+                  keys: Sequence[Sequence[str]] | None = None,
+                  scorers: Sequence[Callable[[], Scores] | None] | None = None) -> list[torch.Tensor]:
     """``reference: base``: the base model's NLL [B, T] of each micro-batch's rows. A micro-batch
     holding a row not in ``cache`` is scored once more, adapters off; which micro-batches are is
     decided by all ranks together (one all-reduce), so every rank runs the same forwards.
-    ``keys``: each micro-batch's :func:`~qtuning_plugin.core.reference.row_keys`, if computed."""
+    ``keys``: each micro-batch's :func:`~qtuning_plugin.core.reference.row_keys`, if computed.
+    ``scorers``: per micro-batch, how it was scored (None: as the padded batch in ``scored``), so
+    that the reference forward costs what the scoring forward did (a packed one stays packed)."""
     if keys is None:
         keys = [row_keys(b, s.trainable) for b, s in zip(scored, scores)]
+    scorers = scorers or [None] * len(scored)
     needed = collectives.all_reduce_max([int(cache.missing(k)) for k in keys])
-    for batch, k, need in zip(scored, keys, needed):
+    for batch, k, need, score in zip(scored, keys, needed, scorers):
         if need:
-            cache.fill(model, batch, k, chunk_size=chunk_size)
+            cache.fill(model, batch, k, chunk_size=chunk_size, score=score)
     return [cache.lookup(s, k) for s, k in zip(scores, keys)]
 
 
@@ -238,17 +243,18 @@ def select_step(
     else:
         scored = fetched
 
+    # a packed micro-batch is scored as its rows come (not padded to the longest segment); one
+    # without a labelled segment, and an ordinary batch, as the padded batch in ``scored``
+    scorers = [None] * len(scored) if unpacked is None else [
+        functools.partial(score_packed, model, b, layout, u, chunk_size=chunk_size) if u.packed else None
+        for b, u in zip(fetched, unpacked)]
     with scoring_mode(model):
-        if unpacked is None:
-            scores = [score_batch(model, b, chunk_size=chunk_size) for b in scored]
-        else:  # the packed rows as they come (not padded to the longest segment); a micro-batch
-            # without a labelled segment is its first segment, alone and masked
-            scores = [score_packed(model, b, layout, u, chunk_size=chunk_size) if u.packed else
-                      score_batch(model, u.batch, chunk_size=chunk_size) for b, u in zip(fetched, unpacked)]
+        scores = [score() if score is not None else score_batch(model, b, chunk_size=chunk_size)
+                  for b, score in zip(scored, scorers)]
         references = keys = prior = None
         if config.reference == "base":
             keys = [row_keys(b, s.trainable) for b, s in zip(scored, scores)]
-            references = reference_nll(model, scored, scores, reference, collectives, chunk_size, keys)
+            references = reference_nll(model, scored, scores, reference, collectives, chunk_size, keys, scorers)
             if config.reference_sticky:
                 prior = [reference.flagged_before(k) for k in keys]
     if decide_fn is not None:
