@@ -149,9 +149,9 @@ def rising_samples(scores: Sequence[Scores], references: Sequence[torch.Tensor],
     largest, known = _fallen_pool_rises(scores, references, rises)
     if known is None:
         return torch.zeros(largest.shape, dtype=torch.bool, device=largest.device)
-    rises = largest[known]
-    centre = rises.median()
-    threshold = centre + margin + spread * (rises - centre).abs().median()
+    pool_rises = largest[known]
+    centre = pool_rises.median()
+    threshold = centre + margin + spread * (pool_rises - centre).abs().median()
     return known & (largest > threshold)
 
 
