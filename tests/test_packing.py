@@ -325,17 +325,18 @@ def test_the_guard_scores_packed_rows_with_the_adapters_off_as_they_come(layout)
     model = peft.get_peft_model(tiny_model("llama", vocab_size=len(tiny_tokenizer())),
                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
-    seen = []  # (tokens, adapters on) of every forward
+    seen = []  # (tokens, adapters on) of every forward, at the embedding (whichever scoring path runs)
     lora = next(m for m in model.modules() if hasattr(m, "lora_A"))
-    model.get_base_model().register_forward_pre_hook(
-        lambda m, a, kw: seen.append((kw["input_ids"].numel(), not lora.disable_adapters)), with_kwargs=True)
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda m, a: seen.append((a[0].numel(), not lora.disable_adapters)))
     cache = ReferenceCache()
     config = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, reference="base")
     result = select_step(model, [batch], config, reference=cache)
     packed_tokens = batch["input_ids"].numel()
-    # after the two 8-token probes that choose the scoring path (once per model): the scoring
-    # forward, then the base's, both over the packed rows
-    assert seen == [(8, True), (8, True), (packed_tokens, True), (packed_tokens, False)]
+    # after the 8-token probes that choose the scoring path (once per model): the scoring forward,
+    # then the base's, both over the packed rows
+    assert seen[-2:] == [(packed_tokens, True), (packed_tokens, False)]
+    assert all(n == 8 for n, _ in seen[:-2])
     assert cache.forwards == 1 and len(cache) == len(exs)
     unpacked = result.scored[0]
     assert unpacked["input_ids"].numel() > 3 * packed_tokens  # what a padded base forward would have cost
