@@ -136,6 +136,12 @@ def main(out: str, mode: str) -> None:
         record["reference"] = {"forwards": cb._reference.forwards, "cached": len(cb._reference),
                                "suspected": sorted(cb._reference.suspected), "keys": sorted(cb._reference.nll)}
     torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")
+    # Leave the process group before the interpreter exits: gloo's worker threads still alive at
+    # exit can abort a rank ("terminate called without an active exception", SIGABRT), which
+    # failed a finished run once. The Trainer does not destroy it.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
