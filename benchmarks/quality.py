@@ -14,6 +14,8 @@ Regimes:
   (5 % garbled, 10 % redundant) - where a faithful prototype saw Q-Tuning keep the noise.
 - ``paper-3ep``, ``stress-3ep``: the same, with a training set a third the size visited 3 times in
   the same number of steps (a sample is seen again after the model learned from the others).
+- ``paper-noisy-3ep``: ``paper-3ep``'s three-step answers with ``stress``'s noise (15 % wrong, 5 %
+  garbled, 10 % redundant): wrong labels in answers the model does not master within the run.
 
 Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): full data; random
 25 % of samples x random 50 % of their tokens; Q-Tuning 25 % x 50 % (the paper) and 25 % x 100 %
@@ -66,6 +68,9 @@ REGIMES = {
     # and re-visits matter (a sample is seen again after the model has learned from the others).
     "paper-3ep": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}, "epochs": 3},
     "stress-3ep": {"steps": 1, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
+    # The paper's hard worked answers with the stress regime's noise: is a win against wrong labels
+    # specific to answers the model learns in one step?
+    "paper-noisy-3ep": {"steps": 3, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
 }
 # name: (kind, sample ratio, token ratio[, QTuningConfig options beyond the paper]); "warmup" is a
 # fraction of the steps, turned into warmup_steps (at least 1) for the run's --steps.
