@@ -26,8 +26,9 @@ from .core.config import PRESETS
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "word_problems.jsonl"
 # The demo's default settings. A preset replaces the paper here only once it beats random pruning
 # in both regimes of the quality benchmark; none does yet: "robust" (the reference guard) wins the
-# noisy one and loses the clean one (README "Which setting should I use"). `qtuning demo --preset
-# robust` shows, beside what it kept, what the paper's Algorithm 1 would have kept from the same pools.
+# noisy one-step regime and loses the clean one and the noisy one with long answers (README "Which
+# setting should I use"). `qtuning demo --preset robust` shows, beside what it kept, what the
+# paper's Algorithm 1 would have kept from the same pools.
 DEMO_PRESET = "paper"
 
 
