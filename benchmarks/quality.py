@@ -479,8 +479,9 @@ def plots(results, args, out: Path) -> list[str]:
                     continue
                 x = mean_sd(100 * r["kept_tokens_ratio"] for r in rs)
                 y = mean_sd(scale * r[key] for r in rs)
-                ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="os^vD<>p*hX"[i % 11], capsize=3,
-                            label=f"{arm} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+                # colour and marker by the arm's place in --arms: the same arm alike in every panel
+                ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="os^vD<>p*hX"[i % 11], color=f"C{i % 10}",
+                            capsize=3, label=f"{arm} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
             ax.set(title=f"regime: {regime}", ylabel=label,
                    xlabel="label tokens in the loss (% of the pools'; the forwards are those of the kept samples)")
             ax.grid(alpha=0.3)
