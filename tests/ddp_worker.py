@@ -148,7 +148,8 @@ if __name__ == "__main__":
     # Everything the test reads is saved: skip the interpreter's teardown. gloo's threads and the
     # work objects they hold, destroyed at finalization, abort a finished rank now and then
     # ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291), even
-    # after destroy_process_group: it failed CI once in this worker and once in fsdp_worker.py.
+    # after destroy_process_group (it aborted a local run of this worker once, and CI's run of
+    # fsdp_worker.py once).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

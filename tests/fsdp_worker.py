@@ -74,8 +74,9 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Skip the interpreter's teardown, as tests/ddp_worker.py does (a finished rank aborted there
-    # once: "terminate called without an active exception").
+    # Skip the interpreter's teardown, as tests/ddp_worker.py does (a finished rank of this worker
+    # aborted there once in CI, after destroy_process_group: "terminate called without an active
+    # exception").
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
