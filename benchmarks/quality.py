@@ -258,8 +258,6 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from qtuning_plugin.precision import native_bf16
-
     torch.manual_seed(seed)
     model, tok, model_name = load_model(args.quick, args.tiny)
     if tok.pad_token is None:
@@ -280,7 +278,7 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
         if "warmup" in options:
             options["warmup_steps"] = max(1, round(options.pop("warmup") * args.steps))
         callbacks.append(Recording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok, **options))
-    bf16 = native_bf16("cpu") and not args.quick  # emulated bf16 is 15-50x slower on CPUs without it
+    bf16 = args.precision_used == "bf16 autocast"
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
                        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", seed=seed,
@@ -342,6 +340,17 @@ def baseline_of(arm: str) -> str | None:
     if spec[0] == "random":
         return None
     return f"random-{round(100 * spec[1])}x{round(100 * spec[2])}"
+
+
+def equal_compute_baseline_of(arm: str) -> str | None:
+    """The random arm at ``arm``'s sample ratio that trains every token of its samples, when ``arm``
+    prunes tokens: token pruning removes label tokens from the loss, not from the forward and backward
+    (a pruned token stays in the input as context), so this arm costs what ``arm`` costs. None for the
+    arms whose token ratio is 1 (the budget baseline already is this one) and for full data."""
+    spec = ARMS[arm]
+    if spec is None or spec[0] == "random" or spec[2] == 1.0:
+        return None
+    return f"random-{round(100 * spec[1])}x100"
 
 
 def paired(rows, arm, baseline, key):
@@ -407,11 +416,15 @@ def report(results, args) -> str:
                   f"problems, model {rows[0]['model']}{', ' + precision if precision else ''})", "",
                   "Paired by seed against random pruning at the arm's sample and token budget (`random-25x50` for "
                   "`full`; same data, order and test set): the mean difference and "
-                  "the seeds won (higher accuracy, lower NLL; ties counted apart). Corrupted = wrong + garbled "
-                  "samples, share of the pools and of what the arm trained, over all its steps.", "",
+                  "the seeds won (higher accuracy, lower NLL; ties counted apart). Equal compute: paired the same "
+                  "way against random pruning at the arm's sample ratio with every token of its samples "
+                  "(`random-25x100` for a 25 % arm), which costs the same forwards and backwards (a pruned token "
+                  "stays in the input); empty where that is the budget baseline or was not run. Corrupted = wrong + "
+                  "garbled samples, share of the pools and of what the arm trained, over all its steps.", "",
                   "| arm | seeds | accuracy | NLL of correct answers | Δ accuracy vs random (wins / ties) | "
-                  "Δ NLL vs random (wins / ties) | corrupted: pool → kept | label tokens trained | train seconds |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "Δ NLL vs random (wins / ties) | equal compute: Δ accuracy, Δ NLL (wins / ties) | "
+                  "corrupted: pool → kept | label tokens trained | train seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for arm in args.arms:
             rs = [r for r in rows if r["arm"] == arm]
             if not rs:
@@ -427,8 +440,15 @@ def report(results, args) -> str:
                 cells.append("" if d is None else
                              f"{fmt.format(scale * d[0])} ± {fmt.format(scale * d[1]).lstrip('+')} "
                              f"({d[2]} / {d[3]} of {d[4]})")
+            equal = []
+            for key, scale, fmt in (("accuracy", 100, "{:+.1f} pp"), ("nll", 1, "{:+.3f}")):
+                base = equal_compute_baseline_of(arm)
+                d = paired(rows, arm, base, key) if base in ARMS else None
+                if d is not None:
+                    equal.append(f"{fmt.format(scale * d[0])} ({d[2]} / {d[3]} of {d[4]})")
+            cells.append("; ".join(equal))
             lines.append(f"| {arm} | {len(rs)} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} % | {nll[0]:.3f} ± {nll[1]:.3f} | "
-                         f"{cells[0]} | {cells[1]} | {100 * statistics.mean(p for p, _ in shares):.1f} % → "
+                         f"{cells[0]} | {cells[1]} | {cells[2]} | {100 * statistics.mean(p for p, _ in shares):.1f} % → "
                          f"{100 * statistics.mean(k for _, k in shares):.1f} % | {100 * tokens:.0f} % | "
                          f"{sec[0]:.0f} ± {sec[1]:.0f} |")
         for arm in args.arms:
@@ -566,13 +586,27 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (with --quick)")
     p.add_argument("--out", default=str(HERE / "results" / "quality"))
     p.add_argument("--from-json", metavar="JSON", help="redo the tables and plots of an earlier run from its .json")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast where the CPU computes bf16 natively, else fp32 (emulated bf16 is "
+                        "15-50x slower). Runs are resumed, reported and paired at this precision only: arms "
+                        "trained at two precisions are not compared")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: the tables and plots of the runs already in <out>.runs.jsonl")
     args = p.parse_args(argv)
     if args.tiny and not args.quick:
         p.error("--tiny only makes sense with --quick (a pipeline check)")
+    if args.quick and args.precision == "bf16":
+        p.error("--precision bf16 does not apply with --quick (a pipeline check, always fp32)")
     if args.quick:
         args.seeds, args.steps, args.n_test = 1, 3, 8
+    if args.quick or args.precision == "fp32":
+        args.precision_used = "fp32"
+    elif args.precision == "bf16":
+        args.precision_used = "bf16 autocast"
+    else:
+        from qtuning_plugin.precision import native_bf16
+
+        args.precision_used = "bf16 autocast" if native_bf16("cpu") else "fp32"
     return args
 
 
@@ -588,6 +622,8 @@ def canonical_command(args) -> str:
         parts += ["--seeds", str(args.seeds), "--steps", str(args.steps)]
     if args.tiny:
         parts.append("--tiny")
+    if args.precision != "auto":
+        parts += ["--precision", args.precision]
     default_out = str(HERE / "results" / "quality")
     if args.out != default_out:
         rel = Path(args.out)
@@ -600,14 +636,16 @@ def canonical_command(args) -> str:
 
 
 def load_runs(path: Path, args) -> list[dict]:
-    """Finished runs recorded in ``path`` (one JSON per line) with this invocation's settings."""
+    """Finished runs recorded in ``path`` (one JSON per line) with this invocation's settings and
+    precision (a run recorded without one, from before precision was recorded, counts as any)."""
     if not path.exists():
         return []
     runs = []
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            if all(r.get("settings", {}).get(k) == getattr(args, k) for k in SETTINGS):
+            if (all(r.get("settings", {}).get(k) == getattr(args, k) for k in SETTINGS)
+                    and r.get("precision", args.precision_used) == args.precision_used):
                 runs.append(r)
     return runs
 
@@ -625,7 +663,9 @@ def main(argv=None):
     else:
         from qtuning_plugin.precision import describe_precision
 
-        print(describe_precision("cpu") if not args.quick else "precision: fp32 (--quick)", flush=True)
+        print(describe_precision("cpu") if args.precision == "auto" and not args.quick else
+              f"precision: {args.precision_used} ({'--quick' if args.quick else '--precision ' + args.precision})",
+              flush=True)
         # Every finished run is appended to <out>.runs.jsonl at once: an interrupted invocation is
         # resumed by running the same command again, and invocations with other seeds, arms or
         # regimes but the same settings add to one report.

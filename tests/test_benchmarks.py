@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -84,7 +86,39 @@ def test_quality_benchmark_quick_mode(tmp_path):
     spec.loader.exec_module(quality)
     assert [quality.baseline_of(a) for a in ("full", "qtuning-25x100", "qtuning-guard-highest-25x50",
                                              "random-25x50")] == ["random-25x50", "random-25x100", "random-25x50", None]
+    # and, where it prunes tokens, with random pruning that trains every token of as many samples
+    # (the same forwards and backwards): the report's equal-compute column
+    assert [quality.equal_compute_baseline_of(a) for a in ("full", "qtuning-25x100", "qtuning-highest-25x50",
+                                                           "random-25x50")] == [None, None, "random-25x100", None]
+    row = next(line for line in report.splitlines() if line.startswith("| qtuning-highest-25x50 |"))
+    header = next(line for line in report.splitlines() if line.startswith("| arm |"))
+    column = [c.strip() for c in header.split("|")].index("equal compute: Δ accuracy, Δ NLL (wins / ties)")
+    assert [c.strip() for c in row.split("|")][column].count("of 1)") == 2
     assert (tmp_path / "quality-accuracy-vs-compute.png").exists() and (tmp_path / "quality-eu-plane.png").exists()
+
+
+def test_quality_runs_are_resumed_and_reported_at_one_precision(tmp_path):
+    """A run trained in bf16 is neither resumed nor paired with fp32 runs (the report would compare
+    precisions, not arms); a record from before precision was recorded counts as any."""
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    args = quality.parse_args(["--precision", "fp32", "--out", str(tmp_path / "q")])
+    assert args.precision_used == "fp32" and quality.canonical_command(args).endswith(
+        f"--precision fp32 --out {tmp_path / 'q'}")
+    settings = {k: getattr(args, k) for k in quality.SETTINGS}
+    records = [{"arm": "random-25x50", "seed": 0, "precision": "fp32", "settings": settings},
+               {"arm": "random-25x100", "seed": 0, "precision": "bf16 autocast", "settings": settings},
+               {"arm": "qtuning-25x50", "seed": 0, "settings": settings},
+               {"arm": "full", "seed": 0, "precision": "fp32", "settings": {**settings, "steps": 3}}]
+    path = tmp_path / "q.runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [r["arm"] for r in quality.load_runs(path, args)] == ["random-25x50", "qtuning-25x50"]
+    bf16 = quality.parse_args(["--precision", "bf16", "--out", str(tmp_path / "q")])
+    assert [r["arm"] for r in quality.load_runs(path, bf16)] == ["random-25x100", "qtuning-25x50"]
+    assert quality.parse_args(["--quick"]).precision_used == "fp32"  # a pipeline check: always fp32
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--quick", "--precision", "bf16"])
 
 
 def test_gpu_check_smoke(tmp_path):
