@@ -29,7 +29,9 @@ pool, by quadrant, over training.
 
 Every finished run is appended to ``<out>.runs.jsonl``: the same command resumes an interrupted
 invocation, other seeds / arms / regimes with the same settings add to one report, and
-``--report-only`` rebuilds the tables and plots from what is there.
+``--report-only`` rebuilds the tables and plots from what is there. Runs are resumed, reported and
+paired at one precision (``--precision``; auto is bf16 autocast where the CPU has native bf16,
+else fp32), so a report never compares arms trained at two precisions.
 
     python benchmarks/quality.py                 # every regime and arm, 3 seeds (long: choose --regimes / --arms)
     python benchmarks/quality.py --quick         # the pipeline (1 seed, 3 steps, every arm and regime)
