@@ -306,10 +306,10 @@ def test_console_script_error_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"qtuning plot: error: no such decision log: {tmp_path / 'nope.jsonl'}"
 
 
-@pytest.mark.parametrize("preset", [None, "robust"])
+@pytest.mark.parametrize("preset", [None, "robust", "small-loss"])
 def test_demo_pipeline_tiny(tmp_path, preset):
     """`qtuning demo` end to end on the tiny model: 2 steps, the log, both pictures, the summary;
-    with --preset robust, also what the paper's Algorithm 1 would keep from the same pools."""
+    with a preset (robust, small-loss), also what the paper's Algorithm 1 would keep from the same pools."""
     pytest.importorskip("trl")
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -324,6 +324,7 @@ def test_demo_pipeline_tiny(tmp_path, preset):
     assert sum(v["seen"] for v in summary["kept_by_kind"].values()) == 16
     assert summary["preset"] == (preset or "paper")
     assert summary["settings"]["reference"] == ("base" if preset == "robust" else "none")
+    assert summary["settings"]["drop_highest_ppl"] == (0.25 if preset == "small-loss" else 0.0)
     paper = summary["paper_would_keep_by_kind"]
     if preset is None:
         assert paper is None and "would keep" not in proc.stdout

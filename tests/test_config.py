@@ -17,6 +17,7 @@ def test_defaults_are_the_papers():
         "top_up": "minmax",
         "keep_tokens": "lowest",
         "warmup_steps": 0,
+        "drop_highest_ppl": 0.0,
         "reference": "none",
         "reference_margin": 0.5,
         "reference_spread": 0.0,
@@ -82,9 +83,16 @@ def test_warmup_steps_must_be_a_non_negative_integer(value):
         QTuningConfig(warmup_steps=value)
 
 
+@pytest.mark.parametrize("value", [-0.1, 1, 1.0, float("nan"), "0.2", True, None])
+def test_drop_highest_ppl_must_be_in_zero_one(value):
+    with pytest.raises(ValueError, match=r"QTuningConfig\.drop_highest_ppl must be a number in \[0, 1\)"):
+        QTuningConfig(drop_highest_ppl=value)
+
+
 def test_options_beyond_the_paper_round_trip():
-    cfg = QTuningConfig(top_up="rank", keep_tokens="highest", warmup_steps=3)
+    cfg = QTuningConfig(top_up="rank", keep_tokens="highest", warmup_steps=3, drop_highest_ppl=0.2)
     assert QTuningConfig.from_dict(cfg.to_dict()) == cfg and cfg.warmup_steps == 3
+    assert cfg.drop_highest_ppl == 0.2 and QTuningConfig(drop_highest_ppl=0).drop_highest_ppl == 0.0
 
 
 def test_presets_by_name_and_fields_beside_them_override():
@@ -98,7 +106,9 @@ def test_presets_by_name_and_fields_beside_them_override():
     robust = QTuningConfig.from_dict({"preset": "robust"})
     assert robust == QTuningConfig(reference="base")  # the paper plus the reference guard, nothing else
     assert QTuningConfig.from_dict({"preset": "robust", "reference": "none"}) == QTuningConfig()
-    with pytest.raises(ValueError, match=r"preset must be one of \['paper', 'robust'\]"):
+    assert QTuningConfig.from_dict({"preset": "small-loss"}) == QTuningConfig(drop_highest_ppl=0.25,
+                                                                              keep_tokens="highest")
+    with pytest.raises(ValueError, match=r"preset must be one of \['paper', 'robust', 'small-loss'\]"):
         QTuningConfig.from_dict({"preset": "fast"})
     with pytest.raises(ValueError, match="a preset is not a field"):
         QTuningConfig(preset="paper")

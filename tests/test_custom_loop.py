@@ -49,7 +49,8 @@ class Capture(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("fields", [{}, {"preset": "robust"}, {"keep_tokens": "highest", "token_budget": "batch"}])
+@pytest.mark.parametrize("fields", [{}, {"preset": "robust"}, {"preset": "small-loss"},
+                                    {"keep_tokens": "highest", "token_budget": "batch"}])
 def test_custom_loop_trains_what_the_callback_trains(fields):
     fields = {"sample_ratio": 0.75, **fields}  # 6 of 8 kept: two micro-batches, so the token count matters
     from accelerate import Accelerator

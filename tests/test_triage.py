@@ -364,3 +364,54 @@ def test_rank_top_up_depends_on_ranks_only(pool, r):
     a = triage(ppl, ent, r, top_up="rank")
     b = triage(torch.exp(ppl / 7) * 3 + 1, ent ** 3 + 2 * ent, r, top_up="rank")
     assert torch.equal(a.keep, b.keep) and torch.equal(a.prune_tokens, b.prune_tokens)
+
+
+# ---------------------------------------------------------------- drop_highest (beyond the paper)
+
+def test_drop_highest_worked_by_hand():
+    """Eight samples, r_s = 0.25 (K = 2). The paper keeps sample 1 (PPL 9, Ent 0.1: Q2 at m = 1;
+    at m = 2 the core {1, 3, 2} exceeds K) and tops up with 2 (|p - e| = |0.125 - 1|). With
+    drop_highest = 0.25 the two highest PPL (1: 9, 3: 8) are not candidates; among the other six,
+    m = 1 gives Q2 = {5} ∩ {4} = {} and Q4 = {0} ∩ {2} = {}, m = 2 gives Q2 = {5, 7} ∩ {4, 6} = {}
+    and Q4 = {0, 2} ∩ {2, 5} = {2}; m = 3 gives Q2 = {5, 7, 6} ∩ {4, 6, 0} = {6} and
+    Q4 = {0, 2, 4} ∩ {2, 5, 7} = {2}: the core is {2, 6}, exactly K."""
+    ppl = t(1, 9, 2, 8, 3, 7, 4, 6)
+    ent = t(0.5, 0.1, 0.9, 0.2, 0.3, 0.8, 0.4, 0.6)
+    assert idx(triage(ppl, ent, 0.25).keep) == [1, 2]
+    result = triage(ppl, ent, 0.25, drop_highest=0.25)
+    assert idx(result.keep) == [2, 6] and idx(result.core) == [2, 6] and idx(result.prune_tokens) == [6]
+    # floor(0.2 x 8) = 1: only sample 1 goes, and 3 (PPL 8, Ent 0.2) becomes the Q2 core
+    assert idx(triage(ppl, ent, 0.25, drop_highest=0.2).keep) == [2, 3]
+    # of equal PPL the later sample goes first
+    assert idx(triage(t(5, 5, 1, 2), t(0.1, 0.1, 0.9, 0.5), 0.25, drop_highest=0.25).keep) == [0]
+    with pytest.raises(ValueError, match=r"drop_highest must be in \[0, 1\)"):
+        triage(ppl, ent, 0.25, drop_highest=1.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pools(), ratios, st.sampled_from([0.1, 0.25, 0.5, 0.75]))
+def test_drop_highest_is_the_triage_of_the_rest_with_k_unchanged(pool, r, f):
+    """The floor(f n) highest-PPL samples are never kept; K still counts them (up to the rest);
+    the decision over the rest is the eligible-masked triage."""
+    ppl, ent = pool
+    n = ppl.numel()
+    n_drop = math.floor(Fraction(repr(f)) * n)
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[torch.sort(ppl, stable=True).indices[n - n_drop:]] = True
+    result = triage(ppl, ent, r, drop_highest=f)
+    assert not (result.keep & dropped).any()
+    assert result.k == min(kept_count(n, r), n - n_drop)
+    want = triage(ppl, ent, r, eligible=~dropped)
+    assert torch.equal(result.keep, want.keep) and torch.equal(result.prune_tokens, want.prune_tokens)
+
+
+def test_drop_highest_counts_scored_samples_only_and_spans_the_groups():
+    ppl, ent = t(NAN, 9, 1, 2, 3, 4, 8, 7, 6), t(0.5, 0.1, 0.9, 0.3, 0.8, 0.2, 0.1, 0.7, 0.6)
+    # 8 scored samples: floor(0.25 x 8) = 2 dropped (PPL 9 and 8); the NaN row is not one of them
+    result = triage(ppl, ent, 0.25, drop_highest=0.25)
+    assert not result.keep[[0, 1, 6]].any() and result.k == 2
+    # pool: global: the highest PPL of the whole pool go, whichever group holds them
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    by_group = triage(ppl, ent, 0.5, groups=groups, drop_highest=0.25)
+    assert not by_group.keep[[0, 1, 6]].any()
+    assert [int(by_group.keep[groups == g].sum()) for g in (0, 1)] == [1, 2]  # K_0 = floor(0.5 x 3)

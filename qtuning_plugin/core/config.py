@@ -20,6 +20,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper plus the reference guard (LoRA / QLoRA only): README "Which setting should I use"
     # has the evidence (benchmarks/results/quality-3ep.md).
     "robust": {"reference": "base"},
+    # The small-loss trick against wrong labels (the pool's highest-PPL quarter is never kept) with
+    # the tokens not learned yet trained in misconception samples; any model, no extra forward.
+    # README "Which setting should I use": where it won and lost (benchmarks/results/quality-*.md).
+    "small-loss": {"drop_highest_ppl": 0.25, "keep_tokens": "highest"},
 }
 
 
@@ -52,6 +56,11 @@ class QTuningConfig:
     - ``keep_tokens``: which tokens of a Q2 sample stay in the loss. ``"lowest"`` context score
       (the paper, docs/method.md §3); ``"highest"`` keeps the highest-perplexity ones (the tokens not
       learned yet; the authors' ``fwise`` code path and the paper's "reversed" ablation).
+    - ``drop_highest_ppl`` in [0, 1): the small-loss trick (co-teaching's forget rate): in each
+      pool the floor(f n) scored samples with the highest PPL are never kept (of equal PPL the
+      later goes first), and the triage runs on the others; K still counts them, so their slots go
+      to other samples. A plausible wrong label is the pool's highest error once the model has
+      learned the task; set f to about the share of wrong labels you expect. 0 (the paper).
     - ``warmup_steps`` >= 0: the first optimizer steps are trained on every sample, unscored (the
       model first sees the data before judging it; InfoBatch does not prune its first epoch).
     - ``reference``: ``"base"`` turns on the reference guard for adapter training (LoRA / QLoRA):
@@ -85,6 +94,7 @@ class QTuningConfig:
     top_up: str
     keep_tokens: str
     warmup_steps: int
+    drop_highest_ppl: float
     reference: str
     reference_margin: float
     reference_spread: float
@@ -102,6 +112,7 @@ class QTuningConfig:
         top_up: str = "minmax",
         keep_tokens: str = "lowest",
         warmup_steps: int = 0,
+        drop_highest_ppl: float = 0.0,
         reference: str = "none",
         reference_margin: float = 0.5,
         reference_spread: float = 0.0,
@@ -128,6 +139,10 @@ class QTuningConfig:
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
             raise ValueError(f"QTuningConfig.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         set_(self, "warmup_steps", int(warmup_steps))
+        if (isinstance(drop_highest_ppl, bool) or not isinstance(drop_highest_ppl, numbers.Real)
+                or not 0.0 <= drop_highest_ppl < 1.0):  # NaN fails the comparison
+            raise ValueError(f"QTuningConfig.drop_highest_ppl must be a number in [0, 1), got {drop_highest_ppl!r}")
+        set_(self, "drop_highest_ppl", float(drop_highest_ppl))
         set_(self, "reference", _choice("reference", reference, REFERENCES))
         if (isinstance(reference_margin, bool) or not isinstance(reference_margin, numbers.Real)
                 or not math.isfinite(reference_margin) or reference_margin <= 0):

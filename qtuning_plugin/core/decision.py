@@ -63,10 +63,11 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
     sizes = [s.ppl.numel() for s in scores]
     if global_pool is None:
         result = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores]),
-                        config.sample_ratio, top_up=config.top_up, eligible=eligible)
+                        config.sample_ratio, top_up=config.top_up, eligible=eligible,
+                        drop_highest=config.drop_highest_ppl)
     else:
         whole = triage(global_pool.ppl, global_pool.entropy, config.sample_ratio, groups=global_pool.groups,
-                       top_up=config.top_up, eligible=global_pool.eligible)
+                       top_up=config.top_up, eligible=global_pool.eligible, drop_highest=config.drop_highest_ppl)
         own = global_pool.groups == global_pool.rank
         if int(own.sum()) != sum(sizes):
             raise ValueError(f"decide: the global pool holds {int(own.sum())} samples of rank "

@@ -95,7 +95,7 @@ def _rank_levels(x: torch.Tensor) -> torch.Tensor:
 
 def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
            groups: torch.Tensor | None = None, top_up: str = "minmax",
-           eligible: torch.Tensor | None = None) -> Triage:
+           eligible: torch.Tensor | None = None, drop_highest: float = 0.0) -> Triage:
     """Pick the samples to train from one pool (docs/method.md §2, rank form).
 
     ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. A sample whose PPL or
@@ -116,6 +116,10 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     ``eligible`` (bool [n], an option beyond the paper: the reference guard): a sample marked
     False is never kept and is triaged as if it were not there, but its slot stays: K still
     counts it, and the other samples fill it (K_g = min(K_g, the group's eligible samples)).
+
+    ``drop_highest`` in [0, 1) (an option beyond the paper: the small-loss trick): the
+    floor(drop_highest n') scored samples of the whole pool with the highest PPL (of equal PPL the
+    later sample first) are not eligible either.
     """
     if ppl.ndim != 1 or ppl.shape != entropy.shape:
         raise ValueError(f"triage: ppl and entropy must be 1-D of one length, got {tuple(ppl.shape)} "
@@ -133,12 +137,19 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
         raise ValueError("triage: groups must be a long tensor of group ids >= 0, one per sample")
     if eligible is not None and (eligible.shape != ppl.shape or eligible.dtype != torch.bool):
         raise ValueError("triage: eligible must be a bool tensor, one entry per sample")
+    if not 0.0 <= drop_highest < 1.0:
+        raise ValueError(f"triage: drop_highest must be in [0, 1), got {drop_highest!r}")
     scored = ~(torch.isnan(ppl) | torch.isnan(entropy))
     none = torch.zeros(n, dtype=torch.bool, device=ppl.device)
     # K_g over each group's scored samples, ineligible ones included (their slots stay).
     counts = torch.bincount(groups[scored], minlength=int(groups.max()) + 1)
     k = torch.tensor([kept_count(int(c), sample_ratio) for c in counts.tolist()], dtype=torch.long,
                      device=ppl.device)
+    n_drop = math.floor(Fraction(repr(float(drop_highest))) * int(scored.sum()))
+    if n_drop:
+        at = scored.nonzero().squeeze(1)
+        highest = at[_ascending_ranks(ppl[at].to(torch.float64)) >= at.numel() - n_drop]
+        scored = scored.index_put((highest,), torch.zeros_like(highest, dtype=torch.bool))
     if eligible is not None:
         scored = scored & eligible.to(ppl.device)
     if not scored.any():
