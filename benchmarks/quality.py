@@ -21,7 +21,9 @@ Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): 
 25 % of samples x random 50 % of their tokens; Q-Tuning 25 % x 50 % (the paper) and 25 % x 100 %
 (samples only); one arm per option beyond the paper, the reference guard among them; the guard's
 refinements (``guard2``: ``reference_spread: 2`` and ``reference_sticky``; ``guard3``: also
-``reference_tokens``); and an observe-only guard that records the base-model rises without acting.
+``reference_tokens``); an observe-only guard that records the base-model rises without acting; and
+the small-loss trick (``drop_highest_ppl: 0.25``) alone and with ``keep_tokens: highest`` (the
+``small-loss`` preset).
 Paired by seed: data, order (``data_seed``) and test set are the same in every arm of a seed.
 Metrics on a held-out clean test set: exact-match accuracy (greedy decoding) and NLL of the
 correct answers; plus what each pruning arm kept: the share of corrupted samples among kept vs
@@ -80,6 +82,10 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
         "random-25x100": ("random", 0.25, 1.0), "qtuning-25x100": ("qtuning", 0.25, 1.0),
         "qtuning-rank-25x50": ("qtuning", 0.25, 0.5, {"top_up": "rank"}),
         "qtuning-highest-25x50": ("qtuning", 0.25, 0.5, {"keep_tokens": "highest"}),
+        # the small-loss trick (co-teaching): the pool's quarter with the highest PPL is never kept
+        "qtuning-smallloss-25x50": ("qtuning", 0.25, 0.5, {"drop_highest_ppl": 0.25}),
+        "qtuning-smallloss-highest-25x50": ("qtuning", 0.25, 0.5, {"drop_highest_ppl": 0.25,
+                                                                   "keep_tokens": "highest"}),
         "qtuning-warmup-25x50": ("qtuning", 0.25, 0.5, {"warmup": 0.25}),
         "qtuning-batch-25x50": ("qtuning", 0.25, 0.5, {"token_budget": "batch"}),
         "qtuning-guard-25x50": ("qtuning", 0.25, 0.5, {"reference": "base"}),
@@ -299,9 +305,37 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     return {"regime": regime, "arm": arm, "seed": seed, "model": model_name, "train_seconds": seconds,
             "steps": args.steps, "epochs": epochs, "pool_share_corrupted": sum(
                 r["kind"] in CORRUPTED for r in train) / len(train),
-            "precision": "bf16 autocast" if bf16 else "fp32",
+            "precision": "bf16 autocast" if bf16 else "fp32", "machine": machine(),
             "kept_tokens_ratio": kept_tokens, **metrics,
             "decisions": getattr(cb, "steps", None)}
+
+
+def machine() -> str:
+    """Where a run ran: the CPU, its vector ISA and native bf16, and the library versions. A run's
+    outcome can hinge on its arithmetic (README, "One pass over noisy data": the same code and seed
+    gave 34 % and 66 % exact match on two machines), so every run records it."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from qtuning_plugin.precision import native_bf16
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001
+        isa = "unknown ISA"
+    libs = []
+    for name in ("torch", "transformers", "trl", "peft"):
+        try:
+            libs.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            libs.append(f"{name} -")
+    return f"{cpu} ({isa}, {'native' if native_bf16('cpu') else 'no native'} bf16); {', '.join(libs)}"
 
 
 # ---------------------------------------------------------------------- report
@@ -472,7 +506,9 @@ def report(results, args) -> str:
                     continue
                 cells = " | ".join(f"{100 * pool[kind, q] / seen:.0f} %" for q in range(1, 5))
                 lines.append(f"| {kind} | {cells} | {100 * sum(kept[kind, q] for q in range(1, 5)) / seen:.0f} % |")
-        lines.append("")
+        machines = Counter(r.get("machine", "not recorded") for r in rows)
+        lines += ["", "Machines: " + "; ".join(f"{m}: {n} run{'s' if n > 1 else ''}"
+                                              for m, n in sorted(machines.items())) + ".", ""]
     return "\n".join(lines)
 
 

@@ -54,6 +54,8 @@ ARMS = {  # name: (sample_ratio, token_ratio[, QTuningConfig options]) or None f
     "qt-25x50-guard": (0.25, 0.5, {"reference": "base"}),
     # ...and cached on a re-visit (the data is one step's worth, so every measured step re-visits it)
     "qt-25x50-guard-revisit": (0.25, 0.5, {"reference": "base"}),
+    # the small-loss preset: a sort of the pool's PPL and the other end of the token top-k
+    "qt-25x50-small-loss": (0.25, 0.5, {"preset": "small-loss"}),
 }
 REVISIT = {"qt-25x50-guard-revisit"}
 PACKED = {"full-packed": None, "qt-25x50-packed": (0.25, 0.5)}  # TRL packing on length-skewed data

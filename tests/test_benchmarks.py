@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_speed_benchmark_quick_mode(tmp_path):
     out = tmp_path / "speed"
     arms = ["full", "qt-100x100", "qt-25x50", "qt-12.5x50", "qt-25x50-guard", "qt-25x50-guard-revisit",
-            "full-packed", "qt-25x50-packed"]
+            "qt-25x50-small-loss", "full-packed", "qt-25x50-packed"]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out),
                            "--arms", *arms], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -24,7 +24,8 @@ def test_speed_benchmark_quick_mode(tmp_path):
     assert table["qt-25x50-guard"]["kept_samples"] == table["qt-25x50-guard-revisit"]["kept_samples"] == 2
     assert table["full"]["epoch_ratio"] == 1.0
     # batch 4 x GA 2 = pool 8: K = 2 and 1 samples per step
-    assert table["qt-25x50"]["kept_samples"] == 2 and table["qt-12.5x50"]["kept_samples"] == 1
+    assert table["qt-25x50"]["kept_samples"] == table["qt-25x50-small-loss"]["kept_samples"] == 2
+    assert table["qt-12.5x50"]["kept_samples"] == 1
     for arm in ("qt-25x50", "qt-12.5x50"):
         assert table[arm]["score_median_s"] > 0 and table[arm]["floor"] > 0
     assert table["qt-100x100"]["score_median_s"] == 0  # nothing to prune: no scoring pass
@@ -59,7 +60,8 @@ def test_quality_benchmark_quick_mode(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     runs = result["results"]
     arms = ("full", "random-25x50", "qtuning-25x50", "random-25x100", "qtuning-25x100", "qtuning-rank-25x50",
-            "qtuning-highest-25x50", "qtuning-warmup-25x50", "qtuning-batch-25x50", "qtuning-guard-25x50",
+            "qtuning-highest-25x50", "qtuning-smallloss-25x50",
+            "qtuning-smallloss-highest-25x50", "qtuning-warmup-25x50", "qtuning-batch-25x50", "qtuning-guard-25x50",
             "qtuning-guard-highest-25x50", "qtuning-guard-25x100", "qtuning-guard2-25x50",
             "qtuning-guard2-highest-25x50", "qtuning-guard3-highest-25x50", "qtuning-observe-25x50")
     regimes = ("paper", "stress", "paper-3ep", "stress-3ep", "paper-noisy-3ep")
@@ -73,6 +75,7 @@ def test_quality_benchmark_quick_mode(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["results"] == runs
     for r in runs:
         assert 0 <= r["accuracy"] <= 1 and r["nll"] > 0
+        assert " bf16); torch " in r["machine"] and ", trl " in r["machine"]  # where it ran, recorded
         if r["arm"].startswith("qtuning"):
             # one record per pruned step (the warm-up arm trains its first step unpruned)
             assert len(r["decisions"]) == (2 if "warmup" in r["arm"] else 3)
@@ -80,6 +83,7 @@ def test_quality_benchmark_quick_mode(tmp_path):
             assert ("suspect" in r["decisions"][0]) == ("guard" in r["arm"] or "observe" in r["arm"])
     report = out.with_suffix(".md").read_text()
     assert "| qtuning-25x50 |" in report
+    assert f"Machines: {runs[0]['machine']}: {len(arms)} runs." in report
     # each arm is paired with random pruning at its own budget: 25 x 100 with random-25x100
     spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
     quality = importlib.util.module_from_spec(spec)
