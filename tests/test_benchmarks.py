@@ -138,3 +138,29 @@ def test_gpu_check_smoke(tmp_path):
     assert set(table) == {"full", "qt-25x50", "qt-12.5x50"} and table["full"]["epoch_ratio"] == 1.0
     assert table["qt-25x50"]["score_median_s"] > 0 and table["qt-25x50"]["floor"] > 0.25
     assert "quantisation" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_separation_reads_logged_pools(tmp_path, capsys):
+    """benchmarks/separation.py on a hand-made runs file: wrong answers with the highest PPL and
+    middling entropy separate perfectly by PPL, not by entropy, and drop_highest_ppl = 1/4
+    takes them out of what the triage keeps."""
+    spec = importlib.util.spec_from_file_location("separation", ROOT / "benchmarks" / "separation.py")
+    separation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(separation)
+    pool = {"kind": ["wrong", "useful", "useful", "wrong", "useful", "useful", "redundant", "useful"],
+            "ppl": [9.0, 2.0, 3.0, 8.0, 4.0, 5.0, 1.0, 6.0],
+            "entropy": [0.1, 0.5, 0.05, 0.2, 0.9, 0.02, 0.3, 0.4]}
+    runs = tmp_path / "q.runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"regime": "stress", "arm": "random-25x50", "seed": 0, "precision": "fp32", "decisions": [pool] * 5},
+        {"regime": "stress", "arm": "qtuning-25x50", "seed": 0, "precision": "fp32", "decisions": [pool]}]))
+    assert separation.auroc([3, 2], [1, 2]) == 0.875
+    pools = separation.pools_of([runs], "random-25x50", None)
+    assert list(pools) == ["stress"] and len(pools["stress"]) == 5 and pools["stress"][4][0] == 4
+    got = separation.separation(pools["stress"])
+    assert got["first 4 steps", "PPL"] == got["later steps", "PPL"] == 1.0
+    assert got["first 4 steps", "entropy"] == 0.4  # 4 of the 10 pairs
+    assert separation.replay(pools["stress"], 0.25, 0.0) == (0.25, 0.5)  # the paper keeps one wrong answer of two
+    assert separation.replay(pools["stress"], 0.25, 0.25) == (0.25, 0.0)
+    assert separation.main([str(runs)]) == 0
+    assert "stress: 5 pools of random-25x50" in capsys.readouterr().out

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Can a per-sample score tell a wrong label from a useful sample? Read from logged pools, no training.
+
+Every run of ``benchmarks/quality.py`` logs, for each pool it decided, each sample's kind (useful,
+wrong, garbled, redundant), PPL and entropy. The random-pruning arms log them without acting on
+them, so their pools follow a training trajectory no selection has shaped. This script reports,
+per regime:
+
+- AUROC of wrong vs useful samples for PPL, for entropy and for the paper's Q2 direction (PPL rank
+  minus entropy rank within the pool): the chance that a wrong answer scores above a useful one
+  (0.5: no separation), over the first 4 steps and the rest;
+- the triage replayed on the same pools with ``drop_highest_ppl`` = 0, 1/8, 1/4, 3/8 (the small-loss
+  trick): the share of corrupted (wrong + garbled) samples in what it would keep, against the pools'.
+
+    python benchmarks/separation.py benchmarks/results/quality-1ep.runs.jsonl benchmarks/results/quality-3ep.runs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+
+import torch
+
+from qtuning_plugin.core import triage
+
+CORRUPTED = ("wrong", "garbled")
+
+
+def auroc(positive, negative) -> float:
+    """P(a positive scores above a negative), ties counting one half."""
+    if not positive or not negative:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def levels(values) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    for rank, i in enumerate(order):
+        out[i] = rank / max(1, len(values) - 1)
+    return out
+
+
+def pools_of(files, arm: str, precision: str | None):
+    """{regime: [(step index within its run, pool), ...]} from the runs of ``arm`` (and
+    ``precision``, if given)."""
+    pools = defaultdict(list)
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                run = json.loads(line)
+                if run["arm"] != arm or (precision and run.get("precision", precision) != precision):
+                    continue
+                pools[run["regime"]] += list(enumerate(run.get("decisions") or []))
+    return pools
+
+
+def separation(pools) -> dict:
+    scores = defaultdict(lambda: defaultdict(list))  # (phase, score) -> kind -> values
+    for step, pool in pools:
+        phase = "first 4 steps" if step < 4 else "later steps"
+        ppl_level, ent_level = levels(pool["ppl"]), levels(pool["entropy"])
+        for i, kind in enumerate(pool["kind"]):
+            for name, value in (("PPL", pool["ppl"][i]), ("entropy", pool["entropy"][i]),
+                                ("PPL rank - entropy rank", ppl_level[i] - ent_level[i])):
+                scores[phase, name][kind].append(value)
+    return {key: auroc(v["wrong"], v["useful"]) for key, v in sorted(scores.items())}
+
+
+def replay(pools, sample_ratio: float, fraction: float) -> tuple[float, float]:
+    """(corrupted share of the pools, of what the triage would keep) with drop_highest = fraction."""
+    seen, kept = Counter(), Counter()
+    for _, pool in pools:
+        ppl = torch.tensor(pool["ppl"], dtype=torch.float64)
+        keep = triage(ppl, torch.tensor(pool["entropy"], dtype=torch.float64), sample_ratio,
+                      drop_highest=fraction).keep.tolist()
+        for kind, k in zip(pool["kind"], keep):
+            seen[kind] += 1
+            kept[kind] += k
+    share = lambda c: sum(c[k] for k in CORRUPTED) / max(1, sum(c.values()))  # noqa: E731
+    return share(seen), share(kept)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="<out>.runs.jsonl files of benchmarks/quality.py")
+    p.add_argument("--arm", default="random-25x50", help="whose logged pools to read (default: random-25x50)")
+    p.add_argument("--precision", choices=["fp32", "bf16 autocast"], help="only runs at this precision")
+    p.add_argument("--sample-ratio", type=float, default=0.25)
+    args = p.parse_args(argv)
+    for regime, pools in pools_of(args.runs, args.arm, args.precision).items():
+        if not pools:
+            continue
+        print(f"{regime}: {len(pools)} pools of {args.arm}")
+        for (phase, name), value in separation(pools).items():
+            print(f"  AUROC wrong > useful, {name:24} {phase:14} {value:.2f}")
+        for fraction in (0.0, 0.125, 0.25, 0.375):
+            pool, kept = replay(pools, args.sample_ratio, fraction)
+            print(f"  drop_highest_ppl {fraction:<5}: corrupted {100 * pool:.1f} % of the pools, "
+                  f"{100 * kept:.1f} % of what the triage keeps")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
