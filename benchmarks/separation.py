@@ -6,9 +6,8 @@ wrong, garbled, redundant), PPL and entropy. The random-pruning arms log them wi
 them, so their pools follow a training trajectory no selection has shaped. This script reports,
 per regime:
 
-- AUROC of wrong vs useful samples for PPL, for entropy and for the paper's Q2 direction (PPL rank
-  minus entropy rank within the pool): the chance that a wrong answer scores above a useful one
-  (0.5: no separation), over the first 4 steps and the rest;
+- AUROC of wrong vs useful samples for PPL and for entropy: the chance that a wrong answer scores
+  above a useful one (0.5: no separation), over the first 4 steps and the rest;
 - the triage replayed on the same pools with ``drop_highest_ppl`` = 0, 1/8, 1/4, 3/8 (the small-loss
   trick): the share of corrupted (wrong + garbled) samples in what it would keep, against the pools'.
 
@@ -36,14 +35,6 @@ def auroc(positive, negative) -> float:
     return wins / (len(positive) * len(negative))
 
 
-def levels(values) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    for rank, i in enumerate(order):
-        out[i] = rank / max(1, len(values) - 1)
-    return out
-
-
 def pools_of(files, arm: str, precision: str | None):
     """{regime: [(step index within its run, pool), ...]} from the runs of ``arm`` (and
     ``precision``, if given)."""
@@ -62,11 +53,9 @@ def separation(pools) -> dict:
     scores = defaultdict(lambda: defaultdict(list))  # (phase, score) -> kind -> values
     for step, pool in pools:
         phase = "first 4 steps" if step < 4 else "later steps"
-        ppl_level, ent_level = levels(pool["ppl"]), levels(pool["entropy"])
         for i, kind in enumerate(pool["kind"]):
-            for name, value in (("PPL", pool["ppl"][i]), ("entropy", pool["entropy"][i]),
-                                ("PPL rank - entropy rank", ppl_level[i] - ent_level[i])):
-                scores[phase, name][kind].append(value)
+            for name in ("PPL", "entropy"):
+                scores[phase, name][kind].append(pool[name.lower()][i])
     return {key: auroc(v["wrong"], v["useful"]) for key, v in sorted(scores.items())}
 
 
@@ -80,8 +69,11 @@ def replay(pools, sample_ratio: float, fraction: float) -> tuple[float, float]:
         for kind, k in zip(pool["kind"], keep):
             seen[kind] += 1
             kept[kind] += k
-    share = lambda c: sum(c[k] for k in CORRUPTED) / max(1, sum(c.values()))  # noqa: E731
-    return share(seen), share(kept)
+    return _corrupted_share(seen), _corrupted_share(kept)
+
+
+def _corrupted_share(counts: Counter) -> float:
+    return sum(counts[k] for k in CORRUPTED) / max(1, sum(counts.values()))
 
 
 def main(argv=None) -> int:
@@ -96,7 +88,7 @@ def main(argv=None) -> int:
             continue
         print(f"{regime}: {len(pools)} pools of {args.arm}")
         for (phase, name), value in separation(pools).items():
-            print(f"  AUROC wrong > useful, {name:24} {phase:14} {value:.2f}")
+            print(f"  AUROC wrong > useful, {name:8} {phase:14} {value:.2f}")
         for fraction in (0.0, 0.125, 0.25, 0.375):
             pool, kept = replay(pools, args.sample_ratio, fraction)
             print(f"  drop_highest_ppl {fraction:<5}: corrupted {100 * pool:.1f} % of the pools, "

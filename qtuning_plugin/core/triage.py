@@ -49,15 +49,19 @@ class Triage:
         return int(self.keep.sum())
 
 
-def kept_count(n: int, sample_ratio: float) -> int:
-    """K = max(1, floor(r_s n)) for a pool of n >= 1 samples (0 for an empty pool).
+def _share_of(n: int, ratio: float) -> int:
+    """floor(ratio n), exact for the ratio as written in decimal: ``0.29`` is read as 29/100 (the
+    shortest decimal that round-trips the float), so 0.29 x 100 is 29, where ``int(0.29 * 100)``
+    gives 28."""
+    return math.floor(Fraction(repr(float(ratio))) * n)
 
-    Exact for the ratio as written in decimal: ``0.29`` is read as 29/100 (the shortest decimal
-    that round-trips the float), so 0.29 x 100 keeps 29, where ``int(0.29 * 100)`` gives 28.
-    """
+
+def kept_count(n: int, sample_ratio: float) -> int:
+    """K = max(1, floor(r_s n)) for a pool of n >= 1 samples (0 for an empty pool), exact for
+    decimal ratios (:func:`_share_of`)."""
     if n <= 0:
         return 0
-    return max(1, math.floor(Fraction(repr(float(sample_ratio))) * n))
+    return max(1, _share_of(n, sample_ratio))
 
 
 def _ascending_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +149,7 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     counts = torch.bincount(groups[scored], minlength=int(groups.max()) + 1)
     k = torch.tensor([kept_count(int(c), sample_ratio) for c in counts.tolist()], dtype=torch.long,
                      device=ppl.device)
-    n_drop = math.floor(Fraction(repr(float(drop_highest))) * int(scored.sum()))
+    n_drop = _share_of(int(scored.sum()), drop_highest)
     if n_drop:
         at = scored.nonzero().squeeze(1)
         highest = at[_ascending_ranks(ppl[at].to(torch.float64)) >= at.numel() - n_drop]
