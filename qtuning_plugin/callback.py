@@ -67,7 +67,8 @@ class QTuning(TrainerCallback, ExportableState):
     ``qtuning/share_q1_noise`` .. ``qtuning/share_q4_calibration``, ``qtuning/level``,
     ``qtuning/score_seconds``, ``qtuning/score_share``, ``qtuning/kept_ppl``,
     ``qtuning/kept_entropy``, ``qtuning/dropped_ppl``, ``qtuning/dropped_entropy``; with
-    ``reference="base"``, ``qtuning/suspected_samples``.
+    ``reference="base"``, ``qtuning/suspected_samples``; with ``drop_highest_ppl`` or
+    ``drop_ppl_outliers``, ``qtuning/high_ppl_excluded`` (samples those rules kept out).
     """
 
     def __init__(self, config: QTuningConfig | Mapping[str, Any] | None = None, *,
@@ -317,6 +318,10 @@ class QTuning(TrainerCallback, ExportableState):
             if suspects is not None:
                 self.last_pool["suspect"] = suspects
                 self.last_pool["excess_max"], self.last_pool["excess_mean"] = (x.cpu() for x in d.excess)
+        if d.excluded is not None:  # drop_highest_ppl / drop_ppl_outliers
+            m["high_ppl_excluded"].append(int(d.excluded.sum()))
+            self.totals["high_ppl_excluded"] = self.totals.get("high_ppl_excluded", 0) + m["high_ppl_excluded"][-1]
+            self.last_pool["excluded"] = d.excluded
         if self._log is not None:
             trainer = self.trainer
             step = (trainer.state.global_step if trainer is not None else int(self.totals["steps"]) - 1) + 1

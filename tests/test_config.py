@@ -18,6 +18,7 @@ def test_defaults_are_the_papers():
         "keep_tokens": "lowest",
         "warmup_steps": 0,
         "drop_highest_ppl": 0.0,
+        "drop_ppl_outliers": None,
         "reference": "none",
         "reference_margin": 0.5,
         "reference_spread": 0.0,
@@ -89,9 +90,30 @@ def test_drop_highest_ppl_must_be_in_zero_one(value):
         QTuningConfig(drop_highest_ppl=value)
 
 
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "2", True])
+def test_drop_ppl_outliers_must_be_null_or_positive(value):
+    with pytest.raises(ValueError, match=r"QTuningConfig\.drop_ppl_outliers must be null \(off\) or a finite "
+                                         r"number > 0"):
+        QTuningConfig(drop_ppl_outliers=value)
+
+
+def test_drop_ppl_outliers_excludes_drop_highest_ppl():
+    assert QTuningConfig(drop_ppl_outliers=2).drop_ppl_outliers == 2.0
+    assert QTuningConfig(drop_ppl_outliers=None, drop_highest_ppl=0.25).drop_ppl_outliers is None
+    with pytest.raises(ValueError, match=r"drop_highest_ppl \(0\.25\) and drop_ppl_outliers \(2\) are two rules"):
+        QTuningConfig(drop_ppl_outliers=2, drop_highest_ppl=0.25)
+    # a preset's drop_highest_ppl must be switched off beside it, loudly, never half-applied
+    with pytest.raises(ValueError, match="set one of them"):
+        QTuningConfig.from_dict({"preset": "small-loss", "drop_ppl_outliers": 2})
+    cfg = QTuningConfig.from_dict({"preset": "small-loss", "drop_highest_ppl": 0, "drop_ppl_outliers": 2})
+    assert cfg == QTuningConfig(keep_tokens="highest", drop_ppl_outliers=2.0)
+
+
 def test_options_beyond_the_paper_round_trip():
     cfg = QTuningConfig(top_up="rank", keep_tokens="highest", warmup_steps=3, drop_highest_ppl=0.2)
     assert QTuningConfig.from_dict(cfg.to_dict()) == cfg and cfg.warmup_steps == 3
+    outliers = QTuningConfig(drop_ppl_outliers=1.5)
+    assert QTuningConfig.from_dict(outliers.to_dict()) == outliers
     assert cfg.drop_highest_ppl == 0.2 and QTuningConfig(drop_highest_ppl=0).drop_highest_ppl == 0.0
 
 

@@ -415,3 +415,60 @@ def test_drop_highest_counts_scored_samples_only_and_spans_the_groups():
     by_group = triage(ppl, ent, 0.5, groups=groups, drop_highest=0.25)
     assert not by_group.keep[[0, 1, 6]].any()
     assert [int(by_group.keep[groups == g].sum()) for g in (0, 1)] == [1, 2]  # K_0 = floor(0.5 x 3)
+
+
+# ---------------------------------------------------------------- drop_outliers (beyond the paper)
+
+def test_drop_outliers_worked_by_hand():
+    """Eight samples, log PPL = 0, 0.1, ..., 0.6 and 3. Lower median 0.3 (sorted: 0 .1 .2 .3 .4
+    .5 .6 3, the 4th), |x - 0.3| sorted: 0 .1 .1 .2 .2 .3 .3 2.7, lower median 0.2, scaled MAD
+    0.29652. k = 2: threshold 0.3 + 0.59304 = 0.89304, only log PPL 3 goes; k = 1: 0.59652, so 0.6
+    goes too; k = 10: none."""
+    x = t(0.0, 3.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    ppl, ent = x.exp(), t(0.5, 0.1, 0.9, 0.2, 0.3, 0.8, 0.4, 0.6)
+    assert 1 in idx(triage(ppl, ent, 0.25).keep)  # the paper keeps the outlier (highest PPL, low Ent)
+    for k, dropped in ((2.0, [1]), (1.0, [1, 7]), (10.0, [])):
+        want = torch.ones(8, dtype=torch.bool)
+        want[dropped] = False
+        result = triage(ppl, ent, 0.25, drop_outliers=k)
+        assert torch.equal(result.keep, triage(ppl, ent, 0.25, eligible=want).keep), k
+        assert result.k == 2 and not result.keep[dropped].any()
+    with pytest.raises(ValueError, match="drop_outliers must be None or a finite number > 0"):
+        triage(ppl, ent, 0.25, drop_outliers=0.0)
+    with pytest.raises(ValueError, match="drop_highest and drop_outliers are exclusive"):
+        triage(ppl, ent, 0.25, drop_highest=0.25, drop_outliers=2.0)
+
+
+def test_drop_outliers_edge_pools():
+    ent = t(0.5, 0.1, 0.9, 0.2, 0.3, 0.8)
+    # MAD 0 (four of six equal): every sample above the median goes
+    result = triage(t(2, 2, 2, 2, 3, 2.5), ent, 0.5, drop_outliers=2.0)
+    assert not result.keep[[4, 5]].any() and result.k == 3
+    # median +inf: none goes (the triage's own order then applies)
+    inf_pool = t(INF, INF, INF, INF, 3, 2)
+    assert torch.equal(triage(inf_pool, ent, 0.5, drop_outliers=2.0).keep, triage(inf_pool, ent, 0.5).keep)
+    # an infinite PPL in a finite pool is an outlier; a NaN row is no sample and not in the statistics
+    result = triage(t(NAN, INF, 1, 1.1, 1.2, 1.3), ent, 0.5, drop_outliers=2.0)
+    assert not result.keep[[0, 1]].any() and result.k == 2  # K = floor(0.5 x 5)
+    # pool: global: the whole pool's statistics, whichever group holds the outlier
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    by_group = triage(t(1, 1.1, 1.2, 1.3, 1.05, 50), ent, 0.5, groups=groups, drop_outliers=2.0)
+    assert not by_group.keep[5] and [int(by_group.keep[groups == g].sum()) for g in (0, 1)] == [1, 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(pools(), ratios, st.sampled_from([0.5, 1.0, 2.0, 3.0]))
+def test_drop_outliers_is_the_triage_of_the_rest_with_k_unchanged(pool, r, k):
+    """The samples above median + k x 1.4826 MAD of log PPL (lower medians, numpy) are never kept,
+    K still counts them, and the decision over the rest is the eligible-masked triage."""
+    ppl, ent = pool
+    ppl = ppl.abs() + 1e-3  # PPL > 0
+    x = ppl.log().numpy()
+    lower_median = lambda v: np.sort(v)[(len(v) - 1) // 2]  # noqa: E731
+    med = lower_median(x)
+    dropped = torch.from_numpy(x > med + k * (1.4826 * lower_median(np.abs(x - med))))
+    result = triage(ppl, ent, r, drop_outliers=k)
+    assert not (result.keep & dropped).any()
+    assert result.k == min(kept_count(ppl.numel(), r), int((~dropped).sum()))
+    want = triage(ppl, ent, r, eligible=~dropped)
+    assert torch.equal(result.keep, want.keep) and torch.equal(result.prune_tokens, want.prune_tokens)

@@ -253,6 +253,35 @@ def test_metrics_in_log_history_averaged_over_the_logging_interval():
     assert cb.totals["steps"] == 4
 
 
+def test_high_ppl_excluded_is_logged_with_the_small_loss_rules():
+    """drop_highest_ppl = 0.25 of a pool of 8 keeps out 2 samples every step (the two highest PPL);
+    drop_ppl_outliers keeps out a varying number, the log PPL outliers of the pool. Neither is ever
+    kept, and without the rules the metric is absent."""
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, drop_highest_ppl=0.25)
+    trainer = sft_trainer([cb], ga=2, bs=4, steps=4, logging_steps=2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [log["qtuning/high_ppl_excluded"] for log in logs] == [2, 2] and cb.totals["high_ppl_excluded"] == 8
+    pool = cb.last_pool
+    assert torch.equal(pool["excluded"], pool["ppl"] >= pool["ppl"].sort().values[-2])  # (distinct PPLs here)
+    assert not (pool["excluded"] & pool["keep"]).any()
+
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, drop_ppl_outliers=0.5)
+    trainer = sft_trainer([cb], ga=2, bs=4, steps=2, logging_steps=1)
+    trainer.train()
+    pool = cb.last_pool
+    x = pool["ppl"].log()
+    median = x.median()
+    assert torch.equal(pool["excluded"], x > median + 0.5 * (1.4826 * (x - median).abs().median()))
+    assert pool["excluded"].any() and not (pool["excluded"] & pool["keep"]).any()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["qtuning/high_ppl_excluded"] == int(pool["excluded"].sum())
+
+    plain = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    sft_trainer([plain], ga=2, bs=4, steps=1).train()
+    assert "high_ppl_excluded" not in plain.totals and "excluded" not in plain.last_pool
+
+
 def test_resume_continues_configuration_and_counters(caplog):
     out = tempfile.mkdtemp()
     cb = QTuning(sample_ratio=0.5, token_ratio=0.5)

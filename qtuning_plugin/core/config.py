@@ -61,6 +61,11 @@ class QTuningConfig:
       later goes first), and the triage runs on the others; K still counts them, so their slots go
       to other samples. A plausible wrong label is the pool's highest error once the model has
       learned the task; set f to about the share of wrong labels you expect. 0 (the paper).
+    - ``drop_ppl_outliers`` = k > 0, or None: the small-loss trick with a share that adapts to the
+      pool: a sample whose log PPL exceeds the pool's median log PPL by more than k scaled median
+      absolute deviations (1.4826 MAD, a normal's sd) is never kept (K unchanged, as above). A
+      clean pool loses only its outliers, a noisy one its wrong labels once they stand out; k = 2
+      is the measured setting. None (the paper). Exclusive with ``drop_highest_ppl``.
     - ``warmup_steps`` >= 0: the first optimizer steps are trained on every sample, unscored (the
       model first sees the data before judging it; InfoBatch does not prune its first epoch).
     - ``reference``: ``"base"`` turns on the reference guard for adapter training (LoRA / QLoRA):
@@ -95,6 +100,7 @@ class QTuningConfig:
     keep_tokens: str
     warmup_steps: int
     drop_highest_ppl: float
+    drop_ppl_outliers: float | None
     reference: str
     reference_margin: float
     reference_spread: float
@@ -113,6 +119,7 @@ class QTuningConfig:
         keep_tokens: str = "lowest",
         warmup_steps: int = 0,
         drop_highest_ppl: float = 0.0,
+        drop_ppl_outliers: float | None = None,
         reference: str = "none",
         reference_margin: float = 0.5,
         reference_spread: float = 0.0,
@@ -143,6 +150,16 @@ class QTuningConfig:
                 or not 0.0 <= drop_highest_ppl < 1.0):  # NaN fails the comparison
             raise ValueError(f"QTuningConfig.drop_highest_ppl must be a number in [0, 1), got {drop_highest_ppl!r}")
         set_(self, "drop_highest_ppl", float(drop_highest_ppl))
+        if drop_ppl_outliers is not None and (
+                isinstance(drop_ppl_outliers, bool) or not isinstance(drop_ppl_outliers, numbers.Real)
+                or not math.isfinite(drop_ppl_outliers) or drop_ppl_outliers <= 0):
+            raise ValueError(f"QTuningConfig.drop_ppl_outliers must be null (off) or a finite number > 0 "
+                             f"(scaled median absolute deviations), got {drop_ppl_outliers!r}")
+        if drop_ppl_outliers is not None and drop_highest_ppl:
+            raise ValueError(f"QTuningConfig: drop_highest_ppl ({drop_highest_ppl!r}) and drop_ppl_outliers "
+                             f"({drop_ppl_outliers!r}) are two rules for the same drop; set one of them (the "
+                             "other to 0 / null)")
+        set_(self, "drop_ppl_outliers", None if drop_ppl_outliers is None else float(drop_ppl_outliers))
         set_(self, "reference", _choice("reference", reference, REFERENCES))
         if (isinstance(reference_margin, bool) or not isinstance(reference_margin, numbers.Real)
                 or not math.isfinite(reference_margin) or reference_margin <= 0):

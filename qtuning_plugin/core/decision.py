@@ -64,17 +64,18 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
     if global_pool is None:
         result = triage(torch.cat([s.ppl for s in scores]), torch.cat([s.entropy for s in scores]),
                         config.sample_ratio, top_up=config.top_up, eligible=eligible,
-                        drop_highest=config.drop_highest_ppl)
+                        drop_highest=config.drop_highest_ppl, drop_outliers=config.drop_ppl_outliers)
     else:
         whole = triage(global_pool.ppl, global_pool.entropy, config.sample_ratio, groups=global_pool.groups,
-                       top_up=config.top_up, eligible=global_pool.eligible, drop_highest=config.drop_highest_ppl)
+                       top_up=config.top_up, eligible=global_pool.eligible, drop_highest=config.drop_highest_ppl,
+                       drop_outliers=config.drop_ppl_outliers)
         own = global_pool.groups == global_pool.rank
         if int(own.sum()) != sum(sizes):
             raise ValueError(f"decide: the global pool holds {int(own.sum())} samples of rank "
                              f"{global_pool.rank}, its scores {sum(sizes)}")
         device = scores[0].ppl.device
         result = Triage(keep=whole.keep[own].to(device), prune_tokens=whole.prune_tokens[own].to(device),
-                        level=whole.level, core=whole.core[own].to(device))
+                        level=whole.level, core=whole.core[own].to(device), excluded=whole.excluded[own].to(device))
     keep = list(result.keep.split(sizes))
     prune = list(result.prune_tokens.split(sizes))
 

@@ -46,7 +46,8 @@ class StepDecision:
     positions that stay in the loss); ``levels``: each pool's quantile level. With
     ``reference: base``: ``suspects`` bool [n] over the step (not kept) and ``excess`` (largest,
     mean) per-token NLL rise over the base model, [n] each. ``global_pool``: ``pool: global``'s
-    gathered pool (None otherwise or in one process)."""
+    gathered pool (None otherwise or in one process). ``excluded``: bool [n] over the step, the
+    samples ``drop_highest_ppl`` / ``drop_ppl_outliers`` kept out (None when neither is set)."""
 
     keep: list[torch.Tensor]
     prune: list[torch.Tensor]
@@ -55,6 +56,7 @@ class StepDecision:
     suspects: torch.Tensor | None = None
     excess: tuple[torch.Tensor, torch.Tensor] | None = None
     global_pool: GlobalPool | None = None
+    excluded: torch.Tensor | None = None
 
 
 @dataclass
@@ -170,14 +172,17 @@ def decide_step(scores: Sequence[Scores], config: QTuningConfig, references: Seq
     keep: list = [None] * n
     prune: list = [None] * n
     token_keep: list = [None] * n
-    levels = []
+    levels, excluded = [], []
     for pool, ok, av in zip(pools, eligible, avoid):
         decision = decide([scores[i] for i in pool], config, global_pool, eligible=ok, avoid_tokens=av)
         levels.append(decision.triage.level)
+        excluded.append(decision.triage.excluded.cpu())
         prune_split = decision.triage.prune_tokens.split([scores[i].ppl.numel() for i in pool])
         for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
             keep[i], prune[i], token_keep[i] = k, p, t
-    return StepDecision(keep, prune, token_keep, levels, suspects, rises, global_pool)
+    drops = config.drop_highest_ppl > 0 or config.drop_ppl_outliers is not None
+    return StepDecision(keep, prune, token_keep, levels, suspects, rises, global_pool,
+                        torch.cat(excluded) if drops else None)
 
 
 Decide = Callable[[Sequence[Scores], "Sequence[torch.Tensor] | None"], StepDecision]

@@ -37,12 +37,15 @@ class Triage:
       topped-up Q2-like samples); implies ``keep``.
     - ``level``: the quantile level a = m / n' of the core set (0.0 when the core is empty).
     - ``core``: bool [n], the samples of Q2_m ∪ Q4_m (the rest of ``keep`` is the top-up).
+    - ``excluded``: bool [n], the scored samples ``drop_highest`` / ``drop_outliers`` kept out
+      (all False without them).
     """
 
     keep: torch.Tensor
     prune_tokens: torch.Tensor
     level: float
     core: torch.Tensor
+    excluded: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -99,7 +102,8 @@ def _rank_levels(x: torch.Tensor) -> torch.Tensor:
 
 def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
            groups: torch.Tensor | None = None, top_up: str = "minmax",
-           eligible: torch.Tensor | None = None, drop_highest: float = 0.0) -> Triage:
+           eligible: torch.Tensor | None = None, drop_highest: float = 0.0,
+           drop_outliers: float | None = None) -> Triage:
     """Pick the samples to train from one pool (docs/method.md §2, rank form).
 
     ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. A sample whose PPL or
@@ -124,6 +128,13 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     ``drop_highest`` in [0, 1) (an option beyond the paper: the small-loss trick): the
     floor(drop_highest n') scored samples of the whole pool with the highest PPL (of equal PPL the
     later sample first) are not eligible either.
+
+    ``drop_outliers`` = k > 0 (an option beyond the paper: the small-loss trick with a share
+    that adapts to the pool): a scored sample whose log PPL (its mean answer NLL) exceeds the
+    whole pool's median log PPL by more than k scaled median absolute deviations (1.4826 MAD, the
+    normal's standard deviation; lower medians, of the scored samples) is not eligible either.
+    A pool whose log PPLs are tightly bunched (MAD 0) drops every sample above the median; one
+    whose median is +inf drops none. Exclusive with ``drop_highest``.
     """
     if ppl.ndim != 1 or ppl.shape != entropy.shape:
         raise ValueError(f"triage: ppl and entropy must be 1-D of one length, got {tuple(ppl.shape)} "
@@ -143,27 +154,46 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
         raise ValueError("triage: eligible must be a bool tensor, one entry per sample")
     if not 0.0 <= drop_highest < 1.0:
         raise ValueError(f"triage: drop_highest must be in [0, 1), got {drop_highest!r}")
+    if drop_outliers is not None:
+        if not (isinstance(drop_outliers, (int, float)) and math.isfinite(drop_outliers) and drop_outliers > 0):
+            raise ValueError(f"triage: drop_outliers must be None or a finite number > 0, got {drop_outliers!r}")
+        if drop_highest:
+            raise ValueError("triage: drop_highest and drop_outliers are exclusive; give one of them")
     scored = ~(torch.isnan(ppl) | torch.isnan(entropy))
     none = torch.zeros(n, dtype=torch.bool, device=ppl.device)
     # K_g over each group's scored samples, ineligible ones included (their slots stay).
     counts = torch.bincount(groups[scored], minlength=int(groups.max()) + 1)
     k = torch.tensor([kept_count(int(c), sample_ratio) for c in counts.tolist()], dtype=torch.long,
                      device=ppl.device)
+    excluded = none.clone()
     n_drop = _share_of(int(scored.sum()), drop_highest)
     if n_drop:
         at = scored.nonzero().squeeze(1)
-        highest = at[_ascending_ranks(ppl[at].to(torch.float64)) >= at.numel() - n_drop]
-        scored = scored.index_put((highest,), torch.zeros_like(highest, dtype=torch.bool))
+        excluded[at[_ascending_ranks(ppl[at].to(torch.float64)) >= at.numel() - n_drop]] = True
+    if drop_outliers is not None and scored.any():
+        excluded = _ppl_outliers(ppl, scored, drop_outliers)
+    scored = scored & ~excluded
     if eligible is not None:
         scored = scored & eligible.to(ppl.device)
     if not scored.any():
-        return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone())
+        return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone(), excluded=excluded)
     idx = scored.nonzero().squeeze(1)
     k = torch.minimum(k, torch.bincount(groups[idx], minlength=k.numel()))
     keep, prune_tokens, core, level = _triage_scored(ppl[idx].to(torch.float64), entropy[idx].to(torch.float64),
                                                      groups[idx], top_up, k)
     out = [none.clone().index_put_((idx,), x) for x in (keep, prune_tokens, core)]
-    return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2])
+    return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2], excluded=excluded)
+
+
+def _ppl_outliers(ppl: torch.Tensor, scored: torch.Tensor, k: float) -> torch.Tensor:
+    """bool [n]: the scored samples whose log PPL exceeds the scored samples' median log PPL by
+    more than k * 1.4826 MAD (lower medians); none when that median is +inf."""
+    x = ppl[scored].to(torch.float64).log()
+    median = x.median()
+    if not torch.isfinite(median):
+        return torch.zeros_like(scored)
+    spread = 1.4826 * (x - median).abs().median()
+    return scored & (ppl.to(torch.float64).log() > median + k * spread)
 
 
 def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, groups: torch.Tensor, top_up: str,
