@@ -84,6 +84,9 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
         "qtuning-highest-25x50": ("qtuning", 0.25, 0.5, {"keep_tokens": "highest"}),
         # the small-loss trick (co-teaching): the pool's quarter with the highest PPL is never kept
         "qtuning-smallloss-25x50": ("qtuning", 0.25, 0.5, {"drop_highest_ppl": 0.25}),
+        # the same with a share that adapts to the pool: only log-PPL outliers (median + 2 scaled MAD)
+        "qtuning-outliers-highest-25x50": ("qtuning", 0.25, 0.5, {"drop_ppl_outliers": 2.0,
+                                                                  "keep_tokens": "highest"}),
         "qtuning-smallloss-highest-25x50": ("qtuning", 0.25, 0.5, {"drop_highest_ppl": 0.25,
                                                                    "keep_tokens": "highest"}),
         "qtuning-warmup-25x50": ("qtuning", 0.25, 0.5, {"warmup": 0.25}),

@@ -9,7 +9,9 @@ per regime:
 - AUROC of wrong vs useful samples for PPL and for entropy: the chance that a wrong answer scores
   above a useful one (0.5: no separation), over the first 4 steps and the rest;
 - the triage replayed on the same pools with ``drop_highest_ppl`` = 0, 1/8, 1/4, 3/8 (the small-loss
-  trick): the share of corrupted (wrong + garbled) samples in what it would keep, against the pools'.
+  trick) and ``drop_ppl_outliers`` = 1.5, 2, 3 (its adaptive share): the share of corrupted (wrong
+  + garbled) samples in what it would keep, against the pools', and the share of useful samples
+  the rule keeps out of the triage.
 
     python benchmarks/separation.py benchmarks/results/quality-1ep.runs.jsonl benchmarks/results/quality-3ep.runs.jsonl
 """
@@ -59,17 +61,18 @@ def separation(pools) -> dict:
     return {key: auroc(v["wrong"], v["useful"]) for key, v in sorted(scores.items())}
 
 
-def replay(pools, sample_ratio: float, fraction: float) -> tuple[float, float]:
-    """(corrupted share of the pools, of what the triage would keep) with drop_highest = fraction."""
-    seen, kept = Counter(), Counter()
+def replay(pools, sample_ratio: float, **rule) -> tuple[float, float, float]:
+    """(corrupted share of the pools, of what the triage would keep, share of the useful samples
+    kept out by the rule) with ``rule`` (``drop_highest=`` or ``drop_outliers=``) passed to the triage."""
+    seen, kept, excluded = Counter(), Counter(), Counter()
     for _, pool in pools:
         ppl = torch.tensor(pool["ppl"], dtype=torch.float64)
-        keep = triage(ppl, torch.tensor(pool["entropy"], dtype=torch.float64), sample_ratio,
-                      drop_highest=fraction).keep.tolist()
-        for kind, k in zip(pool["kind"], keep):
+        result = triage(ppl, torch.tensor(pool["entropy"], dtype=torch.float64), sample_ratio, **rule)
+        for kind, k, x in zip(pool["kind"], result.keep.tolist(), result.excluded.tolist()):
             seen[kind] += 1
             kept[kind] += k
-    return _corrupted_share(seen), _corrupted_share(kept)
+            excluded[kind] += x
+    return _corrupted_share(seen), _corrupted_share(kept), excluded["useful"] / max(1, seen["useful"])
 
 
 def _corrupted_share(counts: Counter) -> float:
@@ -89,10 +92,12 @@ def main(argv=None) -> int:
         print(f"{regime}: {len(pools)} pools of {args.arm}")
         for (phase, name), value in separation(pools).items():
             print(f"  AUROC wrong > useful, {name:8} {phase:14} {value:.2f}")
-        for fraction in (0.0, 0.125, 0.25, 0.375):
-            pool, kept = replay(pools, args.sample_ratio, fraction)
-            print(f"  drop_highest_ppl {fraction:<5}: corrupted {100 * pool:.1f} % of the pools, "
-                  f"{100 * kept:.1f} % of what the triage keeps")
+        rules = [(f"drop_highest_ppl {f:<5}", {"drop_highest": f}) for f in (0.0, 0.125, 0.25, 0.375)]
+        rules += [(f"drop_ppl_outliers {k:<4}", {"drop_outliers": k}) for k in (1.5, 2.0, 3.0)]
+        for name, rule in rules:
+            pool, kept, useful_out = replay(pools, args.sample_ratio, **rule)
+            print(f"  {name}: corrupted {100 * pool:.1f} % of the pools, {100 * kept:.1f} % of what the "
+                  f"triage keeps; {100 * useful_out:.1f} % of the useful samples kept out")
     return 0
 
 

@@ -60,7 +60,7 @@ def test_quality_benchmark_quick_mode(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     runs = result["results"]
     arms = ("full", "random-25x50", "qtuning-25x50", "random-25x100", "qtuning-25x100", "qtuning-rank-25x50",
-            "qtuning-highest-25x50", "qtuning-smallloss-25x50",
+            "qtuning-highest-25x50", "qtuning-smallloss-25x50", "qtuning-outliers-highest-25x50",
             "qtuning-smallloss-highest-25x50", "qtuning-warmup-25x50", "qtuning-batch-25x50", "qtuning-guard-25x50",
             "qtuning-guard-highest-25x50", "qtuning-guard-25x100", "qtuning-guard2-25x50",
             "qtuning-guard2-highest-25x50", "qtuning-guard3-highest-25x50", "qtuning-observe-25x50")
@@ -142,8 +142,8 @@ def test_gpu_check_smoke(tmp_path):
 
 def test_separation_reads_logged_pools(tmp_path, capsys):
     """benchmarks/separation.py on a hand-made runs file: wrong answers with the highest PPL and
-    middling entropy separate perfectly by PPL, not by entropy, and drop_highest_ppl = 1/4
-    takes them out of what the triage keeps."""
+    middling entropy separate perfectly by PPL, not by entropy, and drop_highest_ppl = 1/4 or
+    drop_ppl_outliers = 1 takes them out of what the triage keeps."""
     spec = importlib.util.spec_from_file_location("separation", ROOT / "benchmarks" / "separation.py")
     separation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(separation)
@@ -160,7 +160,12 @@ def test_separation_reads_logged_pools(tmp_path, capsys):
     got = separation.separation(pools["stress"])
     assert got["first 4 steps", "PPL"] == got["later steps", "PPL"] == 1.0
     assert got["first 4 steps", "entropy"] == 0.4  # 4 of the 10 pairs
-    assert separation.replay(pools["stress"], 0.25, 0.0) == (0.25, 0.5)  # the paper keeps one wrong answer of two
-    assert separation.replay(pools["stress"], 0.25, 0.25) == (0.25, 0.0)
+    # (corrupted share of the pools, of what is kept; share of the useful samples kept out)
+    assert separation.replay(pools["stress"], 0.25, drop_highest=0.0) == (0.25, 0.5, 0.0)  # the paper keeps one
+    assert separation.replay(pools["stress"], 0.25, drop_highest=0.25) == (0.25, 0.0, 0.0)  # wrong answer of two
+    # log PPL: median log 4, scaled MAD 1.4826 log(6 / 4) = 0.601; k = 1: above 1.99 (PPL 7.3), the
+    # two wrong answers; k = 0.5: above 1.69 (PPL 5.4), also the useful PPL 6: one of five useful
+    assert separation.replay(pools["stress"], 0.25, drop_outliers=1.0) == (0.25, 0.0, 0.0)
+    assert separation.replay(pools["stress"], 0.25, drop_outliers=0.5) == (0.25, 0.0, 0.2)
     assert separation.main([str(runs)]) == 0
     assert "stress: 5 pools of random-25x50" in capsys.readouterr().out
