@@ -16,6 +16,9 @@ Regimes:
   the same number of steps (a sample is seen again after the model learned from the others).
 - ``paper-noisy-3ep``: ``paper-3ep``'s three-step answers with ``stress``'s noise (15 % wrong, 5 %
   garbled, 10 % redundant): wrong labels in answers the model does not master within the run.
+- ``stress-light-3ep``, ``stress-heavy-3ep``: ``stress-3ep`` with 5 % wrong and 2 % garbled, and
+  with 30 % wrong and 5 % garbled (10 % redundant in both): noise rates other than the one the
+  rules against wrong labels were set on.
 
 Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): full data; random
 25 % of samples x random 50 % of their tokens; Q-Tuning 25 % x 50 % (the paper) and 25 % x 100 %
@@ -23,7 +26,7 @@ Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): 
 refinements (``guard2``: ``reference_spread: 2`` and ``reference_sticky``; ``guard3``: also
 ``reference_tokens``); an observe-only guard that records the base-model rises without acting; and
 the small-loss trick (``drop_highest_ppl: 0.25``) alone and with ``keep_tokens: highest`` (the
-``small-loss`` preset).
+``small-loss`` preset), and its adaptive share (``drop_ppl_outliers: 2``) with ``keep_tokens: highest``.
 Paired by seed: data, order (``data_seed``) and test set are the same in every arm of a seed.
 Metrics on a held-out clean test set: exact-match accuracy (greedy decoding) and NLL of the
 correct answers; plus what each pruning arm kept: the share of corrupted samples among kept vs
@@ -75,6 +78,10 @@ REGIMES = {
     # The paper's hard worked answers with the stress regime's noise: is a win against wrong labels
     # specific to answers the model learns in one step?
     "paper-noisy-3ep": {"steps": 3, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
+    # stress-3ep at a third of its noise and at almost twice it: does a rule against wrong labels
+    # hold when the noise rate is not the one it was tuned on?
+    "stress-light-3ep": {"steps": 1, "mix": {"wrong": 0.05, "garbled": 0.02, "redundant": 0.10}, "epochs": 3},
+    "stress-heavy-3ep": {"steps": 1, "mix": {"wrong": 0.30, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
 }
 # name: (kind, sample ratio, token ratio[, QTuningConfig options beyond the paper]); "warmup" is a
 # fraction of the steps, turned into warmup_steps (at least 1) for the run's --steps.

@@ -64,7 +64,7 @@ def test_quality_benchmark_quick_mode(tmp_path):
             "qtuning-smallloss-highest-25x50", "qtuning-warmup-25x50", "qtuning-batch-25x50", "qtuning-guard-25x50",
             "qtuning-guard-highest-25x50", "qtuning-guard-25x100", "qtuning-guard2-25x50",
             "qtuning-guard2-highest-25x50", "qtuning-guard3-highest-25x50", "qtuning-observe-25x50")
-    regimes = ("paper", "stress", "paper-3ep", "stress-3ep", "paper-noisy-3ep")
+    regimes = ("paper", "stress", "paper-3ep", "stress-3ep", "paper-noisy-3ep", "stress-light-3ep", "stress-heavy-3ep")
     assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g in regimes for a in arms)
     runs_file = tmp_path / "quality.runs.jsonl"
     assert len(runs_file.read_text().splitlines()) == len(runs)
