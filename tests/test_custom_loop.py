@@ -50,6 +50,7 @@ class Capture(TrainerCallback):
 
 
 @pytest.mark.parametrize("fields", [{}, {"preset": "robust"}, {"preset": "small-loss"},
+                                    {"drop_ppl_outliers": 1.0, "keep_tokens": "highest"},
                                     {"keep_tokens": "highest", "token_budget": "batch"}])
 def test_custom_loop_trains_what_the_callback_trains(fields):
     fields = {"sample_ratio": 0.75, **fields}  # 6 of 8 kept: two micro-batches, so the token count matters
@@ -65,6 +66,7 @@ def test_custom_loop_trains_what_the_callback_trains(fields):
             super()._record(result)
             seen["fetched"] = [{k: v.clone() for k, v in b.items()} for b in result.scored]
             seen["trained"] = result.micro_batches
+            seen["excluded"] = result.decision.excluded
 
     capture = Capture()
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=2,
@@ -83,6 +85,8 @@ def test_custom_loop_trains_what_the_callback_trains(fields):
     kept = recipe().qtuning_step(model, seen["fetched"], config, accelerator, step=0, reference=reference)
 
     assert len(kept.micro_batches) == len(seen["trained"])
+    if "drop_ppl_outliers" in fields:  # the rule held some sample back, or this case tests nothing new
+        assert seen["excluded"].any()
     if "preset" not in fields:  # (the guard may hold back samples, leaving one micro-batch)
         assert len(kept.micro_batches) == 2
     for ours, theirs in zip(kept.micro_batches, seen["trained"]):
