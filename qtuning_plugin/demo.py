@@ -183,9 +183,9 @@ class _ComparedWithThePaper(QTuning):
     def __init__(self, config: QTuningConfig, **kw):
         super().__init__(config, **kw)
         paper = QTuningConfig.from_dict({**config.to_dict(), **{f: getattr(QTuningConfig(), f) for f in
-                                         ("top_up", "keep_tokens", "warmup_steps", "drop_highest_ppl", "drop_ppl_outliers",
-                                          "reference", "reference_margin", "reference_spread", "reference_sticky",
-                                          "reference_tokens", "token_budget")}})
+                                         ("top_up", "keep_tokens", "warmup_steps", "drop_highest_ppl",
+                                          "drop_ppl_outliers", "reference", "reference_margin", "reference_spread",
+                                          "reference_sticky", "reference_tokens", "token_budget")}})
         self._paper = None if paper == config else paper
         self.paper_keep: dict[int, list[bool]] = {}  # step -> keep over the pool, in decision-log order
 

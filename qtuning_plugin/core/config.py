@@ -65,7 +65,8 @@ class QTuningConfig:
       pool: a sample whose log PPL exceeds the pool's median log PPL by more than k scaled median
       absolute deviations (1.4826 MAD, a normal's sd) is never kept (K unchanged, as above). A
       clean pool loses only its outliers, a noisy one its wrong labels once they stand out; k = 2
-      is the measured setting. None (the paper). Exclusive with ``drop_highest_ppl``.
+      is the measured setting (README: the best on clean data, a failure with a third of the pool
+      wrong). None (the paper). Exclusive with ``drop_highest_ppl``.
     - ``warmup_steps`` >= 0: the first optimizer steps are trained on every sample, unscored (the
       model first sees the data before judging it; InfoBatch does not prune its first epoch).
     - ``reference``: ``"base"`` turns on the reference guard for adapter training (LoRA / QLoRA):
