@@ -173,14 +173,15 @@ def decide_step(scores: Sequence[Scores], config: QTuningConfig, references: Seq
     prune: list = [None] * n
     token_keep: list = [None] * n
     levels, excluded = [], []
+    drops = config.drop_highest_ppl > 0 or config.drop_ppl_outliers is not None
     for pool, ok, av in zip(pools, eligible, avoid):
         decision = decide([scores[i] for i in pool], config, global_pool, eligible=ok, avoid_tokens=av)
         levels.append(decision.triage.level)
-        excluded.append(decision.triage.excluded.cpu())
+        if drops:  # (a device-to-host copy: only when a rule can have excluded something)
+            excluded.append(decision.triage.excluded.cpu())
         prune_split = decision.triage.prune_tokens.split([scores[i].ppl.numel() for i in pool])
         for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
             keep[i], prune[i], token_keep[i] = k, p, t
-    drops = config.drop_highest_ppl > 0 or config.drop_ppl_outliers is not None
     return StepDecision(keep, prune, token_keep, levels, suspects, rises, global_pool,
                         torch.cat(excluded) if drops else None)
 
