@@ -11,7 +11,11 @@ per regime:
 - the triage replayed on the same pools with ``drop_highest_ppl`` = 0, 1/8, 1/4, 3/8 (the small-loss
   trick) and ``drop_ppl_outliers`` = 1.5, 2, 3 (its adaptive share): the share of corrupted (wrong
   + garbled) samples in what it would keep, against the pools', and the share of useful samples
-  the rule keeps out of the triage.
+  the rule keeps out of the triage;
+- and, replayed the same way, a rule that is not in the package: ``drop_ppl_outliers`` with the
+  spread measured on the pool's lower half only (median minus the values below it), the side
+  that wrong answers do not reach, k = 1.5, 2, 2.5: can a pool statistic estimate the noise rate
+  when a third of the pool is wrong?
 
     python benchmarks/separation.py benchmarks/results/quality-1ep.runs.jsonl benchmarks/results/quality-3ep.runs.jsonl
 """
@@ -61,14 +65,29 @@ def separation(pools) -> dict:
     return {key: auroc(v["wrong"], v["useful"]) for key, v in sorted(scores.items())}
 
 
-def replay(pools, sample_ratio: float, **rule) -> tuple[float, float, float]:
+def lower_half_outliers(ppl: torch.Tensor, k: float) -> torch.Tensor:
+    """bool [n]: log PPL above the pool's (lower) median by more than k x 1.4826 x the median of
+    (median - x) over the x at or below the median: ``drop_ppl_outliers`` with a spread that the
+    samples above the median do not set."""
+    x = ppl.to(torch.float64).log()
+    median = x.median()
+    spread = 1.4826 * (median - x[x <= median]).median()
+    return x > median + k * spread
+
+
+def replay(pools, sample_ratio: float, exclude=None, **rule) -> tuple[float, float, float]:
     """(corrupted share of the pools, of what the triage would keep, share of the useful samples
-    kept out by the rule) with ``rule`` (``drop_highest=`` or ``drop_outliers=``) passed to the triage."""
+    kept out by the rule) with ``rule`` (``drop_highest=`` or ``drop_outliers=``) passed to the
+    triage, or ``exclude`` (a function of the pool's PPL tensor returning the samples to keep out,
+    passed to the triage as its ``eligible`` complement: K unchanged)."""
     seen, kept, excluded = Counter(), Counter(), Counter()
     for _, pool in pools:
         ppl = torch.tensor(pool["ppl"], dtype=torch.float64)
-        result = triage(ppl, torch.tensor(pool["entropy"], dtype=torch.float64), sample_ratio, **rule)
-        for kind, k, x in zip(pool["kind"], result.keep.tolist(), result.excluded.tolist()):
+        out = None if exclude is None else exclude(ppl)
+        result = triage(ppl, torch.tensor(pool["entropy"], dtype=torch.float64), sample_ratio,
+                        eligible=None if out is None else ~out, **rule)
+        out = result.excluded if out is None else out
+        for kind, k, x in zip(pool["kind"], result.keep.tolist(), out.tolist()):
             seen[kind] += 1
             kept[kind] += k
             excluded[kind] += x
@@ -94,6 +113,8 @@ def main(argv=None) -> int:
             print(f"  AUROC wrong > useful, {name:8} {phase:14} {value:.2f}")
         rules = [(f"drop_highest_ppl {f:<5}", {"drop_highest": f}) for f in (0.0, 0.125, 0.25, 0.375)]
         rules += [(f"drop_ppl_outliers {k:<4}", {"drop_outliers": k}) for k in (1.5, 2.0, 3.0)]
+        rules += [(f"lower-half outliers {k:<4}", {"exclude": lambda p, k=k: lower_half_outliers(p, k)})
+                  for k in (1.5, 2.0, 2.5)]
         for name, rule in rules:
             pool, kept, useful_out = replay(pools, args.sample_ratio, **rule)
             print(f"  {name}: corrupted {100 * pool:.1f} % of the pools, {100 * kept:.1f} % of what the "

@@ -167,5 +167,11 @@ def test_separation_reads_logged_pools(tmp_path, capsys):
     # two wrong answers; k = 0.5: above 1.69 (PPL 5.4), also the useful PPL 6: one of five useful
     assert separation.replay(pools["stress"], 0.25, drop_outliers=1.0) == (0.25, 0.0, 0.0)
     assert separation.replay(pools["stress"], 0.25, drop_outliers=0.5) == (0.25, 0.0, 0.2)
+    # lower-half spread: 1.4826 x median(log 4 - {log 1, 2, 3, 4}) = 1.4826 log(4 / 3) = 0.427; k = 1:
+    # above 1.81 (PPL 6.1), the two wrong answers; k = 0.5: above 1.60 (PPL 4.95), also PPL 5 and 6
+    rule = separation.lower_half_outliers
+    assert rule(separation.torch.tensor(pool["ppl"]), 1.0).tolist() == [True] + [False] * 2 + [True] + [False] * 4
+    assert separation.replay(pools["stress"], 0.25, exclude=lambda p: rule(p, 1.0)) == (0.25, 0.0, 0.0)
+    assert separation.replay(pools["stress"], 0.25, exclude=lambda p: rule(p, 0.5)) == (0.25, 0.0, 0.4)
     assert separation.main([str(runs)]) == 0
     assert "stress: 5 pools of random-25x50" in capsys.readouterr().out
