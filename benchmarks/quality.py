@@ -26,7 +26,8 @@ Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): 
 refinements (``guard2``: ``reference_spread: 2`` and ``reference_sticky``; ``guard3``: also
 ``reference_tokens``); an observe-only guard that records the base-model rises without acting; and
 the small-loss trick (``drop_highest_ppl: 0.25``) alone and with ``keep_tokens: highest`` (the
-``small-loss`` preset), and its adaptive share (``drop_ppl_outliers: 2``) with ``keep_tokens: highest``.
+``small-loss`` preset), the preset with a forget rate of 0.375 (``smallloss3``), and its adaptive
+share (``drop_ppl_outliers: 2``) with ``keep_tokens: highest``.
 Paired by seed: data, order (``data_seed``) and test set are the same in every arm of a seed.
 Metrics on a held-out clean test set: exact-match accuracy (greedy decoding) and NLL of the
 correct answers; plus what each pruning arm kept: the share of corrupted samples among kept vs
@@ -96,6 +97,9 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
                                                                   "keep_tokens": "highest"}),
         "qtuning-smallloss-highest-25x50": ("qtuning", 0.25, 0.5, {"drop_highest_ppl": 0.25,
                                                                    "keep_tokens": "highest"}),
+        # the preset with a larger forget rate, near the share of wrong labels of stress-heavy-3ep
+        "qtuning-smallloss3-highest-25x50": ("qtuning", 0.25, 0.5, {"drop_highest_ppl": 0.375,
+                                                                    "keep_tokens": "highest"}),
         "qtuning-warmup-25x50": ("qtuning", 0.25, 0.5, {"warmup": 0.25}),
         "qtuning-batch-25x50": ("qtuning", 0.25, 0.5, {"token_budget": "batch"}),
         "qtuning-guard-25x50": ("qtuning", 0.25, 0.5, {"reference": "base"}),

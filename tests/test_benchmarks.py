@@ -61,9 +61,10 @@ def test_quality_benchmark_quick_mode(tmp_path):
     runs = result["results"]
     arms = ("full", "random-25x50", "qtuning-25x50", "random-25x100", "qtuning-25x100", "qtuning-rank-25x50",
             "qtuning-highest-25x50", "qtuning-smallloss-25x50", "qtuning-outliers-highest-25x50",
-            "qtuning-smallloss-highest-25x50", "qtuning-warmup-25x50", "qtuning-batch-25x50", "qtuning-guard-25x50",
-            "qtuning-guard-highest-25x50", "qtuning-guard-25x100", "qtuning-guard2-25x50",
-            "qtuning-guard2-highest-25x50", "qtuning-guard3-highest-25x50", "qtuning-observe-25x50")
+            "qtuning-smallloss-highest-25x50", "qtuning-smallloss3-highest-25x50", "qtuning-warmup-25x50",
+            "qtuning-batch-25x50", "qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
+            "qtuning-guard2-25x50", "qtuning-guard2-highest-25x50", "qtuning-guard3-highest-25x50",
+            "qtuning-observe-25x50")
     regimes = ("paper", "stress", "paper-3ep", "stress-3ep", "paper-noisy-3ep", "stress-light-3ep", "stress-heavy-3ep")
     assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g in regimes for a in arms)
     runs_file = tmp_path / "quality.runs.jsonl"
