@@ -56,6 +56,8 @@ ARMS = {  # name: (sample_ratio, token_ratio[, QTuningConfig options]) or None f
     "qt-25x50-guard-revisit": (0.25, 0.5, {"reference": "base"}),
     # the small-loss preset: a sort of the pool's PPL and the other end of the token top-k
     "qt-25x50-small-loss": (0.25, 0.5, {"preset": "small-loss"}),
+    # its adaptive share (two medians of the pool's log PPL) with keep_tokens: highest
+    "qt-25x50-outliers": (0.25, 0.5, {"drop_ppl_outliers": 2.0, "keep_tokens": "highest"}),
 }
 REVISIT = {"qt-25x50-guard-revisit"}
 PACKED = {"full-packed": None, "qt-25x50-packed": (0.25, 0.5)}  # TRL packing on length-skewed data

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_speed_benchmark_quick_mode(tmp_path):
     out = tmp_path / "speed"
     arms = ["full", "qt-100x100", "qt-25x50", "qt-12.5x50", "qt-25x50-guard", "qt-25x50-guard-revisit",
-            "qt-25x50-small-loss", "full-packed", "qt-25x50-packed"]
+            "qt-25x50-small-loss", "qt-25x50-outliers", "full-packed", "qt-25x50-packed"]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out),
                            "--arms", *arms], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -25,6 +25,7 @@ def test_speed_benchmark_quick_mode(tmp_path):
     assert table["full"]["epoch_ratio"] == 1.0
     # batch 4 x GA 2 = pool 8: K = 2 and 1 samples per step
     assert table["qt-25x50"]["kept_samples"] == table["qt-25x50-small-loss"]["kept_samples"] == 2
+    assert table["qt-25x50-outliers"]["kept_samples"] == 2
     assert table["qt-12.5x50"]["kept_samples"] == 1
     for arm in ("qt-25x50", "qt-12.5x50"):
         assert table[arm]["score_median_s"] > 0 and table[arm]["floor"] > 0
