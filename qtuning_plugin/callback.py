@@ -325,10 +325,15 @@ class QTuning(TrainerCallback, ExportableState):
         if self._log is not None:
             trainer = self.trainer
             step = (trainer.state.global_step if trainer is not None else int(self.totals["steps"]) - 1) + 1
+            flags = {}
+            if d.excluded is not None:
+                flags["excluded"] = d.excluded.tolist()
+            if self._reference is not None and d.suspects is not None:
+                flags["suspect"] = d.suspects.tolist()
             self._log.write(step, [sample_id(t) for b in batches for t in _row_tokens(b)], ppl.tolist(),
                             ent.tolist(), quadrant.tolist(), kept.tolist(),
                             torch.cat([t.sum(1) for t in token_keep]).tolist(),
-                            torch.cat([s.trainable.sum(1) for s in scores]).tolist())
+                            torch.cat([s.trainable.sum(1) for s in scores]).tolist(), flags)
 
     def _with_metrics(self, logs: dict) -> dict:
         """Add the interval's averages to a training log (the dict every reporter receives)."""

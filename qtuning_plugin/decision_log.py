@@ -4,7 +4,11 @@ Row fields: ``step`` (the optimizer step being trained, 1-based), ``rank`` (proc
 ``id`` (:func:`sample_id` of the sample's tokens, the same id ``qtuning analyze`` writes),
 ``ppl``, ``entropy`` (the sample's error and uncertainty), ``quadrant`` (1-4, by the pool's
 medians), ``kept`` (bool), ``kept_tokens`` (label tokens left in the loss) and ``n_tokens``
-(label tokens the sample had). Non-finite numbers are written as ``null``.
+(label tokens the sample had). Non-finite numbers are written as ``null``. Two more fields are
+written only when the option that sets them is on: ``excluded`` (bool; ``drop_highest_ppl`` or
+``drop_ppl_outliers`` kept the sample out of the triage, i.e. it is suspected of a wrong label by
+its PPL) and ``suspect`` (bool; ``reference: base`` flagged it). They name the samples worth
+reading in your dataset.
 
 The file is appended to after every step and flushed. When training (re)starts at global step
 ``s``, rows of steps after ``s`` are removed first: they belong to an interrupted run (resumed
@@ -76,12 +80,18 @@ class DecisionLog:
             os.replace(tmp, self.path)
         return dropped
 
-    def write(self, step: int, ids: Iterable[str], ppl, entropy, quadrant, kept, kept_tokens, n_tokens) -> None:
+    def write(self, step: int, ids: Iterable[str], ppl, entropy, quadrant, kept, kept_tokens, n_tokens,
+              flags: dict[str, Sequence[bool]] | None = None) -> None:
+        """Append one row per sample; ``flags`` (name -> one bool per sample, e.g. ``excluded``)
+        adds those fields to every row."""
+        flags = {name: list(values) for name, values in (flags or {}).items()}
         rows = []
-        for i, p, e, q, k, kt, nt in zip(ids, ppl, entropy, quadrant, kept, kept_tokens, n_tokens):
-            rows.append(json.dumps({"step": int(step), "rank": self.rank, "id": i, "ppl": finite_or_none(p),
-                                    "entropy": finite_or_none(e), "quadrant": int(q), "kept": bool(k),
-                                    "kept_tokens": int(kt), "n_tokens": int(nt)}))
+        for j, (i, p, e, q, k, kt, nt) in enumerate(zip(ids, ppl, entropy, quadrant, kept, kept_tokens, n_tokens)):
+            row = {"step": int(step), "rank": self.rank, "id": i, "ppl": finite_or_none(p),
+                   "entropy": finite_or_none(e), "quadrant": int(q), "kept": bool(k),
+                   "kept_tokens": int(kt), "n_tokens": int(nt)}
+            row.update((name, bool(values[j])) for name, values in flags.items())
+            rows.append(json.dumps(row))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
             f.flush()

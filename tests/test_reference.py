@@ -186,10 +186,12 @@ def sft_trainer(callbacks, model, steps=4, n=16, bs=4, ga=2):
     return trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=callbacks)
 
 
-def test_reference_forwards_only_at_first_sight_over_epochs():
+def test_reference_forwards_only_at_first_sight_over_epochs(tmp_path):
+    from qtuning_plugin.decision_log import read_log
+
     tok = tiny_tokenizer()
     model, _ = lora_model(vocab_size=len(tok))
-    callback = QTuning(sample_ratio=0.25, token_ratio=0.5, reference="base")
+    callback = QTuning(sample_ratio=0.25, token_ratio=0.5, reference="base", log_decisions=str(tmp_path / "d.jsonl"))
     trainer = sft_trainer([callback], model, steps=4)  # 4 steps x 8 rows = 2 epochs of 16 samples
     trainer.train()
     cache = callback._reference
@@ -198,6 +200,12 @@ def test_reference_forwards_only_at_first_sight_over_epochs():
     logged = [h for h in trainer.state.log_history if "qtuning/suspected_samples" in h]
     assert len(logged) == 4
     assert callback.totals["suspected_samples"] == sum(h["qtuning/suspected_samples"] for h in logged)
+    # the decision log marks the suspects (field "suspect"), step by step; none is kept
+    rows = read_log(tmp_path / "d.jsonl")
+    assert [sum(r["suspect"] for r in rows if r["step"] == s) for s in (1, 2, 3, 4)] == \
+        [h["qtuning/suspected_samples"] for h in logged]
+    assert not any(r["suspect"] and r["kept"] for r in rows) and "excluded" not in rows[0]
+    assert [r["suspect"] for r in rows if r["step"] == 4] == callback.last_pool["suspect"].tolist()
 
 
 def test_every_rank_runs_the_reference_forwards_any_rank_needs(monkeypatch):

@@ -253,11 +253,14 @@ def test_metrics_in_log_history_averaged_over_the_logging_interval():
     assert cb.totals["steps"] == 4
 
 
-def test_high_ppl_excluded_is_logged_with_the_small_loss_rules():
+def test_high_ppl_excluded_is_logged_with_the_small_loss_rules(tmp_path):
     """drop_highest_ppl = 0.25 of a pool of 8 keeps out 2 samples every step (the two highest PPL);
     drop_ppl_outliers keeps out a varying number, the log PPL outliers of the pool. Neither is ever
-    kept, and without the rules the metric is absent."""
-    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, drop_highest_ppl=0.25)
+    kept, the decision log marks them (``excluded``), and without the rules the metric and the
+    field are absent."""
+    from qtuning_plugin.decision_log import read_log
+
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5, drop_highest_ppl=0.25, log_decisions=str(tmp_path / "d.jsonl"))
     trainer = sft_trainer([cb], ga=2, bs=4, steps=4, logging_steps=2)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -265,6 +268,10 @@ def test_high_ppl_excluded_is_logged_with_the_small_loss_rules():
     pool = cb.last_pool
     assert torch.equal(pool["excluded"], pool["ppl"] >= pool["ppl"].sort().values[-2])  # (distinct PPLs here)
     assert not (pool["excluded"] & pool["keep"]).any()
+    rows = read_log(tmp_path / "d.jsonl")
+    assert [sum(r["excluded"] for r in rows if r["step"] == s) for s in (1, 2, 3, 4)] == [2, 2, 2, 2]
+    assert not any(r["excluded"] and r["kept"] for r in rows)
+    assert [r["excluded"] for r in rows if r["step"] == 4] == pool["excluded"].tolist()
 
     cb = QTuning(sample_ratio=0.25, token_ratio=0.5, drop_ppl_outliers=0.5)
     trainer = sft_trainer([cb], ga=2, bs=4, steps=2, logging_steps=1)
@@ -277,9 +284,11 @@ def test_high_ppl_excluded_is_logged_with_the_small_loss_rules():
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[-1]["qtuning/high_ppl_excluded"] == int(pool["excluded"].sum())
 
-    plain = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    plain = QTuning(sample_ratio=0.25, token_ratio=0.5, log_decisions=str(tmp_path / "plain.jsonl"))
     sft_trainer([plain], ga=2, bs=4, steps=1).train()
     assert "high_ppl_excluded" not in plain.totals and "excluded" not in plain.last_pool
+    rows = read_log(tmp_path / "plain.jsonl")
+    assert len(rows) == 8 and not any("excluded" in r or "suspect" in r for r in rows)
 
 
 def test_resume_continues_configuration_and_counters(caplog):
