@@ -3,7 +3,8 @@
 - :func:`plot_scores`: one pool (a scored dataset) on the EU plane, coloured by quadrant, with the
   median lines and the thresholds of a sample ratio's triage.
 - :func:`plot_decisions`: a decision log over training: EU-plane panels by step range (kept samples
-  filled, dropped ones hollow) above the quadrant shares and the kept share per step.
+  filled, dropped ones hollow, those kept out as suspected wrong labels crossed) above the quadrant
+  shares and the kept share per step.
 
 Axes follow the paper: error = perplexity of the response, drawn as log PPL (the mean NLL of the
 response tokens, nats), uncertainty = mean predictive entropy of the response tokens (nats).
@@ -166,11 +167,24 @@ def reproduces_kept(pool: Sequence[dict]) -> bool:
         bool(r["kept"]) for r in pool]
 
 
+def _mark_kept_out(ax, rows, size: float = 14) -> int:
+    """Cross the samples a rule against wrong labels kept out (decision-log fields ``excluded``,
+    ``suspect``), on the frame's edge when beyond it. Returns their number."""
+    flagged = [r for r in rows if r.get("excluded") or r.get("suspect")]
+    if flagged:
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        ax.scatter([min(max(math.log(r["ppl"]), x0), x1) for r in flagged],
+                   [min(max(r["entropy"], y0), y1) for r in flagged], marker="x", c="black", s=size * 1.6,
+                   linewidths=0.9, clip_on=False, zorder=4, label="kept out as a suspected wrong label")
+    return len(flagged)
+
+
 def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 4, title: str = "") -> str:
     """A decision log over training. Top: ``panels`` pools spread over training (first to last
     step; rank 0's where there are several), each on its own EU plane framed on its bulk, with its
     median lines (the quadrants) and, where the paper's triage reproduces what was kept, its
-    triage level. Bottom: the kept samples by quadrant per step, and the share of their label
+    triage level; the samples ``drop_highest_ppl`` / ``drop_ppl_outliers`` / the reference guard
+    kept out are crossed. Bottom: the kept samples by quadrant per step, and the share of their label
     tokens kept (token pruning)."""
     plt = _pyplot()
     steps = sorted({r["step"] for r in rows})
@@ -190,6 +204,7 @@ def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 
             ax.set_title(f"step {step}: no scored sample", fontsize=10)
             continue
         _scatter_quadrants(ax, pool, kept_key="kept", size=14)
+        _mark_kept_out(ax, pool, size=14)
         level = _quadrant_lines(ax, pool, pool_ratio(pool) if reproduces_kept(pool) else None)
         ax.set_title(f"step {step}{f' (rank {rank})' if several else ''}: {len(pool)} samples, "
                      f"{sum(bool(r['kept']) for r in pool)} kept" + (f", a = {level:.2f}" if level else ""),
