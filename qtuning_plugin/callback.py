@@ -328,7 +328,7 @@ class QTuning(TrainerCallback, ExportableState):
             flags = {}
             if d.excluded is not None:
                 flags["excluded"] = d.excluded.tolist()
-            if self._reference is not None and d.suspects is not None:
+            if d.suspects is not None:  # (reference: base)
                 flags["suspect"] = d.suspects.tolist()
             self._log.write(step, [sample_id(t) for b in batches for t in _row_tokens(b)], ppl.tolist(),
                             ent.tolist(), quadrant.tolist(), kept.tolist(),

@@ -6,9 +6,9 @@ Row fields: ``step`` (the optimizer step being trained, 1-based), ``rank`` (proc
 medians), ``kept`` (bool), ``kept_tokens`` (label tokens left in the loss) and ``n_tokens``
 (label tokens the sample had). Non-finite numbers are written as ``null``. Two more fields are
 written only when the option that sets them is on: ``excluded`` (bool; ``drop_highest_ppl`` or
-``drop_ppl_outliers`` kept the sample out of the triage, i.e. it is suspected of a wrong label by
-its PPL) and ``suspect`` (bool; ``reference: base`` flagged it). They name the samples worth
-reading in your dataset.
+``drop_ppl_outliers`` kept the sample out of the triage for its high PPL) and ``suspect`` (bool;
+``reference: base`` flagged it). They name the samples worth reading in your dataset: suspected
+wrong labels, or its hardest samples.
 
 The file is appended to after every step and flushed. When training (re)starts at global step
 ``s``, rows of steps after ``s`` are removed first: they belong to an interrupted run (resumed
