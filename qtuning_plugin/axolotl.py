@@ -10,8 +10,9 @@
       neighbor_lambda: 0.5
       log_decisions: ./outputs/decisions.jsonl   # optional: per-step decision log (qtuning plot)
 
-The block is validated by :class:`~qtuning_plugin.core.QTuningConfig` when Axolotl validates the
-config, before the model loads. The plugin attaches the same :class:`~qtuning_plugin.QTuning`
+The block's keys are :class:`~qtuning_plugin.core.QTuningConfig`'s fields (README's options table;
+``preset:`` names a combination); it is validated there when Axolotl validates the config,
+before the model loads. The plugin attaches the same :class:`~qtuning_plugin.QTuning`
 callback the TRL front end uses, through ``add_callbacks_post_trainer`` (the hook that hands over
 the trainer); it overrides neither the trainer class nor the collator, so it composes with other
 plugins (Liger, cut-cross-entropy). Without a ``qtuning:`` block it does nothing at all, which
@@ -22,42 +23,36 @@ point on every run.
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Mapping
 
 from axolotl.integrations.base import BasePlugin
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .core import QTuningConfig
-
-# Keys of the block that configure the callback rather than the method.
-CALLBACK_OPTIONS = ("log_decisions", "chunk_size")
+from .core.config import OPTIONS, PRESETS, QTuningConfig
 
 
-def split_block(block: dict[str, Any]) -> tuple[QTuningConfig, dict[str, Any]]:
-    """The ``qtuning:`` block as (method config, callback options), both validated."""
-    if not isinstance(block, dict):
+def block_config(block: Any) -> QTuningConfig:
+    """The ``qtuning:`` block as a :class:`QTuningConfig` (validated there: an unknown or retired
+    key, or a value out of range, raises ``ValueError`` naming it)."""
+    if not isinstance(block, Mapping):
         raise ValueError(f"qtuning: expected a mapping of fields, got {type(block).__name__}")
-    options = {k: block[k] for k in CALLBACK_OPTIONS if k in block}
-    fields = {k: v for k, v in block.items() if k not in CALLBACK_OPTIONS}
-    try:
-        config = QTuningConfig.from_dict(fields)
-    except ValueError as err:
-        if "unknown field" in str(err):
-            raise ValueError(f"{err}; callback options: {list(CALLBACK_OPTIONS)}") from None
-        raise
-    log = options.get("log_decisions")
-    if log is not None and not (isinstance(log, str) and log):
-        raise ValueError(f"qtuning.log_decisions must be a file path (jsonl), got {log!r}")
-    size = options.get("chunk_size")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"qtuning.chunk_size must be a positive integer, got {size!r}")
-    return config, options
+    return QTuningConfig.from_dict(dict(block))
+
+
+def _block_schema() -> dict[str, Any]:
+    """The JSON schema of the block's keys, from the options (for Axolotl's schema and docs)."""
+    properties = {"preset": {"enum": list(PRESETS), "description": "a named combination of the fields below"}}
+    for o in OPTIONS:
+        properties[o.name] = {"description": f"{o.help} ({o.allowed()})", "default": o.default,
+                              **({"enum": list(o.choices)} if o.choices else {})}
+    return {"type": "object", "properties": properties, "additionalProperties": False}
 
 
 class QTuningPluginArgs(BaseModel):
     """The ``qtuning:`` block of an Axolotl config (merged into Axolotl's schema)."""
 
-    qtuning: dict[str, Any] | None = None
+    qtuning: dict[str, Any] | None = Field(default=None, description="Q-Tuning's settings (qtuning_plugin)",
+                                           json_schema_extra=_block_schema())
 
     @field_validator("qtuning", mode="before")
     @classmethod
@@ -66,8 +61,7 @@ class QTuningPluginArgs(BaseModel):
             return None
         # Raises ValueError naming the key and the allowed values: pydantic reports it as a
         # validation error of `qtuning`, and `axolotl train` stops before loading the model.
-        config, options = split_block(value)
-        return {**config.to_dict(), **options}
+        return block_config(value).to_dict()
 
     @model_validator(mode="after")
     def _qtuning_check_run(self):  # runs on Axolotl's merged config: sees rl, sample_packing, ...
@@ -116,6 +110,5 @@ class QTuningPlugin(BasePlugin):
         check_axolotl_config(cfg)
         from .callback import QTuning
 
-        config, options = split_block(dict(block))
-        QTuning(config, **options).attach(trainer)  # adds itself to the trainer
+        QTuning(block_config(block)).attach(trainer)  # adds itself to the trainer
         return []

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from .callback import QTuning
-from .core import QTuningConfig, decide, score_batch, scoring_mode
+from .cli import given_options
+from .core import QTuningConfig, score_batch, scoring_mode
+from .core.step import decide_step
 from .data import DataError, check_token_ids, detect_format, encode, load_records, to_batch
 from .decision_log import read_log, sample_id
 from .models import load
@@ -93,8 +95,11 @@ def run_demo(args) -> int:
     check_token_ids(eval_encoded, model.get_input_embeddings().num_embeddings, args.data)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     preset = getattr(args, "preset", "paper")
-    print(f"qtuning demo: {description}, LoRA r=8, Q-Tuning preset {preset}, sample ratio {args.sample_ratio:g} x "
-          f"token ratio {args.token_ratio:g}; {len(train_records)} training samples of {args.data} ({fmt}), {n_eval} held out; "
+    settings = QTuningConfig.from_dict({"preset": preset, **given_options(args),
+                                        "log_decisions": str(out / "decisions.jsonl")})
+    print(f"qtuning demo: {description}, LoRA r=8, Q-Tuning preset {preset}, sample ratio {settings.sample_ratio:g} x "
+          f"token ratio {settings.token_ratio:g}; {len(train_records)} training samples of {args.data} ({fmt}), "
+          f"{n_eval} held out; "
           f"{args.steps} steps of {args.batch_size} x {args.grad_accum} samples", file=sys.stderr)
     on_cpu = not torch.cuda.is_available()
     device = "cpu" if on_cpu else "cuda"
@@ -115,9 +120,7 @@ def run_demo(args) -> int:
         **({"activation_checkpointing": True} if "activation_checkpointing" in
            {f.name for f in dataclasses.fields(TrainingArguments)} else {}),
     )
-    settings = QTuningConfig.from_dict({"preset": preset, "sample_ratio": args.sample_ratio,
-                                        "token_ratio": args.token_ratio, "neighbor_lambda": args.neighbor_lambda})
-    qtuning = _ComparedWithThePaper(settings, log_decisions=out / "decisions.jsonl")
+    qtuning = _ComparedWithThePaper(settings)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         # PEFT (0.21) reads model.is_gradient_checkpointing, a name recent transformers deprecates:
@@ -157,8 +160,8 @@ def run_demo(args) -> int:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {
         "model": description, "data": str(args.data), "steps": trainer.state.global_step,
-        "preset": preset, "settings": settings.to_dict(),
-        "sample_ratio": args.sample_ratio, "token_ratio": args.token_ratio,
+        "preset": preset, "settings": settings.decisions(),
+        "sample_ratio": settings.sample_ratio, "token_ratio": settings.token_ratio,
         "held_out_loss_before": loss_before, "held_out_loss_after": loss_after,
         "train_loss_first_step": losses[0] if losses else None, "train_loss_last_step": losses[-1] if losses else None,
         "samples_seen": int(totals["pool_samples"]), "samples_trained": int(totals["kept_samples"]),
@@ -178,23 +181,21 @@ def run_demo(args) -> int:
 
 class _ComparedWithThePaper(QTuning):
     """QTuning that also takes, on every pool it decides, the paper's decision from the same scores
-    (when its settings are not the paper's), so the summary can set the two side by side."""
+    (the same config without its rules, :meth:`QTuningConfig.paper`), so the summary can set the
+    two side by side."""
 
     def __init__(self, config: QTuningConfig, **kw):
         super().__init__(config, **kw)
-        paper = QTuningConfig.from_dict({**config.to_dict(), **{f: getattr(QTuningConfig(), f) for f in
-                                         ("top_up", "keep_tokens", "warmup_steps", "drop_highest_ppl",
-                                          "drop_ppl_outliers", "reference", "reference_margin", "reference_spread",
-                                          "reference_sticky", "reference_tokens", "token_budget")}})
+        paper = config.paper()
         self._paper = None if paper == config else paper
         self.paper_keep: dict[int, list[bool]] = {}  # step -> keep over the pool, in decision-log order
 
-    def _decide(self, scores, references=None, prior=None):
-        result = super()._decide(scores, references, prior)  # a StepDecision
+    def _decide(self, scores, inputs):
+        result = super()._decide(scores, inputs)  # a StepDecision
         if self._paper is not None:
             trainer = self.trainer
             step = (trainer.state.global_step if trainer is not None else len(self.paper_keep)) + 1
-            self.paper_keep[step] = torch.cat(decide(scores, self._paper).keep).cpu().tolist()
+            self.paper_keep[step] = torch.cat(decide_step(scores, self._paper, rules=[]).keep).tolist()
         return result
 
 

@@ -16,13 +16,13 @@ import argparse
 import torch
 from accelerate import Accelerator
 
-from qtuning_plugin.core import QTuningConfig, ReferenceCache, StepResult, select_step
+from qtuning_plugin.core import QTuningConfig, Rule, StepResult, build_rules, select_step
 
 
-def qtuning_step(model, micro_batches, config: QTuningConfig, accelerator: Accelerator, *, step: int,
-                 reference: ReferenceCache | None = None) -> StepResult:
+def qtuning_step(model, micro_batches, config: QTuningConfig, accelerator: Accelerator, *,
+                 rules: list[Rule]) -> StepResult:
     """Score, prune and backpropagate one optimizer step's micro-batches (the optimizer is yours)."""
-    kept = select_step(model, micro_batches, config, step=step, reference=reference)
+    kept = select_step(model, micro_batches, config, rules=rules)
     n = accelerator.reduce(torch.tensor(kept.num_label_tokens, device=accelerator.device), "sum")
     for mb in kept.micro_batches:  # the same number on every process
         loss = model(**mb, num_items_in_batch=n).loss  # summed CE / n
@@ -33,11 +33,11 @@ def qtuning_step(model, micro_batches, config: QTuningConfig, accelerator: Accel
 def train(model, loader, optimizer, config: QTuningConfig, *, steps: int, grad_accum: int) -> None:
     accelerator = Accelerator()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    reference = ReferenceCache() if config.reference == "base" else None  # lives across steps
+    rules = build_rules(config)  # the config's rules beyond the paper; they live across steps
     batches = (batch for _ in iter(int, 1) for batch in loader)  # epoch after epoch
     for step in range(steps):
         fetched = [next(batches) for _ in range(grad_accum)]  # the whole step, before any forward
-        kept = qtuning_step(model, fetched, config, accelerator, step=step, reference=reference)
+        kept = qtuning_step(model, fetched, config, accelerator, rules=rules)
         optimizer.step()
         optimizer.zero_grad()
         accelerator.print(f"step {step + 1}: trained {sum(len(b['labels']) for b in kept.micro_batches)} of "

@@ -86,7 +86,7 @@ def main(out: str, mode: str) -> None:
     )
     grads = FirstStepGradient()
     cb = QTuning(sample_ratio=0.25, token_ratio=0.5, pool="global" if mode.endswith("global") else "step",
-                 reference="base" if mode == "guard" else "none", reference_sticky=mode == "guard",
+                 reference="base" if mode == "guard" else "none",
                  reference_margin=1e-6 if mode == "guard" else 0.5)
     collator = (transformers.DataCollatorWithFlattening(return_position_ids=True) if mode == "packed"
                 else transformers.DataCollatorForSeq2Seq(tok, padding=True))
@@ -118,7 +118,7 @@ def main(out: str, mode: str) -> None:
         record["trained"].append([{k: v.cpu() for k, v in b.items()} for b in batches
                                   if not isinstance(b, SkippedMicroBatch)])
         record["num_items"].append(int(num))
-        gp = cb.last_global_pool
+        gp = cb.metrics.last_global_pool
         record["global"].append(None if gp is None else (gp.ppl.clone(), gp.entropy.clone(), gp.groups.clone()))
         return batches, num
 
@@ -133,9 +133,10 @@ def main(out: str, mode: str) -> None:
     from qtuning_plugin.core import scoring
 
     record["full_logits"] = scoring.scoring_path(model) == "logits"
-    if cb._reference is not None:
-        record["reference"] = {"forwards": cb._reference.forwards, "cached": len(cb._reference),
-                               "suspected": sorted(cb._reference.suspected), "keys": sorted(cb._reference.nll)}
+    guard = next((r for r in cb.rules if hasattr(r, "cache")), None)  # reference: base
+    if guard is not None:
+        record["reference"] = {"forwards": guard.cache.forwards, "cached": len(guard.cache),
+                               "keys": sorted(guard.cache.nll), "suspected": cb.totals["suspected_samples"]}
     torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")
     # Leave the process group before the interpreter exits (the Trainer does not destroy it).
     if torch.distributed.is_initialized():

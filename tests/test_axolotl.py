@@ -65,9 +65,9 @@ def test_train_with_the_plugin_prunes_every_step(assets, tmp_path, adapter):
     log = tmp_path / "decisions.jsonl"
     changes = {"adapter": adapter,
                "qtuning": {"sample_ratio": 0.25, "token_ratio": 0.5, "log_decisions": str(log)}}
-    if adapter == "qlora":  # and the robust preset: the reference guard's base forwards on a 4-bit model
+    if adapter == "qlora":  # and the reference guard: its base forwards on a 4-bit model
         changes["load_in_4bit"] = True
-        changes["qtuning"]["preset"] = "robust"
+        changes["qtuning"]["reference"] = "base"
     proc, out = run(assets, tmp_path, **changes)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (out / "adapter_model.safetensors").exists()
@@ -112,6 +112,14 @@ def test_misspelt_key_fails_before_the_model_loads(assets, tmp_path):
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
     assert "unknown field(s) ['token_ratoi']" in log
+    assert "Loading weights" not in log and "Loading raw datasets" not in log
+
+
+def test_retired_key_says_what_replaced_it(assets, tmp_path):
+    proc, _ = run(assets, tmp_path, qtuning={"sample_ratio": 0.25, "reference_sticky": True})
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "QTuningConfig.reference_sticky was removed" in log
     assert "Loading weights" not in log and "Loading raw datasets" not in log
 
 

@@ -51,23 +51,31 @@ def test_scoring_benchmark_quick_mode(tmp_path):
     assert all(v > 0 for v in result["memory"].values())
 
 
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    return quality
+
+
 def test_quality_benchmark_quick_mode(tmp_path):
-    """Every arm in every regime (--quick, tiny model); the runs file resumes: the same command again
-    runs nothing and reports the same runs."""
+    """--quick runs each arm once, in one regime per rule family (tiny model); the runs file
+    resumes: the same command again runs nothing and reports the same runs."""
+    quality = _quality()
+    plan = {"paper": {"full", "random-25x50", "qtuning-25x50", "random-25x100", "qtuning-25x100",
+                      "qtuning-highest-25x50", "qtuning-batch-25x50"},
+            "stress-3ep": {"qtuning-smallloss-25x50", "qtuning-smallloss-highest-25x50",
+                           "qtuning-smallloss3-highest-25x50", "qtuning-outliers-highest-25x50"},
+            "stress": {"qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
+                       "qtuning-observe-25x50"}}
+    assert sorted(a for arms in plan.values() for a in arms) == sorted(quality.ARMS)  # each arm exactly once
     out = tmp_path / "quality"
     command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--tiny", "--out", str(out)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     runs = result["results"]
-    arms = ("full", "random-25x50", "qtuning-25x50", "random-25x100", "qtuning-25x100", "qtuning-rank-25x50",
-            "qtuning-highest-25x50", "qtuning-smallloss-25x50", "qtuning-outliers-highest-25x50",
-            "qtuning-smallloss-highest-25x50", "qtuning-smallloss3-highest-25x50", "qtuning-warmup-25x50",
-            "qtuning-batch-25x50", "qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
-            "qtuning-guard2-25x50", "qtuning-guard2-highest-25x50", "qtuning-guard3-highest-25x50",
-            "qtuning-observe-25x50")
-    regimes = ("paper", "stress", "paper-3ep", "stress-3ep", "paper-noisy-3ep", "stress-light-3ep", "stress-heavy-3ep")
-    assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g in regimes for a in arms)
+    assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g, arms in plan.items() for a in arms)
     runs_file = tmp_path / "quality.runs.jsonl"
     assert len(runs_file.read_text().splitlines()) == len(runs)
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -78,18 +86,27 @@ def test_quality_benchmark_quick_mode(tmp_path):
     for r in runs:
         assert 0 <= r["accuracy"] <= 1 and r["nll"] > 0
         assert " bf16); torch " in r["machine"] and ", trl " in r["machine"]  # where it ran, recorded
-        if r["arm"].startswith("qtuning"):
-            # one record per pruned step (the warm-up arm trains its first step unpruned)
-            assert len(r["decisions"]) == (2 if "warmup" in r["arm"] else 3)
-            assert all(sum(s["keep"]) == 4 for s in r["decisions"])  # 25 % of a pool of 16
-            assert ("suspect" in r["decisions"][0]) == ("guard" in r["arm"] or "observe" in r["arm"])
+        if r["arm"] == "full":
+            assert r["decisions"] is None and r["kept_tokens_ratio"] == 1.0
+            continue
+        assert len(r["decisions"]) == 3  # one record per step, pruned from the first
+        assert all(sum(s["keep"]) == 4 for s in r["decisions"])  # 25 % of a pool of 16
+        assert all(len(s["kind"]) == len(s["ppl"]) == 16 for s in r["decisions"])
+        if r["regime"].startswith("stress"):  # each sample's kind found (the paper's long answers are
+            assert all("?" not in s["kind"] for s in r["decisions"])  # cut at 256 characters by the tiny tokenizer)
+        guard = "guard" in r["arm"] or "observe" in r["arm"]
+        for s in r["decisions"]:  # the guard's flags and rises (recorded as excess_*), with the guard only
+            assert {"suspect", "excess_max", "excess_mean"} <= set(s) if guard else not {"suspect", "excess_max"} & set(s)
+        if r["arm"] == "qtuning-observe-25x50":
+            assert not any(x for s in r["decisions"] for x in s["suspect"])  # it never acts
+        assert 0 < r["kept_tokens_ratio"] < 1
     report = out.with_suffix(".md").read_text()
-    assert "| qtuning-25x50 |" in report
-    assert f"Machines: {runs[0]['machine']}: {len(arms)} runs." in report
+    assert report.startswith(f"`python benchmarks/quality.py --quick --tiny --out {out}`")
+    assert "| qtuning-25x50 |" in report and "| qtuning-smallloss-highest-25x50 |" in report
+    for regime in plan:
+        assert f"### Regime `{regime}`" in report
+    assert f"Machines: {runs[0]['machine']}: {len(plan['paper'])} runs." in report
     # each arm is paired with random pruning at its own budget: 25 x 100 with random-25x100
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
     assert [quality.baseline_of(a) for a in ("full", "qtuning-25x100", "qtuning-guard-highest-25x50",
                                              "random-25x50")] == ["random-25x50", "random-25x100", "random-25x50", None]
     # and, where it prunes tokens, with random pruning that trains every token of as many samples
@@ -103,12 +120,60 @@ def test_quality_benchmark_quick_mode(tmp_path):
     assert (tmp_path / "quality-accuracy-vs-compute.png").exists() and (tmp_path / "quality-eu-plane.png").exists()
 
 
+def test_quality_pairs_and_retired_arms(tmp_path, capsys):
+    """--pairs names (regime, arm) pairs; retired arms no longer run, but their recorded runs are
+    reported, marked retired, with --report-only (and skipped, with a note, when not named)."""
+    quality = _quality()
+    args = quality.parse_args(["--pairs", "paper:full", "stress:qtuning-guard-25x50", "--quick"])
+    assert args.pairs == [("paper", "full"), ("stress", "qtuning-guard-25x50")]
+    assert args.regimes == ["paper", "stress"] and args.arms == ["full", "qtuning-guard-25x50"]
+    assert quality.canonical_command(args).startswith(
+        "python benchmarks/quality.py --pairs paper:full stress:qtuning-guard-25x50 --quick")
+    crossed = quality.parse_args(["--regimes", "paper", "--arms", "full", "random-25x50"])
+    assert crossed.pairs == [("paper", "full"), ("paper", "random-25x50")]
+    assert " --regimes paper --arms full random-25x50 " in quality.canonical_command(crossed)
+    assert len(quality.parse_args([]).pairs) == len(quality.REGIMES) * len(quality.ARMS)
+    for argv in (["--arms", "qtuning-rank-25x50"], ["--pairs", "stress:qtuning-warmup-25x50"],
+                 ["--pairs", "paper:full", "--arms", "full"], ["--pairs", "paper"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(argv)
+    assert not set(quality.RETIRED_ARMS) & set(quality.ARMS)
+    out = tmp_path / "q"
+    base = {"regime": "stress-3ep", "seed": 0, "precision": "fp32", "model": "m", "machine": "here", "epochs": 3,
+            "train_seconds": 1.0, "settings": {k: getattr(quality.parse_args(["--precision", "fp32"]), k)
+                                               for k in quality.SETTINGS}}
+    step = {"kind": ["useful", "wrong"], "quadrant": [3, 2], "keep": [True, False], "ppl": [1.5, 9.0],
+            "entropy": [0.5, 0.2]}
+    records = [{**base, "arm": "random-25x50", "accuracy": 0.5, "nll": 0.2, "kept_tokens_ratio": 0.1,
+                "decisions": [step]},
+               {**base, "arm": "qtuning-rank-25x50", "accuracy": 0.75, "nll": 0.1, "kept_tokens_ratio": 0.2,
+                "decisions": [step]},
+               {**base, "arm": "qtuning-guard2-25x50", "accuracy": 0.25, "nll": 0.3, "kept_tokens_ratio": 0.2,
+                "decisions": [{**step, "suspect": [False, True], "excess_max": [0.1, 2.0], "excess_mean": [-1, -1]}]},
+               {**base, "arm": "an-unknown-arm", "accuracy": 0.25, "nll": 0.3, "kept_tokens_ratio": 0.2,
+                "decisions": None}]
+    (tmp_path / "q.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["--regimes", "stress-3ep", "--precision", "fp32", "--seeds", "1", "--out", str(out), "--report-only"]
+    quality.main(common)  # the retained arms only; the others noted
+    assert "not reported: 1 run of an-unknown-arm (unknown arm), 1 run of qtuning-guard2-25x50 (retired), 1 run " \
+           "of qtuning-rank-25x50 (retired)" in capsys.readouterr().out
+    report = out.with_suffix(".md").read_text()
+    assert "| random-25x50 | 1 |" in report and "rank" not in report and "guard2" not in report
+    quality.main(["--arms", "random-25x50", "qtuning-rank-25x50", "qtuning-guard2-25x50", *common])
+    report = out.with_suffix(".md").read_text()
+    assert report.startswith("`python benchmarks/quality.py --regimes stress-3ep --arms random-25x50 "
+                             "qtuning-rank-25x50 qtuning-guard2-25x50 --seeds 1 --steps 12 --precision fp32 "
+                             "--report-only")
+    rank = next(line for line in report.splitlines() if line.startswith("| qtuning-rank-25x50 (retired: top_up) |"))
+    assert "+25.0 pp ± 0.0 pp (1 / 0 of 1)" in rank  # paired with random-25x50, as when it ran
+    assert "| qtuning-guard2-25x50 (retired: reference_spread, reference_sticky) | 1 |" in report
+    assert "qtuning-guard2-25x50: each sample's largest per-token NLL rise" in report  # its recorded rises
+
+
 def test_quality_runs_are_resumed_and_reported_at_one_precision(tmp_path):
     """A run trained in bf16 is neither resumed nor paired with fp32 runs (the report would compare
     precisions, not arms); a record from before precision was recorded counts as any."""
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _quality()
     args = quality.parse_args(["--precision", "fp32", "--out", str(tmp_path / "q")])
     assert args.precision_used == "fp32" and quality.canonical_command(args).endswith(
         f"--precision fp32 --out {tmp_path / 'q'}")
@@ -162,18 +227,20 @@ def test_separation_reads_logged_pools(tmp_path, capsys):
     got = separation.separation(pools["stress"])
     assert got["first 4 steps", "PPL"] == got["later steps", "PPL"] == 1.0
     assert got["first 4 steps", "entropy"] == 0.4  # 4 of the 10 pairs
-    # (corrupted share of the pools, of what is kept; share of the useful samples kept out)
-    assert separation.replay(pools["stress"], 0.25, drop_highest=0.0) == (0.25, 0.5, 0.0)  # the paper keeps one
-    assert separation.replay(pools["stress"], 0.25, drop_highest=0.25) == (0.25, 0.0, 0.0)  # wrong answer of two
+    # (corrupted share of the pools, of what is kept; share of the useful samples kept out), with the
+    # package's rules (qtuning_plugin.core.rules) turned on by QTuningConfig fields
+    assert separation.replay(pools["stress"], 0.25) == (0.25, 0.5, 0.0)  # the paper keeps one wrong answer of two
+    assert separation.replay(pools["stress"], 0.25, drop_highest_ppl=0.0) == (0.25, 0.5, 0.0)
+    assert separation.replay(pools["stress"], 0.25, drop_highest_ppl=0.25) == (0.25, 0.0, 0.0)
     # log PPL: median log 4, scaled MAD 1.4826 log(6 / 4) = 0.601; k = 1: above 1.99 (PPL 7.3), the
     # two wrong answers; k = 0.5: above 1.69 (PPL 5.4), also the useful PPL 6: one of five useful
-    assert separation.replay(pools["stress"], 0.25, drop_outliers=1.0) == (0.25, 0.0, 0.0)
-    assert separation.replay(pools["stress"], 0.25, drop_outliers=0.5) == (0.25, 0.0, 0.2)
+    assert separation.replay(pools["stress"], 0.25, drop_ppl_outliers=1.0) == (0.25, 0.0, 0.0)
+    assert separation.replay(pools["stress"], 0.25, drop_ppl_outliers=0.5) == (0.25, 0.0, 0.2)
     # lower-half spread: 1.4826 x median(log 4 - {log 1, 2, 3, 4}) = 1.4826 log(4 / 3) = 0.427; k = 1:
     # above 1.81 (PPL 6.1), the two wrong answers; k = 0.5: above 1.60 (PPL 4.95), also PPL 5 and 6
     rule = separation.lower_half_outliers
     assert rule(separation.torch.tensor(pool["ppl"]), 1.0).tolist() == [True] + [False] * 2 + [True] + [False] * 4
-    assert separation.replay(pools["stress"], 0.25, exclude=lambda p: rule(p, 1.0)) == (0.25, 0.0, 0.0)
-    assert separation.replay(pools["stress"], 0.25, exclude=lambda p: rule(p, 0.5)) == (0.25, 0.0, 0.4)
+    assert separation.replay(pools["stress"], 0.25, exclude=lambda p: rule(p.ppl, 1.0)) == (0.25, 0.0, 0.0)
+    assert separation.replay(pools["stress"], 0.25, exclude=lambda p: rule(p.ppl, 0.5)) == (0.25, 0.0, 0.4)
     assert separation.main([str(runs)]) == 0
     assert "stress: 5 pools of random-25x50" in capsys.readouterr().out

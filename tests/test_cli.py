@@ -266,7 +266,7 @@ def test_errors_are_one_line(case, tiny_dir, tmp_path, capsys):
         "tokenizer-mismatch": ["analyze", "--model", _model_smaller_than_tokenizer(tmp_path), "--data", data],
     }[case]
     want = {"missing": "no such file", "unknown-format": "unknown format", "empty": "empty",
-            "no-tokenizer": "no tokenizer", "ratio": "--sample-ratio must be in (0, 1]", "bad-json": "not valid JSON",
+            "no-tokenizer": "no tokenizer", "ratio": "sample_ratio must be a number in (0, 1], got 1.5", "bad-json": "not valid JSON",
             "plot-missing": "no such decision log", "scores-missing": "no such file", "bad-suffix": ".jsonl or .parquet",
             "tokenizer-mismatch": "the tokenizer does not match the model"}
     try:
@@ -306,16 +306,18 @@ def test_console_script_error_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"qtuning plot: error: no such decision log: {tmp_path / 'nope.jsonl'}"
 
 
-@pytest.mark.parametrize("preset", [None, "robust", "small-loss"])
-def test_demo_pipeline_tiny(tmp_path, preset):
+@pytest.mark.parametrize("flags", [[], ["--preset", "small-loss"], ["--reference", "base"]])
+def test_demo_pipeline_tiny(tmp_path, flags):
     """`qtuning demo` end to end on the tiny model: 2 steps, the log, both pictures, the summary;
-    with a preset (robust, small-loss), also what the paper's Algorithm 1 would keep from the same pools."""
+    with rules on (the small-loss preset, the reference guard), also what the paper's Algorithm 1
+    would keep from the same pools."""
+    preset = flags[1] if flags[:1] == ["--preset"] else None
     pytest.importorskip("trl")
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     exe = Path(sys.executable).with_name("qtuning")
     proc = subprocess.run([str(exe), "demo", "--model", "tiny", "--steps", "2", "--batch-size", "4",
-                           "--out", str(out)] + (["--preset", preset] if preset else []),
+                           "--out", str(out)] + flags,
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step   2/2 | loss" in proc.stderr + proc.stdout
@@ -323,10 +325,10 @@ def test_demo_pipeline_tiny(tmp_path, preset):
     assert summary["steps"] == 2 and summary["samples_seen"] == 16 and summary["samples_trained"] == 4
     assert sum(v["seen"] for v in summary["kept_by_kind"].values()) == 16
     assert summary["preset"] == (preset or "paper")
-    assert summary["settings"]["reference"] == ("base" if preset == "robust" else "none")
+    assert summary["settings"]["reference"] == ("base" if "--reference" in flags else "none")
     assert summary["settings"]["drop_highest_ppl"] == (0.25 if preset == "small-loss" else 0.0)
     paper = summary["paper_would_keep_by_kind"]
-    if preset is None:
+    if not flags:
         assert paper is None and "would keep" not in proc.stdout
     else:
         assert paper.keys() == summary["kept_by_kind"].keys()

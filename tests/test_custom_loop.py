@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qtuning_plugin import QTuning
-from qtuning_plugin.core import QTuningConfig, ReferenceCache, select_step
+from qtuning_plugin.core import QTuningConfig, build_rules, label_tokens, select_step
 from tiny import arithmetic_dataset, tiny_model, tiny_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def rows(tok, n=16):
 
 def model_for(fields, vocab_size):
     model = tiny_model("llama", vocab_size=vocab_size)
-    if fields.get("preset") == "robust":
+    if fields.get("reference") == "base":
         peft = pytest.importorskip("peft")
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                            init_lora_weights=False))
@@ -49,7 +49,7 @@ class Capture(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("fields", [{}, {"preset": "robust"}, {"preset": "small-loss"},
+@pytest.mark.parametrize("fields", [{}, {"reference": "base"}, {"preset": "small-loss"},
                                     {"drop_ppl_outliers": 1.0, "keep_tokens": "highest"},
                                     {"keep_tokens": "highest", "token_budget": "batch"}])
 def test_custom_loop_trains_what_the_callback_trains(fields):
@@ -81,18 +81,18 @@ def test_custom_loop_trains_what_the_callback_trains(fields):
     model.zero_grad()
     config = QTuningConfig.from_dict(fields)
     accelerator = Accelerator(cpu=True)
-    reference = ReferenceCache() if config.reference == "base" else None
-    kept = recipe().qtuning_step(model, seen["fetched"], config, accelerator, step=0, reference=reference)
+    kept = recipe().qtuning_step(model, seen["fetched"], config, accelerator, rules=build_rules(config))
 
     assert len(kept.micro_batches) == len(seen["trained"])
     if "drop_ppl_outliers" in fields:  # the rule held some sample back, or this case tests nothing new
         assert seen["excluded"].any()
-    if "preset" not in fields:  # (the guard may hold back samples, leaving one micro-batch)
+    if "preset" not in fields and "reference" not in fields:  # (the guard may leave one micro-batch)
         assert len(kept.micro_batches) == 2
     for ours, theirs in zip(kept.micro_batches, seen["trained"]):
         assert torch.equal(ours["input_ids"], theirs["input_ids"])
         assert torch.equal(ours["labels"], theirs["labels"])
     assert kept.num_label_tokens < sum(int((b["labels"][:, 1:] != -100).sum()) for b in seen["fetched"])
+    assert kept.num_label_tokens == label_tokens(kept.micro_batches)  # the host count is the batches' count
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == capture.grads.keys() and grads
     for name, g in grads.items():
@@ -104,12 +104,10 @@ def test_select_step_asks_for_what_it_needs():
     tok = tiny_tokenizer()
     batch = {k: torch.tensor([v]) for k, v in rows(tok, 1)[0].items()}
     model = tiny_model("llama", vocab_size=len(tok))
-    with pytest.raises(ValueError, match="step="):
-        select_step(model, [batch], QTuningConfig(warmup_steps=2))
-    with pytest.raises(ValueError, match="ReferenceCache"):
+    with pytest.raises(ValueError, match=r"keeps state across steps: pass rules=build_rules\(config\)"):
         select_step(model, [batch], QTuningConfig(reference="base"))
     with pytest.raises(ValueError, match="no micro-batches"):
         select_step(model, [], QTuningConfig())
-    warm = select_step(model, [batch], QTuningConfig(warmup_steps=2), step=1)
-    assert not warm.pruned and warm.micro_batches == [batch] and warm.scores is None
-    assert warm.num_label_tokens == int((batch["labels"][:, 1:] != -100).sum())
+    whole = select_step(model, [batch], QTuningConfig(sample_ratio=1, token_ratio=1))
+    assert not whole.pruned and whole.micro_batches == [batch] and whole.scores is None
+    assert whole.num_label_tokens == int((batch["labels"][:, 1:] != -100).sum())

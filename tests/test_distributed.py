@@ -261,8 +261,5 @@ def test_reference_forwards_are_aligned_across_ranks(runs):
     assert [r["reference"]["forwards"] for r in records] == [2 * 2, 2 * 2]  # 2 steps x 2 micro-batches, both ranks
     assert records[0]["reference"]["cached"] == 2 * 2 * 4 and records[1]["reference"]["cached"] == 1
     assert records[0]["forwards"] == records[1]["forwards"]
-    # reference_sticky (margin ~0 here): each step's flagged keys are gathered, so both ranks hold
-    # the same set, rank 1 the keys of samples only rank 0 has seen
-    suspected = [r["reference"]["suspected"] for r in records]
-    assert suspected[0] == suspected[1]
-    assert set(suspected[1]) - set(records[1]["reference"]["keys"])
+    # (margin ~0 here) the guard flagged samples on both ranks once their pools improved on the base
+    assert [r["reference"]["suspected"] for r in records] == [r["totals"]["suspected_samples"] for r in records]

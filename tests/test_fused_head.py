@@ -9,7 +9,7 @@ import torch
 from trl.trainer.utils import add_fused_lm_head
 
 from qtuning_plugin.core import score_batch, scoring_mode
-from qtuning_plugin.core import scoring as scoring_module
+from qtuning_plugin.core import heads as scoring_module
 from test_scoring import LENGTHS, PROMPTS, naive_reference
 from tiny import padded_batch, tiny_model
 

@@ -316,8 +316,8 @@ def test_the_guard_scores_packed_rows_with_the_adapters_off_as_they_come(layout)
     runs over the packed rows (not the segments padded to the longest), with the adapters off,
     and caches per segment what the padded batch would give."""
     peft = pytest.importorskip("peft")
-    from qtuning_plugin.core import select_step
-    from qtuning_plugin.core.reference import ReferenceCache, row_keys
+    from qtuning_plugin.core import build_rules, select_step
+    from qtuning_plugin.core.rules.reference import row_keys
 
     exs = skewed_examples([200] + [12 + i for i in range(0, 14, 2)], seed=7)
     batch = packed_axolotl(exs, rows=2)[0] if layout == "axolotl" else packed_trl(exs)
@@ -329,9 +329,10 @@ def test_the_guard_scores_packed_rows_with_the_adapters_off_as_they_come(layout)
     lora = next(m for m in model.modules() if hasattr(m, "lora_A"))
     model.get_input_embeddings().register_forward_pre_hook(
         lambda m, a: seen.append((a[0].numel(), not lora.disable_adapters)))
-    cache = ReferenceCache()
     config = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, reference="base")
-    result = select_step(model, [batch], config, reference=cache)
+    rules = build_rules(config)
+    cache = rules[0].cache
+    result = select_step(model, [batch], config, rules=rules)
     packed_tokens = batch["input_ids"].numel()
     # after the 8-token probes that choose the scoring path (once per model): the scoring forward,
     # then the base's, both over the packed rows

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qtuning_plugin.core import score_batch, scoring_mode, trainable_positions
-from qtuning_plugin.core import scoring as scoring_module
+from qtuning_plugin.core import heads as scoring_module
 from tiny import padded_batch, tiny_model
 
 LENGTHS, PROMPTS = [12, 7, 20, 3], [4, 2, 5, 3]  # the last row has no trainable token

@@ -154,3 +154,28 @@ def test_pooled_keep_highest_drops_the_lowest():
     assert pooled_token_keep_mask(nll, trainable, 2, 0.0)[0].tolist() == [[True, False, True, False]]
     with pytest.raises(ValueError, match="keep must be 'lowest' or 'highest'"):
         token_keep_mask(nll[0], trainable[0], 0.5, keep="top")
+
+
+def test_pooled_budget_takes_the_candidate_count_from_the_caller():
+    """``n_candidates``: the trainable tokens' count, when the caller has it on the host (no
+    device-to-host copy); the same masks as counted here."""
+    g = torch.Generator().manual_seed(0)
+    nll = [torch.rand(3, 7, generator=g) * 4, torch.rand(2, 5, generator=g) * 4]
+    trainable = [torch.rand(3, 7, generator=g) > 0.3, torch.rand(2, 5, generator=g) > 0.3]
+    total = sum(int(m.sum()) for m in trainable)
+    for n_drop in (0, 1, 5, total, total + 3):
+        for keep in ("lowest", "highest"):
+            counted = pooled_token_keep_mask(nll, trainable, n_drop, 0.5, keep)
+            given = pooled_token_keep_mask(nll, trainable, n_drop, 0.5, keep, n_candidates=total)
+            assert all(torch.equal(a, b) for a, b in zip(counted, given))
+            assert sum(int(m.sum()) for m in given) == max(0, total - n_drop)
+    with pytest.raises(TypeError):
+        pooled_token_keep_mask(nll, trainable, 1, 0.5, "lowest", total)  # keyword only
+
+
+def test_token_keep_mask_has_no_avoid_argument():
+    """The reference guard flags samples, not tokens (reference_tokens is retired)."""
+    with pytest.raises(TypeError):
+        token_keep_mask(NLL, TRAINABLE, 0.4, 0.5, "lowest", torch.zeros_like(TRAINABLE))
+    with pytest.raises(TypeError):
+        token_keep_mask(NLL, TRAINABLE, 0.4, avoid=torch.zeros_like(TRAINABLE))

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qtuning_plugin.core import kept_count, median_quadrants, triage
+from qtuning_plugin.core.triage import Triage, ascending_ranks, share_of
 
 INF, NAN = math.inf, math.nan
 
@@ -341,134 +342,73 @@ def test_k_for_the_decimal_ratios_that_floats_get_wrong():
     assert triage(torch.arange(100.0), torch.arange(100.0).flip(0), 0.29).k == 29
 
 
-# ---------------------------------------------------------------- top_up="rank" (beyond the paper)
-
-def test_rank_top_up_is_not_flattened_by_one_huge_error():
-    """With min-max, raising the top PPL from 9 to 1e6 maps every other PPL to ~0 and changes who
-    is topped up (sample 3, a misconception-like PPL 4 / Ent 0.18, gives way to sample 6); with rank
-    levels nothing changes, as nothing changed in the order."""
-    ent = t(0.58, 0.29, 0.45, 0.18, 0.36, 0.62, 0.48, 0.44)
-    ppl = t(9.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
-    huge = ppl.clone()
-    huge[0] = 1e6
-    assert idx(triage(ppl, ent, 0.5).keep) == [2, 3, 5, 7]
-    assert idx(triage(huge, ent, 0.5).keep) == [2, 5, 6, 7]
-    assert idx(triage(ppl, ent, 0.5, top_up="rank").keep) == idx(triage(huge, ent, 0.5, top_up="rank").keep)
+def test_share_of_and_ascending_ranks():
+    """The two helpers the rules share with the triage: floor(ratio n) exact for the decimal
+    written, and stable ascending ranks (of equal values the earlier ranks lower)."""
+    assert share_of(100, 0.29) == 29 and share_of(100, 0.57) == 57 and share_of(8, 0.25) == 2
+    assert share_of(0, 0.5) == 0 and share_of(7, 0.0) == 0 and share_of(3, 1.0) == 3
+    assert ascending_ranks(t(3.0, 1.0, 3.0, 2.0, 1.0)).tolist() == [3, 0, 4, 2, 1]
+    assert ascending_ranks(t(INF, 0.0)).tolist() == [1, 0]
 
 
 @settings(max_examples=200, deadline=None)
-@given(pools(), ratios)
-def test_rank_top_up_depends_on_ranks_only(pool, r):
-    """Any strictly increasing transform of PPL and of Ent leaves the rank triage unchanged."""
-    ppl, ent = pool
-    a = triage(ppl, ent, r, top_up="rank")
-    b = triage(torch.exp(ppl / 7) * 3 + 1, ent ** 3 + 2 * ent, r, top_up="rank")
-    assert torch.equal(a.keep, b.keep) and torch.equal(a.prune_tokens, b.prune_tokens)
+@given(st.integers(0, 5000), st.integers(0, 1000))
+def test_share_of_is_floor_of_the_decimal(n, thousandths):
+    assert share_of(n, thousandths / 1000) == math.floor(Fraction(thousandths, 1000) * n)
 
 
-# ---------------------------------------------------------------- drop_highest (beyond the paper)
+def test_the_triage_is_the_papers_alone():
+    """The options beyond the paper are rules (tests/test_rules.py): the triage takes none of them,
+    and its decision carries no exclusion mask."""
+    import inspect
 
-def test_drop_highest_worked_by_hand():
-    """Eight samples, r_s = 0.25 (K = 2). The paper keeps sample 1 (PPL 9, Ent 0.1: Q2 at m = 1;
-    at m = 2 the core {1, 3, 2} exceeds K) and tops up with 2 (|p - e| = |0.125 - 1|). With
-    drop_highest = 0.25 the two highest PPL (1: 9, 3: 8) are not candidates; among the other six,
-    m = 1 gives Q2 = {5} ∩ {4} = {} and Q4 = {0} ∩ {2} = {}, m = 2 gives Q2 = {5, 7} ∩ {4, 6} = {}
-    and Q4 = {0, 2} ∩ {2, 5} = {2}; m = 3 gives Q2 = {5, 7, 6} ∩ {4, 6, 0} = {6} and
-    Q4 = {0, 2, 4} ∩ {2, 5, 7} = {2}: the core is {2, 6}, exactly K."""
-    ppl = t(1, 9, 2, 8, 3, 7, 4, 6)
-    ent = t(0.5, 0.1, 0.9, 0.2, 0.3, 0.8, 0.4, 0.6)
-    assert idx(triage(ppl, ent, 0.25).keep) == [1, 2]
-    result = triage(ppl, ent, 0.25, drop_highest=0.25)
-    assert idx(result.keep) == [2, 6] and idx(result.core) == [2, 6] and idx(result.prune_tokens) == [6]
-    # floor(0.2 x 8) = 1: only sample 1 goes, and 3 (PPL 8, Ent 0.2) becomes the Q2 core
-    assert idx(triage(ppl, ent, 0.25, drop_highest=0.2).keep) == [2, 3]
-    # of equal PPL the later sample goes first
-    assert idx(triage(t(5, 5, 1, 2), t(0.1, 0.1, 0.9, 0.5), 0.25, drop_highest=0.25).keep) == [0]
-    with pytest.raises(ValueError, match=r"drop_highest must be in \[0, 1\)"):
-        triage(ppl, ent, 0.25, drop_highest=1.0)
+    assert list(inspect.signature(triage).parameters) == ["ppl", "entropy", "sample_ratio", "groups", "eligible"]
+    assert [f for f in Triage.__dataclass_fields__] == ["keep", "prune_tokens", "level", "core"]
 
 
-@settings(max_examples=300, deadline=None)
-@given(pools(), ratios, st.sampled_from([0.1, 0.25, 0.5, 0.75]))
-def test_drop_highest_is_the_triage_of_the_rest_with_k_unchanged(pool, r, f):
-    """The floor(f n) highest-PPL samples are never kept; K still counts them (up to the rest);
-    the decision over the rest is the eligible-masked triage."""
+# ---------------------------------------------------------------- eligible (the rules' masks, tests/test_rules.py)
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ineligible_samples_are_never_kept_and_keep_their_slot(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 16
+    ppl, ent = torch.rand(n, generator=g, dtype=torch.float64) * 10, torch.rand(n, generator=g, dtype=torch.float64)
+    assert torch.equal(triage(ppl, ent, 0.25, eligible=torch.ones(n, dtype=torch.bool)).keep,
+                       triage(ppl, ent, 0.25).keep)
+    eligible = torch.rand(n, generator=g) > 0.3
+    eligible[:3] = False
+    result = triage(ppl, ent, 0.25, eligible=eligible)
+    assert not (result.keep & ~eligible).any()
+    assert result.k == min(kept_count(n, 0.25), int(eligible.sum()))
+    # the eligible samples are triaged among themselves, with K counted over the whole pool
+    at = eligible.nonzero().squeeze(1)
+    alone = triage(ppl[at], ent[at], 0.25)
+    if alone.k == result.k:
+        assert torch.equal(result.keep[at], alone.keep)
+    # fewer eligible samples than K: all of them are kept
+    few = torch.zeros(n, dtype=torch.bool)
+    few[5] = True
+    assert triage(ppl, ent, 0.5, eligible=few).keep.nonzero().squeeze(1).tolist() == [5]
+    with pytest.raises(ValueError, match="eligible"):
+        triage(ppl, ent, 0.25, eligible=torch.ones(n))
+
+
+@settings(max_examples=200, deadline=None)
+@given(pools(max_n=40), ratios, st.integers(1, 4), st.lists(st.booleans(), min_size=40, max_size=40))
+def test_ineligible_samples_keep_their_slot_in_each_group(pool, r, n_groups, flags):
+    """Each group keeps min(K_g, its eligible samples), K_g counted over all its samples, and never
+    an ineligible one; with every sample eligible it is the plain triage."""
     ppl, ent = pool
     n = ppl.numel()
-    n_drop = math.floor(Fraction(repr(f)) * n)
-    dropped = torch.zeros(n, dtype=torch.bool)
-    dropped[torch.sort(ppl, stable=True).indices[n - n_drop:]] = True
-    result = triage(ppl, ent, r, drop_highest=f)
-    assert not (result.keep & dropped).any()
-    assert result.k == min(kept_count(n, r), n - n_drop)
-    want = triage(ppl, ent, r, eligible=~dropped)
-    assert torch.equal(result.keep, want.keep) and torch.equal(result.prune_tokens, want.prune_tokens)
-
-
-def test_drop_highest_counts_scored_samples_only_and_spans_the_groups():
-    ppl, ent = t(NAN, 9, 1, 2, 3, 4, 8, 7, 6), t(0.5, 0.1, 0.9, 0.3, 0.8, 0.2, 0.1, 0.7, 0.6)
-    # 8 scored samples: floor(0.25 x 8) = 2 dropped (PPL 9 and 8); the NaN row is not one of them
-    result = triage(ppl, ent, 0.25, drop_highest=0.25)
-    assert not result.keep[[0, 1, 6]].any() and result.k == 2
-    # pool: global: the highest PPL of the whole pool go, whichever group holds them
-    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
-    by_group = triage(ppl, ent, 0.5, groups=groups, drop_highest=0.25)
-    assert not by_group.keep[[0, 1, 6]].any()
-    assert [int(by_group.keep[groups == g].sum()) for g in (0, 1)] == [1, 2]  # K_0 = floor(0.5 x 3)
-
-
-# ---------------------------------------------------------------- drop_outliers (beyond the paper)
-
-def test_drop_outliers_worked_by_hand():
-    """Eight samples, log PPL = 0, 0.1, ..., 0.6 and 3. Lower median 0.3 (sorted: 0 .1 .2 .3 .4
-    .5 .6 3, the 4th), |x - 0.3| sorted: 0 .1 .1 .2 .2 .3 .3 2.7, lower median 0.2, scaled MAD
-    0.29652. k = 2: threshold 0.3 + 0.59304 = 0.89304, only log PPL 3 goes; k = 1: 0.59652, so 0.6
-    goes too; k = 10: none."""
-    x = t(0.0, 3.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-    ppl, ent = x.exp(), t(0.5, 0.1, 0.9, 0.2, 0.3, 0.8, 0.4, 0.6)
-    assert 1 in idx(triage(ppl, ent, 0.25).keep)  # the paper keeps the outlier (highest PPL, low Ent)
-    for k, dropped in ((2.0, [1]), (1.0, [1, 7]), (10.0, [])):
-        want = torch.ones(8, dtype=torch.bool)
-        want[dropped] = False
-        result = triage(ppl, ent, 0.25, drop_outliers=k)
-        assert torch.equal(result.keep, triage(ppl, ent, 0.25, eligible=want).keep), k
-        assert result.k == 2 and not result.keep[dropped].any()
-    with pytest.raises(ValueError, match="drop_outliers must be None or a finite number > 0"):
-        triage(ppl, ent, 0.25, drop_outliers=0.0)
-    with pytest.raises(ValueError, match="drop_highest and drop_outliers are exclusive"):
-        triage(ppl, ent, 0.25, drop_highest=0.25, drop_outliers=2.0)
-
-
-def test_drop_outliers_edge_pools():
-    ent = t(0.5, 0.1, 0.9, 0.2, 0.3, 0.8)
-    # MAD 0 (four of six equal): every sample above the median goes
-    result = triage(t(2, 2, 2, 2, 3, 2.5), ent, 0.5, drop_outliers=2.0)
-    assert not result.keep[[4, 5]].any() and result.k == 3
-    # median +inf: none goes (the triage's own order then applies)
-    inf_pool = t(INF, INF, INF, INF, 3, 2)
-    assert torch.equal(triage(inf_pool, ent, 0.5, drop_outliers=2.0).keep, triage(inf_pool, ent, 0.5).keep)
-    # an infinite PPL in a finite pool is an outlier; a NaN row is no sample and not in the statistics
-    result = triage(t(NAN, INF, 1, 1.1, 1.2, 1.3), ent, 0.5, drop_outliers=2.0)
-    assert not result.keep[[0, 1]].any() and result.k == 2  # K = floor(0.5 x 5)
-    # pool: global: the whole pool's statistics, whichever group holds the outlier
-    groups = torch.tensor([0, 0, 0, 1, 1, 1])
-    by_group = triage(t(1, 1.1, 1.2, 1.3, 1.05, 50), ent, 0.5, groups=groups, drop_outliers=2.0)
-    assert not by_group.keep[5] and [int(by_group.keep[groups == g].sum()) for g in (0, 1)] == [1, 1]
-
-
-@settings(max_examples=300, deadline=None)
-@given(pools(), ratios, st.sampled_from([0.5, 1.0, 2.0, 3.0]))
-def test_drop_outliers_is_the_triage_of_the_rest_with_k_unchanged(pool, r, k):
-    """The samples above median + k x 1.4826 MAD of log PPL (lower medians, numpy) are never kept,
-    K still counts them, and the decision over the rest is the eligible-masked triage."""
-    ppl, ent = pool
-    ppl = ppl.abs() + 1e-3  # PPL > 0
-    x = ppl.log().numpy()
-    lower_median = lambda v: np.sort(v)[(len(v) - 1) // 2]  # noqa: E731
-    med = lower_median(x)
-    dropped = torch.from_numpy(x > med + k * (1.4826 * lower_median(np.abs(x - med))))
-    result = triage(ppl, ent, r, drop_outliers=k)
-    assert not (result.keep & dropped).any()
-    assert result.k == min(kept_count(ppl.numel(), r), int((~dropped).sum()))
-    want = triage(ppl, ent, r, eligible=~dropped)
-    assert torch.equal(result.keep, want.keep) and torch.equal(result.prune_tokens, want.prune_tokens)
+    groups = torch.arange(n) % n_groups
+    eligible = torch.tensor(flags[:n])
+    result = triage(ppl, ent, r, groups=groups, eligible=eligible)
+    assert not (result.keep & ~eligible).any()
+    assert bool((result.prune_tokens <= result.keep).all()) and bool((result.core <= result.keep).all())
+    for g in range(n_groups):
+        own = groups == g
+        if own.any():
+            assert int((result.keep & own).sum()) == min(kept_count(int(own.sum()), r), int((eligible & own).sum()))
+    everyone = triage(ppl, ent, r, groups=groups, eligible=torch.ones(n, dtype=torch.bool))
+    plain = triage(ppl, ent, r, groups=groups)
+    assert torch.equal(everyone.keep, plain.keep) and torch.equal(everyone.prune_tokens, plain.prune_tokens)

@@ -1,9 +1,10 @@
 """Q-Tuning's algorithm in pure torch (no TRL, no Axolotl): score, triage, prune tokens, apply.
 
-Read top to bottom: :mod:`.scoring` (the Error-Uncertainty plane), :mod:`.triage` (sample stage),
-:mod:`.tokens` (token stage), :mod:`.decision` (both stages on a pool), :mod:`.batch` and
-:mod:`.packing` (applying a decision to padded and packed batches), :mod:`.step` (one optimizer
-step for any training loop: :func:`select_step`). :mod:`.reference` is the reference guard,
+Read top to bottom: :mod:`.config` (the settings, declared once), :mod:`.scoring` (the
+Error-Uncertainty plane), :mod:`.triage` (sample stage), :mod:`.tokens` (token stage),
+:mod:`.decision` (both stages on a pool), :mod:`.batch` and :mod:`.packing` (applying a decision
+to padded and packed batches), :mod:`.step` (one optimizer step for any training loop:
+:func:`select_step`). :mod:`.rules` holds the behaviours beyond the paper, one module each;
 :mod:`.distributed` the collectives a step needs.
 """
 
@@ -16,12 +17,15 @@ import types
 _HOMES = {
     "apply_decision": "batch",
     "QTuningConfig": "config",
-    "Decision": "decision", "GlobalPool": "decision", "decide": "decision",
+    "Decision": "decision", "GlobalPool": "decision", "HostStats": "decision", "decide": "decision",
+    "host_stats": "decision",
     "Collectives": "distributed",
-    "ReferenceCache": "reference",
+    "Rule": "rules", "Pool": "rules", "build_rules": "rules",
+    "ReferenceCache": "rules.reference",
     "Scores": "scoring", "choose_scoring_path": "scoring", "score_batch": "scoring", "scoring_mode": "scoring",
     "trainable_positions": "scoring",
     "StepDecision": "step", "StepResult": "step", "decide_step": "step", "select_step": "step",
+    "label_tokens": "step",
     "context_scores": "tokens", "pooled_token_keep_mask": "tokens", "token_keep_mask": "tokens",
     "QUADRANT_NAMES": "triage", "Triage": "triage", "kept_count": "triage", "median_quadrants": "triage",
     "triage": "triage",
@@ -44,13 +48,18 @@ __all__ = [
     "context_scores",
     "Decision",
     "GlobalPool",
+    "HostStats",
     "decide",
+    "host_stats",
     "apply_decision",
     "select_step",
     "StepResult",
     "StepDecision",
     "decide_step",
     "Collectives",
+    "Rule",
+    "Pool",
+    "build_rules",
     "ReferenceCache",
 ]
 

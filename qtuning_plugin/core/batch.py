@@ -10,12 +10,28 @@ import torch
 from .scoring import IGNORE_INDEX
 
 
+def host_copies(batches: Sequence[Mapping[str, Any]],
+                keys: Sequence[str] = ("input_ids", "labels", "attention_mask", "position_ids")) -> list[dict[str, Any]]:
+    """The integer per-token tensors of ``batches`` (``keys`` present) on the host, in one
+    device-to-host copy: the layout of a step (padding, labels, segments) read once, so that
+    deciding and re-batching never wait for the device again."""
+    parts = [(i, k, b[k]) for i, b in enumerate(batches) for k in keys if isinstance(b.get(k), torch.Tensor)]
+    out: list[dict[str, Any]] = [{} for _ in batches]
+    if not parts:
+        return out
+    flat = torch.cat([t.reshape(-1).to(torch.long) for _, _, t in parts]).cpu()
+    for (i, k, t), x in zip(parts, flat.split([t.numel() for _, _, t in parts])):
+        out[i][k] = x.view(t.shape).to(t.dtype)
+    return out
+
+
 def apply_decision(
     batch: Mapping[str, Any],
     keep: torch.Tensor,
     token_keep: torch.Tensor | None = None,
     *,
     ignore_index: int = IGNORE_INDEX,
+    host_mask: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """A new padded batch with only the kept rows, pruned tokens out of the loss, and no column
     that is padding in every remaining row.
@@ -30,11 +46,12 @@ def apply_decision(
       lose the leading and trailing columns where ``attention_mask`` is 0 in all kept rows (left
       or right padding). Without ``attention_mask`` no column is trimmed. Other values are kept.
 
-    The input batch is not modified.
+    The input batch is not modified. ``keep`` on the host and ``host_mask`` (the batch's
+    ``attention_mask`` on the host, if it has one) spare the waits for the device.
     """
     labels = batch["labels"]
     b, t = labels.shape
-    keep = keep.to(device=labels.device, dtype=torch.bool)
+    keep = keep.to(dtype=torch.bool).cpu()
     if keep.shape != (b,):
         raise ValueError(f"apply_decision: keep must be bool [{b}], got shape {tuple(keep.shape)}")
     if not keep.any():
@@ -46,9 +63,8 @@ def apply_decision(
     cols = slice(None)
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.shape == (b, t):
-        used = (mask[rows] != 0).any(0).nonzero().squeeze(1)
-        if used.numel():
-            cols = slice(int(used[0]), int(used[-1]) + 1)
+        cols = used_columns(host_mask if host_mask is not None else mask.cpu(), rows)
+    rows = rows.to(labels.device)
 
     out: dict[str, Any] = {}
     for key, value in batch.items():
@@ -63,6 +79,12 @@ def apply_decision(
     return out
 
 
+def used_columns(mask: torch.Tensor, rows: torch.Tensor) -> slice:
+    """The columns of a host ``mask`` [B, T] that are not padding in every one of ``rows``."""
+    used = (mask[rows] != 0).any(0).nonzero().squeeze(1)
+    return slice(int(used[0]), int(used[-1]) + 1) if used.numel() else slice(None)
+
+
 def padding_side(attention_mask: torch.Tensor) -> str | None:
     """"left" or "right" as seen in a padded batch's mask; None when no row is padded."""
     padded = (attention_mask == 0).any(1)
@@ -71,12 +93,15 @@ def padding_side(attention_mask: torch.Tensor) -> str | None:
     return "left" if bool((attention_mask[padded, 0] == 0).all()) else "right"
 
 
-def split_rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+def split_rows(batch: Mapping[str, Any], host_mask: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """The rows of a padded batch, each without its padding: per-token tensors ([B, T, ...]) become
-    [n_b, ...], per-sample tensors ([B, ...]) become their row; other values are dropped."""
+    [n_b, ...], per-sample tensors ([B, ...]) become their row; other values are dropped.
+    ``host_mask``: the batch's ``attention_mask`` on the host, if the caller has it."""
     labels = batch["labels"]
     b, t = labels.shape
     mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == (b, t):
+        mask = host_mask if host_mask is not None else mask.cpu()
     rows = []
     for i in range(b):
         cols = slice(None)
@@ -146,14 +171,21 @@ def infer_padding_side(batches: Sequence[Mapping[str, Any]], default: str | None
 
 
 def rebatch(batches: Sequence[Mapping[str, Any]], keep: Sequence[torch.Tensor], token_keep: Sequence[torch.Tensor],
-            *, pad_id: int, side: str) -> list[dict[str, Any]]:
+            *, pad_id: int, side: str, host: Sequence[Mapping[str, torch.Tensor]] | None = None) -> list[dict[str, Any]]:
     """The kept rows of a step's padded micro-batches, labels outside ``token_keep`` masked, sorted
     by length and padded (``side``, ``pad_id``) into as few micro-batches as the largest fetched one
-    holds rows. An empty list when no row is kept."""
+    holds rows. An empty list when no row is kept. ``keep`` on the host and ``host`` (each batch's
+    :func:`host_copies`) spare the waits for the device."""
     rows = []
-    for batch, k, t in zip(batches, keep, token_keep):
+    for i, (batch, k, t) in enumerate(zip(batches, keep, token_keep)):
+        k = k.cpu()
         if k.any():
-            rows += split_rows(apply_decision(batch, k, t))
+            mask = host[i].get("attention_mask") if host is not None else None
+            kept_mask = None
+            if mask is not None:  # the kept rows' mask, trimmed as apply_decision trims them
+                at = k.nonzero().squeeze(1)
+                kept_mask = mask[at][:, used_columns(mask, at)]
+            rows += split_rows(apply_decision(batch, k, t, host_mask=mask), kept_mask)
     rows.sort(key=lambda r: -r["labels"].shape[0])  # similar lengths together: less padding
     size = max(b["labels"].shape[0] for b in batches)
     return _collate_groups([rows[i:i + size] for i in range(0, len(rows), size)], batches, pad_id, side)

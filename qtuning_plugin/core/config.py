@@ -1,188 +1,111 @@
-"""QTuningConfig: the method's knobs, validated once, at construction."""
+"""QTuningConfig: Q-Tuning's settings, declared once and validated in one place.
+
+Three groups of fields: **the paper** (Algorithm 1 and the readings of it the paper or the
+authors' code allow), **the rules** (behaviours beyond the paper, each declared by its module in
+:mod:`.rules`), and **runtime** (how it runs, never what it decides). Each field is an
+:class:`~qtuning_plugin.core.options.Option`: its help line and accepted values live there, and the
+Axolotl ``qtuning:`` block, the ``qtuning demo`` flags and README's table are derived from them.
+
+    python -m qtuning_plugin.core.config      # prints the options table (markdown)
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-POOLS = ("step", "micro_batch", "global")
-TOKEN_BUDGETS = ("sample", "batch")
-TOP_UPS = ("minmax", "rank")
-KEEP_TOKENS = ("lowest", "highest")
-REFERENCES = ("none", "base")
-# Named combinations of fields: ``QTuning(preset=...)``, ``QTuningConfig.from_dict({"preset": ...})``,
-# ``preset:`` in Axolotl's ``qtuning:`` block. Fields given beside a preset override it.
+from .options import Option
+from .rules import rule_classes
+
+PAPER = (
+    Option("sample_ratio", 0.25, "share r_s of each pool trained: K = max(1, floor(r_s n)) samples; 1 keeps every "
+           "sample", kind="ratio", group="paper", open_low=True),
+    Option("token_ratio", 0.5, "share r_t of the response tokens kept in each misconception (Q2) sample; 1 keeps "
+           "every token", kind="ratio", group="paper", open_low=True),
+    Option("neighbor_lambda", 0.5, "weight of the two neighbours in the token score s_i = (1 - lambda) PPL_i + "
+           "lambda (PPL_i-1 + PPL_i+1)", kind="ratio", group="paper"),
+    Option("pool", "step", "what one triage ranks: every micro-batch of an optimizer step on one device (the paper), "
+           "each micro-batch alone, or every device's step (each keeps its own K)", kind="choice", group="paper",
+           choices=("step", "micro_batch", "global")),
+    Option("token_budget", "sample", "'sample': ceil(r_t n) of the n response tokens of each Q2 sample (the paper); 'batch': one "
+           "pooled budget over the pool, as in the authors' code", kind="choice", group="paper",
+           choices=("sample", "batch")),
+    Option("keep_tokens", "lowest", "which tokens of a Q2 sample stay in the loss: 'lowest' context score (the "
+           "paper) or 'highest' (the tokens not learned yet: the paper's reversed ablation)", kind="choice",
+           group="paper", choices=("lowest", "highest")),
+)
+RUNTIME = (
+    Option("chunk_size", 256, "scoring memory knob: positions whose vocabulary distribution is computed at once "
+           "(about 3 x chunk_size x vocab floats at the peak)", kind="integer", group="runtime", low=1),
+    Option("log_decisions", None, "write every step's decisions (each sample's id, error, uncertainty, quadrant, "
+           "fate) to this jsonl file; `qtuning plot` draws it", kind="path", group="runtime", optional=True),
+)
+OPTIONS: tuple[Option, ...] = (*PAPER, *(o for rule in rule_classes() for o in rule.options), *RUNTIME)
+
+# Named combinations of fields: ``QTuning(preset=...)``, ``preset:`` in a ``qtuning:`` block,
+# ``qtuning demo --preset``. Fields given beside a preset override it.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the defaults: the paper's Algorithm 1
-    # The paper plus the reference guard (LoRA / QLoRA only): README "Which setting should I use"
-    # has the evidence (benchmarks/results/quality-3ep.md).
-    "robust": {"reference": "base"},
-    # The small-loss trick against wrong labels (the pool's highest-PPL quarter is never kept) with
-    # the tokens not learned yet trained in misconception samples; any model, no extra forward.
-    # README "Which setting should I use": where it won and lost (benchmarks/results/quality-*.md).
+    # the small-loss rule against wrong labels with the tokens not learned yet trained
     "small-loss": {"drop_highest_ppl": 0.25, "keep_tokens": "highest"},
 }
 
+# Options and presets the evidence retired (docs/options.md, "Retired options"): what replaced each.
+RETIRED = {
+    "top_up": "removed: the top-up is the paper's (min-max |p - e|); 'rank' did not help",
+    "warmup_steps": "removed: training every sample unscored first did not help",
+    "reference_spread": "removed: the reference guard uses its margin alone (reference_margin)",
+    "reference_sticky": "removed: the reference guard judges each sighting afresh",
+    "reference_tokens": "removed: the reference guard flags samples, not tokens",
+}
+RETIRED_PRESETS = {"robust": "retired: small-loss beat it; use preset: small-loss, or reference: base by hand"}
+# Their defaults: a checkpoint of an earlier version saved every field, these at their defaults
+# unless set (see ``without_retired_defaults``).
+RETIRED_DEFAULTS = {"top_up": "minmax", "warmup_steps": 0, "reference_spread": 0.0, "reference_sticky": False,
+                    "reference_tokens": False}
 
-@dataclass(frozen=True, init=False)
+
+def without_retired_defaults(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` without the retired options left at their defaults, where ``fields`` is a whole
+    configuration as a checkpoint of an earlier version saved it (every current option present):
+    such a run decided as this version does. A retired option set otherwise is kept (and refused)."""
+    fields = dict(fields)
+    if all(o.name in fields for o in OPTIONS):
+        for name, default in RETIRED_DEFAULTS.items():
+            if name in fields and fields[name] == default and type(fields[name]) is type(default):
+                del fields[name]
+    return fields
+
+
+def _declare(cls):
+    """Give ``cls`` one dataclass field per option (in :data:`OPTIONS` order), keyword-only."""
+    cls.__annotations__ = {o.name: Any for o in OPTIONS}
+    for option in OPTIONS:
+        setattr(cls, option.name, option.field())
+    return dataclass(frozen=True, kw_only=True)(cls)
+
+
+@_declare
 class QTuningConfig:
-    """Settings of Q-Tuning (docs/method.md §2-4 and §6).
+    """Settings of Q-Tuning; every field is keyword-only and has a default (``QTuningConfig()`` is
+    the paper at 25 % of the samples x 50 % of the misconception tokens). ``help(QTuningConfig)``
+    or README's table lists them; :data:`OPTIONS` holds each field's help and accepted values.
 
-    Fields (keyword-only):
+    A value of the wrong type, NaN or out of range, an unknown or retired name raises
+    ``ValueError`` naming the field and what it accepts (or what replaced it).
+    ``from_dict`` / ``to_dict`` round-trip."""
 
-    - ``sample_ratio`` in (0, 1]: share r_s of each selection pool that is trained
-      (K = max(1, floor(r_s * n)) samples). 1 keeps every sample.
-    - ``token_ratio`` in (0, 1]: share r_t of the response tokens kept in each misconception
-      (Q2) sample. 1 disables token pruning.
-    - ``neighbor_lambda`` in [0, 1]: weight of the two neighbours in the context-aware token
-      score s_i = (1 - lambda) PPL_i + lambda (PPL_{i-1} + PPL_{i+1}).
-    - ``pool``: ``"step"`` selects among all gradient-accumulation micro-batches of one optimizer
-      step on one device (the paper); ``"micro_batch"`` selects within each micro-batch alone;
-      ``"global"`` ranks each device's step against every device's samples (an all-gather of two
-      floats per sample; thresholds identical on all ranks) while each keeps exactly its own K.
-      In one process ``"global"`` is ``"step"``.
-    - ``token_budget``: ``"sample"`` keeps ceil(r_t |T|) tokens in each Q2 sample (the paper);
-      ``"batch"`` reproduces the authors' code drop (one pooled budget, docs/method.md §3).
-
-    Options beyond the paper (off by default; README "Options beyond the paper" says what each
-    costs and what is measured of it):
-
-    - ``top_up``: how the top-up ranks the samples left after the core by |p - e|. ``"minmax"``
-      (the paper): p, e are PPL and Ent min-max normalised, so one huge PPL flattens every other
-      p to about 0; ``"rank"``: p, e are the samples' rank levels in the pool (ties averaged), in [0, 1].
-    - ``keep_tokens``: which tokens of a Q2 sample stay in the loss. ``"lowest"`` context score
-      (the paper, docs/method.md §3); ``"highest"`` keeps the highest-perplexity ones (the tokens not
-      learned yet; the authors' ``fwise`` code path and the paper's "reversed" ablation).
-    - ``drop_highest_ppl`` in [0, 1): the small-loss trick (co-teaching's forget rate): in each
-      pool the floor(f n) scored samples with the highest PPL are never kept (of equal PPL the
-      later goes first), and the triage runs on the others; K still counts them, so their slots go
-      to other samples. A plausible wrong label is the pool's highest error once the model has
-      learned the task; set f to about the share of wrong labels you expect. 0 (the paper).
-    - ``drop_ppl_outliers`` = k > 0, or None: the small-loss trick with a share that adapts to the
-      pool: a sample whose log PPL exceeds the pool's median log PPL by more than k scaled median
-      absolute deviations (1.4826 MAD, a normal's sd) is never kept (K unchanged, as above). A
-      clean pool loses only its outliers, a noisy one its wrong labels once they stand out; k = 2
-      is the measured setting (README: the best on clean data, a failure with a third of the pool
-      wrong). None (the paper). Exclusive with ``drop_highest_ppl``.
-    - ``warmup_steps`` >= 0: the first optimizer steps are trained on every sample, unscored (the
-      model first sees the data before judging it; InfoBatch does not prune its first epoch).
-    - ``reference``: ``"base"`` turns on the reference guard for adapter training (LoRA / QLoRA):
-      each sample's per-token NLL under the base model (adapters switched off) is computed at
-      its first sight and cached; once the pool's loss has fallen below its base loss, a sample
-      whose largest per-token rise above its base NLL exceeds the pool's median rise by more
-      than ``reference_margin`` nats is suspected of a wrong label and not kept (its slot goes
-      to another sample; see :mod:`qtuning_plugin.core.reference`). ``"none"`` (the paper).
-    - ``reference_margin`` > 0: how far, in nats, a sample's largest rise must exceed the pool's
-      median rise to be flagged (0.5: a factor e^0.5 = 1.65 in that token's probability).
-    - ``reference_spread`` >= 0: the threshold also rises by this many median absolute deviations
-      of the pool's rises, so that a pool whose correct answers all drift (long worked answers)
-      flags fewer of them; 0 (the first rule) uses the margin alone.
-    - ``reference_sticky``: a sample once flagged stays flagged at its later sightings (by its
-      content key, saved with checkpoints). Without it, a wrong answer trained once (as with
-      ``keep_tokens="highest"``, which trains its surprising tokens) is learned and stops rising.
-    - ``reference_tokens``: inside the misconception samples whose tokens are pruned, a token whose
-      NLL rose above its base by more than the pool's median largest rise plus ``reference_margin``
-      is never kept (the row keeps its budget of other tokens): a wrong answer's contradicting
-      tokens, in a sample the sample rule did not flag.
-
-    Any other name, a value of the wrong type, NaN or a value out of range raises ``ValueError``
-    naming the field and what it accepts. ``dataclasses.asdict`` / ``from_dict`` round-trip.
-    """
-
-    sample_ratio: float
-    token_ratio: float
-    neighbor_lambda: float
-    pool: str
-    token_budget: str
-    top_up: str
-    keep_tokens: str
-    warmup_steps: int
-    drop_highest_ppl: float
-    drop_ppl_outliers: float | None
-    reference: str
-    reference_margin: float
-    reference_spread: float
-    reference_sticky: bool
-    reference_tokens: bool
-
-    def __init__(
-        self,
-        *,
-        sample_ratio: float = 0.25,
-        token_ratio: float = 0.5,
-        neighbor_lambda: float = 0.5,
-        pool: str = "step",
-        token_budget: str = "sample",
-        top_up: str = "minmax",
-        keep_tokens: str = "lowest",
-        warmup_steps: int = 0,
-        drop_highest_ppl: float = 0.0,
-        drop_ppl_outliers: float | None = None,
-        reference: str = "none",
-        reference_margin: float = 0.5,
-        reference_spread: float = 0.0,
-        reference_sticky: bool = False,
-        reference_tokens: bool = False,
-        **unknown: Any,
-    ) -> None:
-        if "preset" in unknown:
-            raise ValueError("QTuningConfig: a preset is not a field; use QTuningConfig.from_dict({'preset': "
-                             f"{unknown['preset']!r}, ...}}) or QTuning(preset=...); presets: {list(PRESETS)}")
-        if unknown:
-            raise ValueError(
-                f"QTuningConfig: unknown field(s) {sorted(unknown)}; "
-                f"allowed fields: {[f.name for f in dataclasses.fields(QTuningConfig)]}"
-            )
-        set_ = object.__setattr__  # frozen dataclass
-        set_(self, "sample_ratio", _ratio("sample_ratio", sample_ratio, low_open=True))
-        set_(self, "token_ratio", _ratio("token_ratio", token_ratio, low_open=True))
-        set_(self, "neighbor_lambda", _ratio("neighbor_lambda", neighbor_lambda, low_open=False))
-        set_(self, "pool", _choice("pool", pool, POOLS))
-        set_(self, "token_budget", _choice("token_budget", token_budget, TOKEN_BUDGETS))
-        set_(self, "top_up", _choice("top_up", top_up, TOP_UPS))
-        set_(self, "keep_tokens", _choice("keep_tokens", keep_tokens, KEEP_TOKENS))
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
-            raise ValueError(f"QTuningConfig.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        set_(self, "warmup_steps", int(warmup_steps))
-        if (isinstance(drop_highest_ppl, bool) or not isinstance(drop_highest_ppl, numbers.Real)
-                or not 0.0 <= drop_highest_ppl < 1.0):  # NaN fails the comparison
-            raise ValueError(f"QTuningConfig.drop_highest_ppl must be a number in [0, 1), got {drop_highest_ppl!r}")
-        set_(self, "drop_highest_ppl", float(drop_highest_ppl))
-        if drop_ppl_outliers is not None and (
-                isinstance(drop_ppl_outliers, bool) or not isinstance(drop_ppl_outliers, numbers.Real)
-                or not math.isfinite(drop_ppl_outliers) or drop_ppl_outliers <= 0):
-            raise ValueError(f"QTuningConfig.drop_ppl_outliers must be null (off) or a finite number > 0 "
-                             f"(scaled median absolute deviations), got {drop_ppl_outliers!r}")
-        if drop_ppl_outliers is not None and drop_highest_ppl:
-            raise ValueError(f"QTuningConfig: drop_highest_ppl ({drop_highest_ppl!r}) and drop_ppl_outliers "
-                             f"({drop_ppl_outliers!r}) are two rules for the same drop; set one of them (the "
-                             "other to 0 / null)")
-        set_(self, "drop_ppl_outliers", None if drop_ppl_outliers is None else float(drop_ppl_outliers))
-        set_(self, "reference", _choice("reference", reference, REFERENCES))
-        if (isinstance(reference_margin, bool) or not isinstance(reference_margin, numbers.Real)
-                or not math.isfinite(reference_margin) or reference_margin <= 0):
-            raise ValueError(f"QTuningConfig.reference_margin must be a finite number > 0 (nats), "
-                             f"got {reference_margin!r}")
-        set_(self, "reference_margin", float(reference_margin))
-        if (isinstance(reference_spread, bool) or not isinstance(reference_spread, numbers.Real)
-                or not math.isfinite(reference_spread) or reference_spread < 0):
-            raise ValueError(f"QTuningConfig.reference_spread must be a finite number >= 0 (median absolute "
-                             f"deviations), got {reference_spread!r}")
-        set_(self, "reference_spread", float(reference_spread))
-        if not isinstance(reference_sticky, bool):
-            raise ValueError(f"QTuningConfig.reference_sticky must be true or false, got {reference_sticky!r}")
-        set_(self, "reference_sticky", reference_sticky)
-        if not isinstance(reference_tokens, bool):
-            raise ValueError(f"QTuningConfig.reference_tokens must be true or false, got {reference_tokens!r}")
-        set_(self, "reference_tokens", reference_tokens)
+    def __post_init__(self) -> None:
+        for option in OPTIONS:
+            object.__setattr__(self, option.name, option.check(getattr(self, option.name)))
+        for rule in rule_classes():
+            rule.check(self)
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any] | None) -> "QTuningConfig":
         """Build from a mapping (a YAML block, a checkpoint); same validation as the constructor.
-
         A ``preset`` key names a combination of fields (:data:`PRESETS`); the mapping's other
         fields override the preset's."""
         if fields is None:
@@ -195,6 +118,8 @@ class QTuningConfig:
         fields = dict(fields)
         if "preset" in fields:
             preset = fields.pop("preset")
+            if isinstance(preset, str) and preset in RETIRED_PRESETS:
+                raise ValueError(f"QTuningConfig.preset {preset!r} is {RETIRED_PRESETS[preset]}")
             if not isinstance(preset, str) or preset not in PRESETS:
                 raise ValueError(f"QTuningConfig.preset must be one of {list(PRESETS)}, got {preset!r}")
             fields = {**PRESETS[preset], **fields}
@@ -206,26 +131,51 @@ class QTuningConfig:
     def replace(self, **changes: Any) -> "QTuningConfig":
         return QTuningConfig(**{**self.to_dict(), **changes})
 
+    def decisions(self) -> dict[str, Any]:
+        """The fields that change what is decided (every group but runtime)."""
+        return {o.name: getattr(self, o.name) for o in OPTIONS if o.group != "runtime"}
+
+    def paper(self) -> "QTuningConfig":
+        """This config without its rules: what the paper's Algorithm 1 decides at the same ratios."""
+        return self.replace(**{o.name: o.default for o in OPTIONS if o.group == "rules"})
+
     @property
     def prunes_nothing(self) -> bool:
         """True when every sample and every token is kept (the scoring pass can be skipped)."""
         return self.sample_ratio == 1 and self.token_ratio == 1
 
 
-def _ratio(name: str, value: Any, *, low_open: bool) -> float:
-    allowed = "(0, 1]" if low_open else "[0, 1]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"QTuningConfig.{name} must be a number in {allowed}, got {value!r} ({type(value).__name__})"
-        )
-    value = float(value)
-    in_range = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
-    if math.isnan(value) or not in_range:
-        raise ValueError(f"QTuningConfig.{name} must be a number in {allowed}, got {value!r}")
-    return value
+def _check_names(init):
+    @functools.wraps(init)
+    def checked(self, *args: Any, **fields: Any) -> None:
+        if args:
+            raise ValueError("QTuningConfig takes its fields by name, e.g. QTuningConfig(sample_ratio=0.25)")
+        if "preset" in fields:
+            raise ValueError("QTuningConfig: a preset is not a field; use QTuningConfig.from_dict({'preset': "
+                             f"{fields['preset']!r}, ...}}) or QTuning(preset=...); presets: {list(PRESETS)}")
+        retired = sorted(k for k in fields if k in RETIRED)
+        if retired:
+            raise ValueError("; ".join(f"QTuningConfig.{k} was {RETIRED[k]}" for k in retired))
+        unknown = sorted(k for k in fields if k not in {o.name for o in OPTIONS})
+        if unknown:
+            raise ValueError(f"QTuningConfig: unknown field(s) {unknown}; allowed fields: {[o.name for o in OPTIONS]}")
+        init(self, **fields)
+    return checked
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"QTuningConfig.{name} must be one of {list(allowed)}, got {value!r}")
-    return value
+QTuningConfig.__init__ = _check_names(QTuningConfig.__init__)
+
+
+def options_table() -> str:
+    """README's options table (markdown), from :data:`OPTIONS`."""
+    lines = ["| option | default | accepts | what it does |", "|---|---|---|---|"]
+    for group, title in (("paper", "the paper"), ("rules", "rules beyond the paper"), ("runtime", "runtime")):
+        lines.append(f"| **{title}** | | | |")
+        for o in (o for o in OPTIONS if o.group == group):
+            default = "null" if o.default is None else o.default
+            lines.append(f"| `{o.name}` | `{default}` | {o.allowed()} | {o.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(options_table())

@@ -12,16 +12,17 @@ never trainable and a token mask applies to ``labels`` as it is.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import warnings
-import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from .fused import IGNORE_INDEX
+from .heads import (_PATH, PATHS, Positions, _forward_with_head, _score_fused, _score_from_logits,  # noqa: F401
+                    choose_scoring_path, forward_inputs, fused_head_installed, fused_head_is_compact, scoring_path,
+                    unwrap_causal_lm)
+
 DEFAULT_CHUNK_SIZE = 256
 
 
@@ -86,142 +87,6 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def unwrap_causal_lm(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` module inside DDP / DeepSpeed (``.module``) and PEFT wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, DeepSpeed engine
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-    return model
-
-
-def _backbone_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    prefix = getattr(lm, "base_model_prefix", "")
-    backbone = getattr(lm, prefix, None) if prefix else None
-    if not isinstance(head, nn.Module) or not isinstance(backbone, nn.Module):
-        raise TypeError(
-            f"score_batch: {type(lm).__name__} is not a causal LM with an output embedding "
-            "(get_output_embeddings()) and a backbone (base_model_prefix)"
-        )
-    return backbone, head
-
-
-def _logit_postprocess(lm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What the model's own forward does to lm_head's output, for the known cases
-    (Gemma 2/3 final softcapping, Cohere logit_scale, Granite logits_scaling). Anything else is
-    caught by the check against the model's own logits in :func:`score_batch`."""
-    cfg = getattr(lm, "config", None)
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    scale = getattr(lm, "logit_scale", None)
-    divisor = getattr(cfg, "logits_scaling", None)
-    steps = []
-    if isinstance(scale, (int, float)) and scale != 1:
-        steps.append(lambda z: z * scale)
-    if isinstance(divisor, (int, float)) and divisor != 1:
-        steps.append(lambda z: z / divisor)
-    if cap:
-        steps.append(lambda z: torch.tanh(z / cap) * cap)
-
-    def apply(z: torch.Tensor) -> torch.Tensor:
-        for step in steps:
-            z = step(z)
-        return z
-
-    return apply
-
-
-# The scoring path of each model, decided once by :func:`choose_scoring_path` (the callback calls it at
-# attach; otherwise the first scoring call does): "fused" (TRL's fused LM head, where it is installed,
-# reproduces the model's logits and is compact, or where ours does not reproduce them), "head" (our
-# chunked head, run inside the model's forward), or "logits" (the model's full logits, when neither
-# head reproduces them).
-PATHS = ("fused", "head", "logits")
-_PATH: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-_WARNED: set[str] = set()
-
-
-def scoring_path(model: nn.Module) -> str | None:
-    """How :func:`score_batch` scores ``model`` (one of :data:`PATHS`), or None before it is decided."""
-    return _PATH.get(unwrap_causal_lm(model))
-
-
-def _head_fn(head: nn.Module, post: Callable, hidden_dtype: torch.dtype, device: torch.device):
-    """lm_head + post-processing, called from inside the model's forward: under the autocast the
-    forward runs under (accelerate's mixed-precision wrapper, say), else in the weight's dtype.
-
-    A plain ``nn.Linear`` head (also FSDP2's) is applied as ``F.linear`` on its weight as it is
-    inside the forward (gathered by FSDP / ZeRO-3), without calling the module again, since a
-    second call would run the sharding hooks again (and re-shard the weight before the model's own
-    call). FSDP2 may still hand out a DTensor: it is gathered, as TRL's fused head does."""
-    weight = getattr(head, "weight", None)
-    half = (torch.bfloat16, torch.float16)
-    outside_autocast = not torch.is_autocast_enabled(device.type)
-    mixed = (
-        isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dtype != hidden_dtype
-        and outside_autocast
-    )
-    if mixed and hidden_dtype in half:  # half-precision hidden states: the head runs in half too
-        ctx = lambda: torch.autocast(device.type, dtype=hidden_dtype)  # noqa: E731
-        cast = None
-    elif mixed:
-        ctx, cast = contextlib.nullcontext, weight.dtype
-    else:
-        ctx, cast = contextlib.nullcontext, None
-    if isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward:
-        w, b = head.weight, head.bias
-        if hasattr(w, "full_tensor"):  # a DTensor (FSDP2): gather it once, on every rank alike
-            w = w.full_tensor()
-            b = b.full_tensor() if hasattr(b, "full_tensor") else b
-        project = lambda h: torch.nn.functional.linear(h, w, b)  # noqa: E731
-    else:
-        project = head
-
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        with ctx():
-            return post(project(h if cast is None else h.to(cast)))
-
-    return fn
-
-
-def _token_stats(
-    logits_rows: Callable[[int, int], torch.Tensor], n: int, targets: torch.Tensor, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """nll and entropy (float32 [n]) of n next-token distributions, ``chunk_size`` rows of logits
-    at a time: peak extra memory is about 3 x chunk_size x V floats."""
-    nll = torch.empty(n, dtype=torch.float32, device=targets.device)
-    ent = torch.empty(n, dtype=torch.float32, device=targets.device)
-    for start in range(0, n, chunk_size):
-        end = min(n, start + chunk_size)
-        logp = torch.log_softmax(logits_rows(start, end).float(), dim=-1)
-        nll[start:end] = -logp.gather(1, targets[start:end, None]).squeeze(1)
-        p = logp.exp()
-        ent[start:end] = -p.mul_(logp).nan_to_num_(nan=0.0).sum(-1)  # 0 * log 0 = 0
-        del logp, p
-    return nll, ent
-
-
-def forward_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
-    """What a scoring forward passes to the model: ``input_ids``, ``attention_mask``, ``position_ids``
-    and the varlen metadata of packed batches, when present (never ``labels``)."""
-    keys = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
-            "max_length_q", "max_length_k", "seq_idx")
-    return {k: batch[k] for k in keys if batch.get(k) is not None}
-
-
-def _forward_kwargs(lm: nn.Module, inputs: Mapping, logits_to_keep: int) -> dict:
-    kwargs = {**inputs, "use_cache": False}
-    params = inspect.signature(lm.forward).parameters
-    if "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs["logits_to_keep"] = logits_to_keep
-    return kwargs
-
-
 @torch.no_grad()
 def score_batch(
     model: nn.Module,
@@ -229,6 +94,7 @@ def score_batch(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ignore_index: int = IGNORE_INDEX,
+    host: Mapping[str, torch.Tensor] | None = None,
 ) -> Scores:
     """Score a padded batch (``input_ids``, ``attention_mask``, ``labels``; ``position_ids``
     optional) with the model as it is now: one no-grad forward, ``use_cache=False``.
@@ -240,204 +106,66 @@ def score_batch(
     forward, where sharded weights are gathered as in training: by our head from a pre-hook on the
     output embedding (the backbone's last hidden state, captured by a hook, times the gathered
     weight), or by TRL's fused LM head where ``SFTTrainer`` installed it and its kernel projects
-    only the labelled positions (Triton on CUDA / XPU; see :func:`fused_head_is_compact`). The model
+    only the labelled positions (Triton on CUDA / XPU; see :func:`~.heads.fused_head_is_compact`). The model
     builds logits for its last position only.
 
-    The path is decided once per model (:func:`choose_scoring_path`, on an 8-token probe): a model
+    The path is decided once per model (:func:`~.heads.choose_scoring_path`, on an 8-token probe): a model
     whose logits neither head reproduces (unknown post-processing, a forward that bypasses its
     backbone or head module) is scored from its full logits, with a one-time warning.
 
-    Dropout is not switched off here: wrap the call in :func:`scoring_mode`.
+    ``host``: the batch's ``labels`` (and ``attention_mask``) on the host, if the caller has them
+    (:func:`~qtuning_plugin.core.batch.host_copies`): the positions are then found without waiting
+    for the device. Dropout is not switched off here: wrap the call in :func:`scoring_mode`.
     """
     labels = batch["labels"]
-    trainable = trainable_positions(labels, ignore_index, batch.get("attention_mask"))
-    nll, ent = score_positions(model, forward_inputs(batch), labels, trainable, chunk_size)
-    mask = batch.get("attention_mask")
-    input_tokens = mask.ne(0).sum(1) if mask is not None else torch.full_like(labels[:, 0], labels.shape[1])
-    return assemble(nll, ent, trainable, input_tokens.long())
+    if host is None:  # (a device-to-host copy: select_step passes the step's one)
+        host = {k: batch[k].cpu() for k in ("labels", "attention_mask") if isinstance(batch.get(k), torch.Tensor)}
+    host_trainable = trainable_positions(host["labels"], ignore_index, host.get("attention_mask"))
+    rows, cols = host_trainable[:, 1:].nonzero(as_tuple=True)  # on the host; to the device without a wait
+    at = (rows.to(labels.device), cols.to(labels.device))
+    nll, ent = score_positions(model, forward_inputs(batch), labels, host_trainable.to(labels.device), chunk_size,
+                               at=at)
+    mask = host.get("attention_mask")
+    input_tokens = mask.ne(0).sum(1) if mask is not None else torch.full_like(host["labels"][:, 0], labels.shape[1])
+    return assemble(nll, ent, host_trainable.to(labels.device), input_tokens.long().to(labels.device), at=at)
 
 
 @torch.no_grad()
 def score_positions(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
-                    trainable: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+                    trainable: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    at: Positions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """nll and entropy (float32, flat, in row-major order) of the positions where ``trainable``
     [B, T] is True (each predicts ``labels`` there from the prefix before it), by one forward of
-    ``model(**inputs)`` on the model's scoring path (see :func:`score_batch`)."""
+    ``model(**inputs)`` on the model's scoring path (see :func:`score_batch`). ``at``: those
+    positions minus one, as (rows, cols) on the device (found from ``trainable`` otherwise)."""
     lm = unwrap_causal_lm(model)
     if lm not in _PATH:
         choose_scoring_path(model)
     path = _PATH[lm]
-    targets = labels[:, 1:][trainable[:, 1:]]
+    if at is None:
+        at = trainable[:, 1:].nonzero(as_tuple=True)
+    targets = labels[at[0], at[1] + 1]
     if path == "fused":
-        return _score_fused(model, inputs, labels, trainable)
+        return _score_fused(model, inputs, labels, trainable, at)
     if path == "logits":
-        return _score_from_logits(model, lm, inputs, trainable, targets, chunk_size)
-    got = _forward_with_head(model, lm, inputs, trainable, targets, chunk_size)
+        return _score_from_logits(model, lm, inputs, at, targets, chunk_size)
+    got = _forward_with_head(model, lm, inputs, at, targets, chunk_size)
     if got is None:
         raise RuntimeError(f"score_batch: {type(lm).__name__}'s forward no longer ran its backbone and head modules")
     return got[0]
 
 
-def _forward_with_head(model, lm, inputs, trainable, targets, chunk_size):
-    """One forward of ``model`` (logits for the last position only) in which our head computes the
-    statistics at ``trainable``: ((nll, entropy), whether the head ran in half precision), or None when the forward did not run the backbone and head modules (e.g. ``BartForCausalLM``
-    calls ``model.decoder`` directly)."""
-    backbone, head = _backbone_and_head(lm)
-    post = _logit_postprocess(lm)
-    state: dict = {}
-
-    def on_backbone(module, args, out):
-        state["hidden"] = out[0]
-
-    def on_head(module, args):  # before the model's own head call: the weight is gathered here
-        hidden = state.get("hidden")
-        if state.get("busy") or "stats" in state or not isinstance(hidden, torch.Tensor):
-            return
-        state["busy"] = True  # a head that is not a plain Linear is called again below
-        try:
-            fn = _head_fn(module, post, hidden.dtype, hidden.device)
-            selected = hidden[:, :-1][trainable[:, 1:]]
-            state["stats"] = _token_stats(lambda s, e: fn(selected[s:e]), targets.numel(), targets, chunk_size)
-            state["low"] = hidden.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(
-                hidden.device.type) or getattr(getattr(module, "weight", None), "dtype", None) in (torch.bfloat16, torch.float16)
-        finally:
-            state["busy"] = False
-        del state["hidden"]
-
-    handles = [backbone.register_forward_hook(on_backbone), head.register_forward_pre_hook(on_head)]
-    try:
-        model(**_forward_kwargs(lm, inputs, logits_to_keep=1))
-    finally:
-        for h in handles:
-            h.remove()
-    if "stats" not in state:
-        return None
-    return state["stats"], state["low"]
-
-
-def fused_head_installed(lm: nn.Module) -> bool:
-    """Whether TRL's ``add_fused_lm_head`` (TRL >= 1.16's ``SFTTrainer`` installs it) patched this
-    model's forward: ``model(..., labels=..., fused_lm_head=True)`` then returns per-token
-    log-probabilities and entropies without building the logits."""
-    fn = lm.__dict__.get("forward")
-    for _ in range(16):  # through wrappers that keep __wrapped__ (accelerate's autocast and fp32 outputs)
-        fn = getattr(fn, "__func__", fn)
-        code = getattr(fn, "__code__", None)
-        if code is not None and "fused_lm_head" in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
-            return True
-        fn = getattr(fn, "__wrapped__", None)
-        if fn is None:
-            return False
-    return False
-
-
-def _score_fused(model, inputs, labels, trainable):
-    out = model(**inputs, labels=labels.masked_fill(~trainable, IGNORE_INDEX), fused_lm_head=True, use_cache=False)
-    if getattr(out, "log_probs", None) is None or getattr(out, "entropy", None) is None:
-        raise RuntimeError("score_batch: TRL's fused LM head returned no entropy (installed without "
-                           "outputs=('log_probs', 'entropy', ...))")
-    at = trainable[:, 1:]
-    return (-out.log_probs[at]).float(), out.entropy[at].float()
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, low_precision: bool) -> bool:
-    rtol = 3e-2 if low_precision else 1e-4
-    return a.shape == b.shape and bool(((a.float() - b.float()).abs().max() <= rtol * (1.0 + b.float().abs().max())).item())
-
-
-def fused_head_is_compact(device: torch.device) -> bool:
-    """Whether TRL's fused head projects only the labelled positions on ``device``: with Triton on
-    CUDA / XPU. Elsewhere (CPU) it projects every position, prompt and padding included, in large
-    tiles: slower and more memory than our head (benchmarks/speed.py --scoring)."""
-    from importlib.util import find_spec
-
-    return device.type in ("cuda", "xpu") and find_spec("triton") is not None
-
-
-def _verdict(model, lm) -> tuple[str, str | None]:
-    """(path, why the model's full logits are needed or None), from an 8-token probe: the model's
-    full logits (the truth), our head inside the forward, and TRL's fused head where installed.
-    Among the heads that reproduce the truth: TRL's where its kernel is compact (Triton), else ours,
-    else TRL's (it knows post-processings ours does not)."""
-    param = next(lm.parameters())
-    vocab = int(getattr(lm.config, "vocab_size", 0) or 0) or 8
-    ids = (torch.arange(1, 9, device=param.device) % vocab)[None]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    trainable = trainable_positions(ids.clone())
-    targets = ids[:, 1:][trainable[:, 1:]]
-    out = model(**_forward_kwargs(lm, inputs, logits_to_keep=0))
-    logits = getattr(out, "logits", None)
-    if not isinstance(logits, torch.Tensor) or logits.shape[1] != ids.shape[1]:
-        return "head", None  # nothing to compare with: trust the head
-    truth = _token_stats(lambda s, e: logits[0, :-1][s:e], targets.numel(), targets, 8)
-    low = logits.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(param.device.type)
-    got = _forward_with_head(model, lm, inputs, trainable, targets, 8)
-    low = low or (got is not None and got[1])
-    head_ok = got is not None and all(_close(a, b, low) for a, b in zip(got[0], truth))
-    fused_ok = False
-    if fused_head_installed(lm):
-        try:
-            fused = _score_fused(model, inputs, ids, trainable)
-        except (RuntimeError, TypeError) as err:  # an older or foreign patch: not used
-            warnings.warn(f"qtuning: TRL's fused LM head could not score ({err}); not using it", stacklevel=4)
-        else:
-            fused_ok = all(_close(a, b, low) for a, b in zip(fused, truth))
-    if fused_ok and (fused_head_is_compact(param.device) or not head_ok):
-        return "fused", None
-    if head_ok:
-        return "head", None
-    return "logits", _BYPASS if got is None else _MISMATCH
-
-
-_BYPASS = "does not run its backbone and output embedding modules, so the scorer cannot read its last hidden state"
-_MISMATCH = "post-processes its logits in a way the scorer does not reproduce"
-
-
-def _set_path(lm: nn.Module, path: str, why_not: str | None) -> None:
-    _PATH[lm] = path
-    if why_not is None:
-        return
-    name = type(lm).__name__
-    if name not in _WARNED:
-        _WARNED.add(name)
-        warnings.warn(
-            f"qtuning: {name}'s forward {why_not}; scoring from the model's full logits instead "
-            "(more memory).",
-            stacklevel=4,
-        )
-
-
-@torch.no_grad()
-def choose_scoring_path(model: nn.Module, agree: Callable[[bool], bool] | None = None) -> str:
-    """Decide once, before training, how :func:`score_batch` scores ``model`` (one of
-    :data:`PATHS`), by probe forwards on 8 tokens compared with the model's own full logits.
-    ``agree`` turns "this process would not need the full logits" into the answer every process
-    uses (the callback passes an all-reduce, so that no rank runs other forwards than the rest).
-    Call it in :func:`scoring_mode`, through the wrapper training uses."""
-    lm = unwrap_causal_lm(model)
-    _backbone_and_head(lm)  # refuse a model that is no causal LM before any forward
-    path, why_not = _verdict(model, lm)
-    if agree is not None:
-        fused_everywhere = agree(path == "fused")
-        if not agree(path != "logits"):
-            path, why_not = "logits", why_not or "does not reproduce its logits on another process"
-        elif path == "fused" and not fused_everywhere:
-            path = "head"
-    _set_path(lm, path, why_not)
-    return path
-
-
-def _score_from_logits(model, lm, inputs, trainable, targets, chunk_size):
-    logits = model(**_forward_kwargs(lm, inputs, logits_to_keep=0)).logits
-    rows, cols = trainable[:, 1:].nonzero(as_tuple=True)
-    return _token_stats(lambda s, e: logits[rows[s:e], cols[s:e]], targets.numel(), targets, chunk_size)
-
-
-def assemble(nll, ent, trainable, input_tokens) -> Scores:
+def assemble(nll, ent, trainable, input_tokens, at: Positions | None = None) -> Scores:
+    """Scores of a batch from the flat statistics at its trainable positions (``at``: those
+    positions minus one, as in :func:`score_positions`)."""
     token_nll = torch.zeros(trainable.shape, dtype=torch.float32, device=trainable.device)
     token_ent = torch.zeros_like(token_nll)
-    token_nll[trainable] = nll
-    token_ent[trainable] = ent
+    if at is None:
+        token_nll[trainable] = nll
+        token_ent[trainable] = ent
+    else:
+        token_nll[at[0], at[1] + 1] = nll
+        token_ent[at[0], at[1] + 1] = ent
     count = trainable.sum(1).to(torch.float64)
     mean_nll = token_nll.to(torch.float64).sum(1) / count  # NaN for rows with no trainable token
     return Scores(

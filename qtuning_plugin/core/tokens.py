@@ -31,19 +31,14 @@ def tokens_to_keep(n_trainable: torch.Tensor, token_ratio: float) -> torch.Tenso
     return torch.ceil(n_trainable.to(torch.float64) * token_ratio - 1e-9).clamp(min=0).long()
 
 
-def _keep_lowest(scores: torch.Tensor, trainable: torch.Tensor, k: torch.Tensor,
-                 avoid: torch.Tensor | None = None) -> torch.Tensor:
+def _keep_lowest(scores: torch.Tensor, trainable: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Per row of [R, T], True at the k[row] trainable positions with the lowest score
-    (stable: of equal scores, the earlier position is kept); positions in ``avoid`` are never
-    kept (the row keeps k of the others, or all of them when fewer)."""
+    (stable: of equal scores, the earlier position is kept)."""
     masked = scores.masked_fill(~trainable, float("inf"))
-    if avoid is not None:
-        masked = masked.masked_fill(avoid, float("inf"))
     order = torch.sort(masked, dim=1, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    kept = (rank < k.unsqueeze(1)) & trainable
-    return kept if avoid is None else kept & ~avoid
+    return (rank < k.unsqueeze(1)) & trainable
 
 
 def token_keep_mask(
@@ -52,7 +47,6 @@ def token_keep_mask(
     token_ratio: float,
     neighbor_lambda: float = 0.5,
     keep: str = "lowest",
-    avoid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which trainable tokens of each row stay in the loss (docs/method.md §3), bool [B, T].
 
@@ -60,14 +54,12 @@ def token_keep_mask(
     T of each row (labels != -100 after the causal shift). Each row keeps exactly
     k = ceil(r_t |T_row|) of its trainable positions, those with the lowest context score
     (``keep="highest"``: the highest; ties to the earlier position either way); non-trainable
-    positions and rows without trainable tokens are all False. ``avoid`` (bool [B, T], the
-    reference guard's rising tokens): positions never kept; a row keeps k of its other trainable
-    positions (all of them when it has fewer).
+    positions and rows without trainable tokens are all False.
     """
     _check_token_args(nll, trainable, token_ratio, neighbor_lambda, keep)
     trainable = trainable.bool()
     scores = _oriented(context_scores(nll, trainable, neighbor_lambda), keep)
-    return _keep_lowest(scores, trainable, tokens_to_keep(trainable.sum(1), token_ratio), avoid)
+    return _keep_lowest(scores, trainable, tokens_to_keep(trainable.sum(1), token_ratio))
 
 
 def pooled_token_keep_mask(
@@ -76,12 +68,15 @@ def pooled_token_keep_mask(
     n_drop: int,
     neighbor_lambda: float = 0.5,
     keep: str = "lowest",
+    *,
+    n_candidates: int | None = None,
 ) -> list[torch.Tensor]:
     """The authors' code-drop rule (``token_budget="batch"``): over several [B_i, T_i] batches
     pooled together, drop the ``n_drop`` trainable tokens with the highest context score
     (each score computed within its own row, as in :func:`context_scores`; ``keep="highest"``:
     the lowest); of equal scores the later token (batch, row, column order) is dropped first.
-    Returns the keep masks, bool [B_i, T_i].
+    Returns the keep masks, bool [B_i, T_i]. ``n_candidates``: how many trainable tokens there
+    are, if the caller knows (counted here otherwise: a device-to-host copy).
     """
     flat_scores, flat_trainable = [], []
     for x, m in zip(nll, trainable, strict=True):
@@ -89,7 +84,8 @@ def pooled_token_keep_mask(
         flat_scores.append(_oriented(context_scores(x, m.bool(), neighbor_lambda), keep).reshape(-1))
         flat_trainable.append(m.bool().reshape(-1))
     scores, mask = torch.cat(flat_scores)[None], torch.cat(flat_trainable)[None]
-    k = torch.tensor([max(0, int(mask.sum()) - int(n_drop))], device=scores.device)
+    total = int(mask.sum()) if n_candidates is None else int(n_candidates)
+    k = torch.tensor([max(0, total - int(n_drop))], device=scores.device)
     keep = _keep_lowest(scores, mask, k)[0]
     return [part.reshape(m.shape) for part, m in zip(keep.split([m.numel() for m in trainable]), trainable)]
 

@@ -32,27 +32,24 @@ class Triage:
     """Decision for one pool of n samples.
 
     - ``keep``: bool [n], exactly K = max(1, floor(r_s n')) True, n' the samples without a NaN
-      score (none when n' = 0).
+      score (fewer when fewer are eligible; none when n' = 0).
     - ``prune_tokens``: bool [n], True for kept samples whose tokens are pruned (core Q2 and
       topped-up Q2-like samples); implies ``keep``.
     - ``level``: the quantile level a = m / n' of the core set (0.0 when the core is empty).
     - ``core``: bool [n], the samples of Q2_m ∪ Q4_m (the rest of ``keep`` is the top-up).
-    - ``excluded``: bool [n], the scored samples ``drop_highest`` / ``drop_outliers`` kept out
-      (all False without them).
     """
 
     keep: torch.Tensor
     prune_tokens: torch.Tensor
     level: float
     core: torch.Tensor
-    excluded: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
         return int(self.keep.sum())
 
 
-def _share_of(n: int, ratio: float) -> int:
+def share_of(n: int, ratio: float) -> int:
     """floor(ratio n), exact for the ratio as written in decimal: ``0.29`` is read as 29/100 (the
     shortest decimal that round-trips the float), so 0.29 x 100 is 29, where ``int(0.29 * 100)``
     gives 28."""
@@ -61,13 +58,13 @@ def _share_of(n: int, ratio: float) -> int:
 
 def kept_count(n: int, sample_ratio: float) -> int:
     """K = max(1, floor(r_s n)) for a pool of n >= 1 samples (0 for an empty pool), exact for
-    decimal ratios (:func:`_share_of`)."""
+    decimal ratios (:func:`share_of`)."""
     if n <= 0:
         return 0
-    return max(1, _share_of(n, sample_ratio))
+    return max(1, share_of(n, sample_ratio))
 
 
-def _ascending_ranks(x: torch.Tensor) -> torch.Tensor:
+def ascending_ranks(x: torch.Tensor) -> torch.Tensor:
     """Rank of each element in a stable ascending sort (of equal values, the earlier ranks lower)."""
     order = torch.sort(x, stable=True).indices
     ranks = torch.empty_like(order)
@@ -89,21 +86,8 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(inf, torch.ones_like(out), out)
 
 
-def _rank_levels(x: torch.Tensor) -> torch.Tensor:
-    """Each value's rank level in [0, 1] (ascending; equal values share their average rank): a
-    top-up normalisation that one extreme value cannot squash."""
-    if x.numel() == 1:
-        return torch.zeros_like(x)
-    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).to(torch.float64)
-    average = ends - (counts.to(torch.float64) + 1) / 2  # 0-based average rank of each distinct value
-    return average[inverse] / (x.numel() - 1)
-
-
 def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
-           groups: torch.Tensor | None = None, top_up: str = "minmax",
-           eligible: torch.Tensor | None = None, drop_highest: float = 0.0,
-           drop_outliers: float | None = None) -> Triage:
+           groups: torch.Tensor | None = None, eligible: torch.Tensor | None = None) -> Triage:
     """Pick the samples to train from one pool (docs/method.md §2, rank form).
 
     ``ppl`` and ``entropy`` are 1-D tensors of the pool's n >= 1 samples. A sample whose PPL or
@@ -112,8 +96,7 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     over the n' scored samples (none kept when n' = 0). +inf counts as the highest value.
     K samples are kept: the core Q2_m ∪ Q4_m for the largest m in 1..floor(n'/2) with at most K
     members, topped up in descending order of |p - e| (PPL and Ent min-max normalised over
-    their finite values, +inf -> 1; with ``top_up="rank"``, their rank levels in the pool),
-    ties to the earlier sample.
+    their finite values, +inf -> 1), ties to the earlier sample.
 
     ``groups`` (long [n], ids 0..G-1; ``pool: global``): the pool is every rank's samples and
     group g is rank g's. Ranks, quantile levels and the normalisation of the top-up score come
@@ -121,20 +104,10 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     K_g = max(1, floor(r_s n_g)); each group is then topped up within itself, so that each
     keeps exactly K_g. With one group this is the plain triage.
 
-    ``eligible`` (bool [n], an option beyond the paper: the reference guard): a sample marked
-    False is never kept and is triaged as if it were not there, but its slot stays: K still
-    counts it, and the other samples fill it (K_g = min(K_g, the group's eligible samples)).
-
-    ``drop_highest`` in [0, 1) (an option beyond the paper: the small-loss trick): the
-    floor(drop_highest n') scored samples of the whole pool with the highest PPL (of equal PPL the
-    later sample first) are not eligible either.
-
-    ``drop_outliers`` = k > 0 (an option beyond the paper: the small-loss trick with a share
-    that adapts to the pool): a scored sample whose log PPL (its mean answer NLL) exceeds the
-    whole pool's median log PPL by more than k scaled median absolute deviations (1.4826 MAD, the
-    normal's standard deviation; lower medians, of the scored samples) is not eligible either.
-    A pool whose log PPLs are tightly bunched (MAD 0) drops every sample above the median; one
-    whose median is +inf drops none. Exclusive with ``drop_highest``.
+    ``eligible`` (bool [n]; the rules beyond the paper, :mod:`qtuning_plugin.core.rules`): a
+    sample marked False is never kept and is triaged as if it were not there, but its slot
+    stays: K still counts it, and the other samples fill it (K_g = min(K_g, the group's eligible
+    samples)).
     """
     if ppl.ndim != 1 or ppl.shape != entropy.shape:
         raise ValueError(f"triage: ppl and entropy must be 1-D of one length, got {tuple(ppl.shape)} "
@@ -144,67 +117,38 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
         raise ValueError("triage: the pool is empty")
     if not 0.0 < sample_ratio <= 1.0:
         raise ValueError(f"triage: sample_ratio must be in (0, 1], got {sample_ratio!r}")
-    if top_up not in ("minmax", "rank"):
-        raise ValueError(f"triage: top_up must be 'minmax' or 'rank', got {top_up!r}")
     if groups is None:
         groups = torch.zeros(n, dtype=torch.long, device=ppl.device)
     elif groups.shape != ppl.shape or groups.dtype != torch.long or int(groups.min()) < 0:
         raise ValueError("triage: groups must be a long tensor of group ids >= 0, one per sample")
     if eligible is not None and (eligible.shape != ppl.shape or eligible.dtype != torch.bool):
         raise ValueError("triage: eligible must be a bool tensor, one entry per sample")
-    if not 0.0 <= drop_highest < 1.0:
-        raise ValueError(f"triage: drop_highest must be in [0, 1), got {drop_highest!r}")
-    if drop_outliers is not None:
-        if not (isinstance(drop_outliers, (int, float)) and math.isfinite(drop_outliers) and drop_outliers > 0):
-            raise ValueError(f"triage: drop_outliers must be None or a finite number > 0, got {drop_outliers!r}")
-        if drop_highest:
-            raise ValueError("triage: drop_highest and drop_outliers are exclusive; give one of them")
     scored = ~(torch.isnan(ppl) | torch.isnan(entropy))
     none = torch.zeros(n, dtype=torch.bool, device=ppl.device)
     # K_g over each group's scored samples, ineligible ones included (their slots stay).
     counts = torch.bincount(groups[scored], minlength=int(groups.max()) + 1)
     k = torch.tensor([kept_count(int(c), sample_ratio) for c in counts.tolist()], dtype=torch.long,
                      device=ppl.device)
-    excluded = none.clone()
-    n_drop = _share_of(int(scored.sum()), drop_highest)
-    if n_drop:
-        at = scored.nonzero().squeeze(1)
-        excluded[at[_ascending_ranks(ppl[at].to(torch.float64)) >= at.numel() - n_drop]] = True
-    if drop_outliers is not None and scored.any():
-        excluded = _ppl_outliers(ppl, scored, drop_outliers)
-    scored = scored & ~excluded
     if eligible is not None:
         scored = scored & eligible.to(ppl.device)
     if not scored.any():
-        return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone(), excluded=excluded)
+        return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone())
     idx = scored.nonzero().squeeze(1)
     k = torch.minimum(k, torch.bincount(groups[idx], minlength=k.numel()))
     keep, prune_tokens, core, level = _triage_scored(ppl[idx].to(torch.float64), entropy[idx].to(torch.float64),
-                                                     groups[idx], top_up, k)
+                                                     groups[idx], k)
     out = [none.clone().index_put_((idx,), x) for x in (keep, prune_tokens, core)]
-    return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2], excluded=excluded)
+    return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2])
 
 
-def _ppl_outliers(ppl: torch.Tensor, scored: torch.Tensor, k: float) -> torch.Tensor:
-    """bool [n]: the scored samples whose log PPL exceeds the scored samples' median log PPL by
-    more than k * 1.4826 MAD (lower medians); none when that median is +inf."""
-    x = ppl[scored].to(torch.float64).log()
-    median = x.median()
-    if not torch.isfinite(median):
-        return torch.zeros_like(scored)
-    spread = 1.4826 * (x - median).abs().median()
-    return scored & (ppl.to(torch.float64).log() > median + k * spread)
-
-
-def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, groups: torch.Tensor, top_up: str,
-                   k: torch.Tensor):
+def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, groups: torch.Tensor, k: torch.Tensor):
     """:func:`triage` on n >= 1 samples without NaN, keeping k[g] of group g (k long [G]):
     (keep, prune_tokens, core, level)."""
     n = ppl.numel()
 
     # Sample i joins Q2_m from m2 = max(n - rank_ppl, rank_ent + 1) on (top-m PPL, bottom-m Ent),
     # and Q4_m from m4 = max(rank_ppl + 1, n - rank_ent) on. For m <= n/2 it can't be in both.
-    rp, re = _ascending_ranks(ppl), _ascending_ranks(entropy)
+    rp, re = ascending_ranks(ppl), ascending_ranks(entropy)
     m2 = torch.maximum(n - rp, re + 1)
     m4 = torch.maximum(rp + 1, n - re)
     joins = torch.minimum(m2, m4)
@@ -219,8 +163,7 @@ def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, groups: torch.Tenso
 
     # Top-up each group to exactly K_g by |p - e|, descending; a stable sort of -|p - e| breaks
     # ties to the earlier sample.
-    normalise = _minmax if top_up == "minmax" else _rank_levels
-    p, e = normalise(ppl), normalise(entropy)
+    p, e = _minmax(ppl), _minmax(entropy)
     keep = core.clone()
     prune_tokens = core_q2.clone()
     for g in range(k.numel()):

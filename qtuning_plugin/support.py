@@ -1,0 +1,108 @@
+"""What the Trainer hook refuses, and the one setting it repairs, before training starts.
+
+Q-Tuning prunes supervised fine-tuning batches of a decoder-only causal LM whose step loss is the
+sum of its micro-batches' cross-entropy over the step's label tokens. Anything else is refused
+with a ``ValueError`` that says what to change, never half-applied."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from transformers import Trainer
+
+from .core import scoring_mode
+from .core.config import QTuningConfig
+from .core.scoring import unwrap_causal_lm
+
+logger = logging.getLogger(__name__)
+
+# Trainers of TRL whose batches are not SFT samples with labels (RL, preference, distillation).
+_SFT_TRAINERS = {"SFTTrainer", "_BaseTrainer"}
+
+
+def refuse_unsupported(trainer: Trainer, config: QTuningConfig, rules: Sequence = ()) -> None:
+    """Raise ``ValueError`` for a setup Q-Tuning cannot prune exactly (see the module's doc);
+    ``rules``: the active rules, each of which may check the model (``check_model``)."""
+    trl_classes = [c.__name__ for c in type(trainer).__mro__
+                   if c.__module__.split(".")[0] == "trl" and c.__name__ not in _SFT_TRAINERS]
+    if trl_classes:
+        raise ValueError(
+            f"QTuning prunes supervised fine-tuning batches; {trl_classes[0]} is an RL / preference / "
+            "distillation trainer whose batches are not SFT samples. Use it without QTuning."
+        )
+    _refuse_sequence_parallelism(trainer)
+    if getattr(trainer.args, "torch_compile", False) or any(
+            type(m).__name__ == "OptimizedModule" for m in (trainer.model, getattr(trainer, "model_wrapped", None))):
+        raise ValueError("QTuning does not support torch.compile (torch_compile=True or a compiled model): "
+                         "the scoring pass reads the backbone's hidden state through a module hook, which a "
+                         "compiled graph does not run. Train with torch_compile=False.")
+    peft_config = getattr(trainer.model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(
+            f"QTuning does not support PEFT prompt learning ({type(peft_config).__name__}: prompt / prefix / "
+            "p-tuning add virtual tokens that the scorer's per-token alignment with the labels does not "
+            "account for). Use LoRA / QLoRA or full fine-tuning."
+        )
+    for rule in rules:
+        if hasattr(rule, "check_model"):
+            rule.check_model(trainer.model)
+    lm = unwrap_causal_lm(trainer.model)
+    if not is_causal_lm(lm):
+        raise ValueError(f"QTuning needs a decoder-only causal LM (a *ForCausalLM model); got {type(lm).__name__}.")
+    if config.prunes_nothing:
+        return  # every step passes through untouched: the trainer's loss normalisation stays its own
+    if not (getattr(trainer, "model_accepts_loss_kwargs", False) or getattr(trainer, "compute_loss_func", None)):
+        # The Trainer would average per-micro-batch means instead of dividing the step's summed
+        # loss by its label-token count. Axolotl 0.19 switches this off for every model whose
+        # forward() does not name `num_items_in_batch`; turn it back on when the model's loss
+        # does use it (checked on a 4-token input), else refuse.
+        if not loss_uses_num_items(getattr(trainer, "model_wrapped", None) or trainer.model):
+            raise ValueError(
+                f"QTuning: {type(trainer).__name__} averages per-micro-batch losses "
+                "(model_accepts_loss_kwargs is False, no compute_loss_func) and the model's loss "
+                "ignores num_items_in_batch, so the loss over the kept tokens could not be exact."
+            )
+        logger.info("QTuning: setting model_accepts_loss_kwargs=True so that each step's loss is "
+                    "the mean over its kept label tokens")
+        trainer.model_accepts_loss_kwargs = True
+
+
+def _refuse_sequence_parallelism(trainer: Trainer) -> None:
+    for owner in (trainer.args, getattr(trainer, "accelerator", None)):
+        pc = getattr(owner, "parallelism_config", None)
+        if pc is not None and any((getattr(pc, name, 1) or 1) > 1 for name in ("cp_size", "sp_size")):
+            raise ValueError(
+                "QTuning does not support sequence / context parallelism (parallelism_config with "
+                "cp_size or sp_size > 1): each rank would see only a shard of every sample."
+            )
+    for name in ("sequence_parallel_degree", "context_parallel_size", "sequence_parallel_size"):
+        if (getattr(trainer.args, name, 1) or 1) > 1:
+            raise ValueError(f"QTuning does not support sequence / context parallelism ({name} > 1).")
+
+
+def loss_uses_num_items(model: torch.nn.Module) -> bool:
+    """Whether the model's own loss divides by ``num_items_in_batch`` when it is given: two forwards
+    on 4 tokens, through the model as training calls it (a DDP / FSDP wrapper once the Trainer has
+    wrapped it: sharded weights are gathered as in training, and every rank runs the same forwards)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    try:
+        with scoring_mode(model), torch.no_grad():
+            mean = model(input_ids=ids, labels=ids, use_cache=False).loss
+            summed = model(input_ids=ids, labels=ids, use_cache=False, num_items_in_batch=1).loss
+    except TypeError:
+        return False
+    return bool(torch.isclose(summed, mean * 3, rtol=1e-3))
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    names = [c.__name__ for c in type(model).__mro__]
+    named_causal = any(n in causal_names or n.endswith("ForCausalLM") for n in names)
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "_", None)
+    return (named_causal and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            and isinstance(backbone, torch.nn.Module) and model.get_output_embeddings() is not None)
