@@ -1,21 +1,17 @@
 """Q-Tuning for transformers' Trainer and TRL's SFTTrainer: ``callbacks=[QTuning()]``. Trainer glue only.
 
-This callback is a Trainer *extension*: besides its events, it replaces three methods on the
-trainer instance (:meth:`QTuning.attach`). The Trainer fetches all micro-batches of an optimizer
-step at once with ``get_batch_samples`` and counts their label tokens before any forward;
-``QTuning``'s replacement fetches the step, hands it to ``core.select_step`` (score, decide,
-re-batch: docs/method.md §5) and returns the kept micro-batches with the label-token count
-recomputed by the Trainer. The loss is then exactly the mean cross-entropy over the kept tokens of
-the kept samples.
-
-The Trainer decides when to step the optimizer by counting micro-batches, so the list handed
-back keeps its length: the micro-batches that are no longer needed are replaced, at the front,
-by empty stand-ins that ``training_step`` (also replaced) skips without any forward or backward.
-The last entry is always a real micro-batch, so DDP's gradient all-reduce still happens. ``log``
-is replaced to add the ``qtuning/*`` metrics (:mod:`qtuning_plugin.metrics`) before the reporters
-see them. Under several processes the scoring path is chosen by all ranks together at train
-start. A step that did not go through the hook stops training with an error before its optimizer
-step.
+A Trainer *extension*: besides its events, it replaces three methods on the trainer instance
+(:meth:`QTuning.attach`). The Trainer fetches all micro-batches of a step at once with
+``get_batch_samples`` and counts their label tokens before any forward; the replacement hands the
+step to ``core.select_step`` (score, decide, re-batch: docs/method.md §5) and returns the kept
+micro-batches with the count recomputed by the Trainer: the loss is exactly the mean cross-entropy
+over the kept tokens of the kept samples. The list keeps its length (the Trainer counts
+micro-batches to step the optimizer): those no longer needed are replaced, at the front, by
+stand-ins that ``training_step`` (also replaced) skips without a forward or backward; the last is
+always real, so DDP's all-reduce still happens. ``log`` is replaced to add the ``qtuning/*``
+metrics (:mod:`qtuning_plugin.metrics`) before the reporters see them; every ``plot_every`` steps
+the EU plane goes to the trackers (:mod:`qtuning_plugin.live`). A step that did not go through
+the hook stops training with an error before its optimizer step.
 """
 
 from __future__ import annotations
@@ -36,6 +32,7 @@ from .core.distributed import Collectives, all_agree
 from .core.rules import build_rules
 from .core.step import StepDecision, decide_step, select_step
 from .decision_log import DecisionLog
+from .live import LivePlot
 from .metrics import StepMetrics
 from .support import refuse_unsupported
 
@@ -90,6 +87,7 @@ class QTuning(TrainerCallback, ExportableState):
         """The state of one training run (a fresh one when the callback moves to another trainer)."""
         self.rules = build_rules(self.config)
         self.metrics = StepMetrics(self.rules)
+        self.live = LivePlot(self.config.plot_every)  # the EU plane in the trackers
         self._fetched = False  # did this optimizer step's batches go through the hook?
 
     @property
@@ -182,6 +180,11 @@ class QTuning(TrainerCallback, ExportableState):
                 logger.info("QTuning: removed %d rows of steps after %d from %s (an earlier or interrupted run)",
                             dropped, state.global_step, self.metrics.log.path)
         self.metrics.restart()
+        self.live.start(trainer)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        title = f"step {state.global_step}: the pool on the Error-Uncertainty plane (filled: kept)"
+        self.live.step_end(self.trainer, state.global_step, self.last_pool, title)
 
     # ------------------------------------------------------------------ checkpoints
 

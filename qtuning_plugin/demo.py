@@ -145,8 +145,9 @@ def run_demo(args) -> int:
     loss_after = held_out_loss(trainer.model, eval_encoded, pad_id)
     trainer.save_model(str(out / "adapter"))
 
-    # Pictures from the decision log.
-    log = read_log(out / "decisions.jsonl")
+    # Pictures from the decision log, each sample with its kind (where the data has one) and what
+    # the paper's Algorithm 1 would have kept from the same pool (when the settings are not the paper's)
+    log = _annotated(trainer, read_log(out / "decisions.jsonl"), qtuning.paper_keep)
     pictures = [plot_decisions(log, out / "decisions.png",
                                title=f"Q-Tuning on {Path(args.data).name} with {description}")]
     last = max(r["step"] for r in log)
@@ -168,10 +169,10 @@ def run_demo(args) -> int:
         "label_tokens_seen": int(totals["label_tokens"]), "label_tokens_trained": int(totals["kept_label_tokens"]),
         "train_seconds": train_seconds, "scoring_seconds": totals["score_seconds"],
         "total_seconds": time.perf_counter() - started,
-        "kept_by_kind": _kept_by_kind(trainer, log),
+        "kept_by_kind": _kept_by_kind(log),
         # what the paper's Algorithm 1 would have kept from the same pools (same scores), if the
         # preset is not the paper
-        "paper_would_keep_by_kind": _kept_by_kind(trainer, log, qtuning.paper_keep) if qtuning.paper_keep else None,
+        "paper_would_keep_by_kind": _kept_by_kind(log, "paper_kept") if qtuning.paper_keep else None,
         "pictures": pictures,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -199,24 +200,31 @@ class _ComparedWithThePaper(QTuning):
         return result
 
 
-def _kept_by_kind(trainer, log, keep: dict[int, list[bool]] | None = None) -> dict | None:
-    """If the data has a ``kind`` column (the shipped demo data does): per kind, seen and kept
-    (``keep``: step -> another decision over the same pools, instead of the log's ``kept``)."""
+def _annotated(trainer, log: list[dict], paper_keep: dict[int, list[bool]]) -> list[dict]:
+    """The decision log's rows with ``kind`` (if the data has a ``kind`` column, as the shipped demo
+    data does) and ``paper_kept`` (if ``paper_keep``, step -> the paper's keep over that pool)."""
     ds = trainer.train_dataset
-    if "kind" not in ds.column_names:
-        return None
-    kinds = {sample_id(ids): k for ids, k in zip(ds["input_ids"], ds["kind"])}
-    seen, kept = Counter(), Counter()
+    kinds = {sample_id(ids): k for ids, k in zip(ds["input_ids"], ds["kind"])} if "kind" in ds.column_names else None
     position: Counter = Counter()
+    out = []
     for r in log:
-        kind = kinds.get(r["id"], "?")
-        seen[kind] += 1
-        if keep is None:
-            kept[kind] += bool(r["kept"])
-        else:
-            kept[kind] += bool(keep[r["step"]][position[r["step"]]])
+        r = dict(r)
+        if kinds is not None:
+            r["kind"] = kinds.get(r["id"], "?")
+        if paper_keep:
+            r["paper_kept"] = bool(paper_keep[r["step"]][position[r["step"]]])
             position[r["step"]] += 1
-    return {k: {"seen": seen[k], "kept": kept[k]} for k in sorted(seen)}
+        out.append(r)
+    return out
+
+
+def _kept_by_kind(log: list[dict], kept: str = "kept") -> dict | None:
+    """Per kind of sample (rows annotated by :func:`_annotated`), seen and kept (``kept``: the field
+    to count, ``paper_kept`` for what the paper would keep); None when the kinds are unknown."""
+    if not log or "kind" not in log[0]:
+        return None
+    seen, count = Counter(r["kind"] for r in log), Counter(r["kind"] for r in log if r[kept])
+    return {k: {"seen": seen[k], "kept": count[k]} for k in sorted(seen)}
 
 
 def _print_summary(s: dict, out: Path) -> None:

@@ -3,8 +3,11 @@
 - :func:`plot_scores`: one pool (a scored dataset) on the EU plane, coloured by quadrant, with the
   median lines and the thresholds of a sample ratio's triage.
 - :func:`plot_decisions`: a decision log over training: EU-plane panels by step range (kept samples
-  filled, dropped ones hollow, those kept out as suspected wrong labels crossed) above the quadrant
-  shares and the kept share per step.
+  filled, dropped ones hollow, those kept out as suspected wrong labels crossed; samples of a known
+  kind, such as the demo's wrong answers, ringed) above the kept samples by quadrant per step (bars:
+  one per step) and, where kinds are known, the wrong answers kept per step.
+- :func:`pool_figure`: the latest pool on the EU plane as a matplotlib figure, for the trackers
+  (:mod:`qtuning_plugin.live`).
 
 Axes follow the paper: error = perplexity of the response, drawn as log PPL (the mean NLL of the
 response tokens, nats), uncertainty = mean predictive entropy of the response tokens (nats).
@@ -15,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from collections import defaultdict
 from typing import Sequence
 
 import torch
@@ -23,6 +25,9 @@ import torch
 from .core.triage import QUADRANT_NAMES, triage
 
 QUADRANT_COLOURS = {1: "tab:red", 2: "tab:orange", 3: "tab:gray", 4: "tab:blue"}
+# Samples of a known kind (a ``kind`` field on the rows: the demo's data has one), ringed on the plane.
+KIND_MARKERS = {"wrong": ("D", "crimson", "wrong answer"), "garbled": ("s", "purple", "garbled answer"),
+                "redundant": ("o", "black", "duplicate")}
 X_LABEL = "error: log perplexity of the response (mean NLL, nats)"
 Y_LABEL = "uncertainty: mean predictive entropy (nats)"
 
@@ -142,6 +147,8 @@ def plot_scores(rows: Sequence[dict], path: str | os.PathLike, sample_ratio: flo
     pts = _finite_points(rows)
     fig, ax = plt.subplots(figsize=(9.5, 5.5))
     _scatter_quadrants(ax, pts, kept_key="kept" if pts and "kept" in pts[0] else None)
+    _mark_kept_out(ax, pts)
+    _mark_kinds(ax, pts)
     if pts and sample_ratio is not None:
         level = _quadrant_lines(ax, pts, sample_ratio if thresholds else None)
         if level is not None and not title:
@@ -179,6 +186,44 @@ def _mark_kept_out(ax, rows, size: float = 14) -> int:
     return len(flagged)
 
 
+def _mark_kinds(ax, rows, size: float = 14) -> None:
+    """Ring the samples of a known kind (:data:`KIND_MARKERS`), on the frame's edge when beyond it."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    for kind, (marker, colour, label) in KIND_MARKERS.items():
+        of_kind = [r for r in rows if r.get("kind") == kind]
+        if of_kind:
+            ax.scatter([min(max(math.log(r["ppl"]), x0), x1) for r in of_kind],
+                       [min(max(r["entropy"], y0), y1) for r in of_kind], marker=marker, s=size * 4,
+                       facecolors="none", edgecolors=colour, linewidths=1.1, clip_on=False, zorder=5,
+                       label=f"{label} (ringed)")
+
+
+def draw_pool(ax, rows, size: float = 14) -> tuple[int, float | None] | None:
+    """One pool on ``ax``: points by quadrant (filled kept, hollow dropped), the samples a rule kept
+    out crossed, known kinds ringed, the median lines and, where the paper's triage reproduces
+    what was kept, its thresholds. Returns (finite points drawn, the triage level or None), or
+    None when no point is finite."""
+    pool = _finite_points(rows)
+    if not pool:
+        return None
+    _scatter_quadrants(ax, pool, kept_key="kept", size=size)
+    _mark_kept_out(ax, pool, size=size)
+    _mark_kinds(ax, pool, size=size)
+    return len(pool), _quadrant_lines(ax, pool, pool_ratio(pool) if reproduces_kept(pool) else None)
+
+
+def pool_figure(rows: Sequence[dict], title: str):
+    """The EU plane of one pool as a matplotlib figure (the caller closes it)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.0, 4.6))
+    if draw_pool(ax, rows) is None:
+        ax.text(0.5, 0.5, "no scored sample", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
 def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 4, title: str = "") -> str:
     """A decision log over training. Top: ``panels`` pools spread over training (first to last
     step; rank 0's where there are several), each on its own EU plane framed on its bulk, with its
@@ -200,12 +245,11 @@ def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 
     for i, step in enumerate(shown):
         ax = fig.add_subplot(grid[0, i])
         pool = _finite_points([r for r in rows if r["step"] == step and r.get("rank", 0) == rank])
-        if not pool:
+        drawn = draw_pool(ax, pool)
+        if drawn is None:
             ax.set_title(f"step {step}: no scored sample", fontsize=10)
             continue
-        _scatter_quadrants(ax, pool, kept_key="kept", size=14)
-        _mark_kept_out(ax, pool, size=14)
-        level = _quadrant_lines(ax, pool, pool_ratio(pool) if reproduces_kept(pool) else None)
+        level = drawn[1]
         ax.set_title(f"step {step}{f' (rank {rank})' if several else ''}: {len(pool)} samples, "
                      f"{sum(bool(r['kept']) for r in pool)} kept" + (f", a = {level:.2f}" if level else ""),
                      fontsize=10)
@@ -217,39 +261,81 @@ def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 
     order = sorted(legend, key=lambda k: (not k.startswith("Q"), k))
     fig.legend([legend[k] for k in order], order, loc="outside right upper", fontsize=7)
 
-    kept_by_q: dict[int, list[int]] = defaultdict(lambda: [0] * 5)  # per step: kept in Q1-4, kept
-    tokens = defaultdict(lambda: [0, 0])
-    for r in rows:
-        if r["kept"]:
-            kept_by_q[r["step"]][r["quadrant"]] += 1
-            kept_by_q[r["step"]][0] += 1
-            if "kept_tokens" in r and "n_tokens" in r:
-                tokens[r["step"]][0] += r["kept_tokens"]
-                tokens[r["step"]][1] += r["n_tokens"]
     half = max(1, (2 * len(shown)) // 3)
-    ax = fig.add_subplot(grid[1, :half])
-    kept = [max(1, kept_by_q[s][0]) for s in steps]
-    ax.stackplot(steps, *[[100 * kept_by_q[s][q] / k for s, k in zip(steps, kept)] for q in (1, 2, 3, 4)],
-                 labels=[quadrant_label(q) for q in (1, 2, 3, 4)],
-                 colors=[QUADRANT_COLOURS[q] for q in (1, 2, 3, 4)], alpha=0.6)
-    ax.set(xlabel="optimizer step", ylabel="% of the kept samples", ylim=(0, 100),
-           title="the kept samples, by quadrant of their pool")
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(alpha=0.3)
-    if len(steps) > 1:
-        ax.set_xlim(steps[0], steps[-1])
-    ax2 = fig.add_subplot(grid[1, half:]) if half < len(shown) else None
-    if ax2 is not None and tokens:
-        ax2.plot(steps, [100 * tokens[s][0] / max(1, tokens[s][1]) for s in steps], "k-", lw=1.5)
-        ax2.set(xlabel="optimizer step", ylabel="% of their label tokens", ylim=(0, 105),
-                title="label tokens kept in the kept samples")
-        ax2.title.set_fontsize(10)
-        ax2.grid(alpha=0.3)
-        if len(steps) > 1:
-            ax2.set_xlim(steps[0], steps[-1])
+    _kept_by_quadrant(fig.add_subplot(grid[1, :half]), rows, steps)
+    if half < len(shown):
+        ax = fig.add_subplot(grid[1, half:])
+        if any("kind" in r for r in rows):
+            _wrong_kept(ax, rows, steps)
+        else:
+            _tokens_kept(ax, rows, steps)
     fig.suptitle(textwrap.fill(title or f"Q-Tuning decisions over training ({len(steps)} steps, "
                                f"{len(rows)} sample-steps)", 120))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def _step_axis(ax, steps, xlabel: str = "optimizer step") -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(steps[0] - 0.6, steps[-1] + 0.6)
+    if len(steps) <= 30:
+        ax.set_xticks(steps)
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _kept_by_quadrant(ax, rows, steps) -> None:
+    """Per step, one bar: the kept samples by the quadrant of their pool, in % of the kept."""
+    counts = {s: [0] * 5 for s in steps}  # per step: kept in Q1-4, all kept
+    for r in rows:
+        if r["kept"]:
+            counts[r["step"]][r["quadrant"]] += 1
+            counts[r["step"]][0] += 1
+    bottom = [0.0] * len(steps)
+    for q in (1, 2, 3, 4):
+        share = [100 * counts[s][q] / max(1, counts[s][0]) for s in steps]
+        ax.bar(steps, share, bottom=bottom, width=0.8, color=QUADRANT_COLOURS[q], alpha=0.7, label=quadrant_label(q))
+        bottom = [b + x for b, x in zip(bottom, share)]
+    ax.set(ylabel="% of the kept samples", ylim=(0, 100), title="the kept samples, by quadrant of their pool")
+    _step_axis(ax, steps)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _tokens_kept(ax, rows, steps) -> None:
+    """Per step: the share of the kept samples' label tokens left in the loss (token pruning)."""
+    tokens = {s: [0, 0] for s in steps}
+    for r in rows:
+        if r["kept"] and "kept_tokens" in r and "n_tokens" in r:
+            tokens[r["step"]][0] += r["kept_tokens"]
+            tokens[r["step"]][1] += r["n_tokens"]
+    ax.bar(steps, [100 * tokens[s][0] / max(1, tokens[s][1]) for s in steps], width=0.8, color="0.35")
+    ax.set(ylabel="% of their label tokens", ylim=(0, 105), title="label tokens kept in the kept samples")
+    _step_axis(ax, steps)
+
+
+def _wrong_kept(ax, rows, steps) -> None:
+    """Per step, where the samples' kinds are known: the wrong answers in the pool, those kept, and
+    (rows with ``paper_kept``) those the paper's Algorithm 1 would have kept from the same pool."""
+    seen = {s: 0 for s in steps}
+    kept = {s: 0 for s in steps}
+    paper = {s: 0 for s in steps}
+    for r in rows:
+        if r.get("kind") == "wrong":
+            seen[r["step"]] += 1
+            kept[r["step"]] += bool(r["kept"])
+            paper[r["step"]] += bool(r.get("paper_kept"))
+    compare = any("paper_kept" in r for r in rows)
+    width = 0.4 if compare else 0.8
+    ax.bar(steps, [seen[s] for s in steps], width=0.9, color="0.85", label="wrong answers in the pool")
+    ax.bar([s - width / 2 if compare else s for s in steps], [kept[s] for s in steps], width=width,
+           color="crimson", label="kept")
+    if compare:
+        ax.bar([s + width / 2 for s in steps], [paper[s] for s in steps], width=width, color="tab:orange",
+               label="the paper's Algorithm 1 would keep")
+    total = (sum(kept.values()), sum(seen.values()))
+    ax.set(ylabel="samples", title=f"wrong answers kept: {total[0]} of {total[1]}"
+           + (f" (the paper: {sum(paper.values())})" if compare else ""))
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    _step_axis(ax, steps)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

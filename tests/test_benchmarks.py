@@ -244,3 +244,13 @@ def test_separation_reads_logged_pools(tmp_path, capsys):
     assert separation.replay(pools["stress"], 0.25, exclude=lambda p: rule(p.ppl, 0.5)) == (0.25, 0.0, 0.4)
     assert separation.main([str(runs)]) == 0
     assert "stress: 5 pools of random-25x50" in capsys.readouterr().out
+
+
+def test_live_picture_cost_quick_mode(tmp_path):
+    out = tmp_path / "live"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "live_cost.py"), "--tiny", "--steps", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["pictures"] == 2 and result["draw_seconds"] > 0 and result["step_seconds"] > 0
+    assert result["share_of_a_step"]["50"] == pytest.approx(result["share_of_a_step"]["1"] / 50)

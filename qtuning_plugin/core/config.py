@@ -41,6 +41,9 @@ RUNTIME = (
            "(about 3 x chunk_size x vocab floats at the peak)", kind="integer", group="runtime", low=1),
     Option("log_decisions", None, "write every step's decisions (each sample's id, error, uncertainty, quadrant, "
            "fate) to this jsonl file; `qtuning plot` draws it", kind="path", group="runtime", optional=True),
+    Option("plot_every", 50, "every this many optimizer steps, send the latest pool's EU plane as an image to the "
+           "trackers of report_to that take one (wandb, tensorboard, mlflow, trackio); 0: never",
+           kind="integer", group="runtime", low=0),
 )
 OPTIONS: tuple[Option, ...] = (*PAPER, *(o for rule in rule_classes() for o in rule.options), *RUNTIME)
 
