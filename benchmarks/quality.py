@@ -69,6 +69,8 @@ from tasks import NAMES, ITEMS  # noqa: E402
 from qtuning_plugin import QTuning  # noqa: E402
 from qtuning_plugin.core import StepDecision, score_batch, scoring_mode  # noqa: E402
 from qtuning_plugin.core.tokens import tokens_to_keep  # noqa: E402
+from qtuning_plugin.decision_log import sample_id  # noqa: E402
+from qtuning_plugin.metrics import row_tokens  # noqa: E402
 
 KINDS = ("useful", "wrong", "garbled", "redundant")
 CORRUPTED = ("wrong", "garbled")
@@ -216,7 +218,9 @@ class Recording(QTuning):
                 kinds.append(self.kinds.get(answer_key(text), "?"))
         pool = self.last_pool
         step = {"kind": kinds, "quadrant": pool["quadrant"].tolist(), "keep": pool["keep"].tolist(),
-                "ppl": pool["ppl"].tolist(), "entropy": pool["entropy"].tolist()}
+                "ppl": pool["ppl"].tolist(), "entropy": pool["entropy"].tolist(),
+                # each sample's id (decision_log.sample_id), so that a replay can follow a sample across epochs
+                "ids": [sample_id(t) for b in result.scored for t in row_tokens(b)]}
         # the guard's features, recorded under the names earlier runs used (excess_*: its rises)
         for key, name in (("suspect", "suspect"), ("rise_max", "excess_max"), ("rise_mean", "excess_mean")):
             if key in pool:
