@@ -254,3 +254,17 @@ def test_live_picture_cost_quick_mode(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["pictures"] == 2 and result["draw_seconds"] > 0 and result["step_seconds"] > 0
     assert result["share_of_a_step"]["50"] == pytest.approx(result["share_of_a_step"]["1"] / 50)
+
+
+def test_noise_estimates_replay_the_logged_pools():
+    """benchmarks/estimate_noise.py on the committed three-epoch runs: the truth column is each
+    regime's corrupted share (as benchmarks/separation.py reports it) and every estimate a share."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "estimate_noise.py"),
+                           str(ROOT / "benchmarks" / "results" / "quality-3ep.runs.jsonl"), "--precision", "fp32"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "regime" not in line]
+    truth = {(r[0].strip(), r[2].strip()): float(r[4].split()[0]) for r in rows}
+    assert truth[("stress-heavy-3ep", "last step")] == 34.4 and truth[("paper-3ep", "end of epoch 1")] == 6.4
+    for r in rows:
+        assert all(0.0 <= float(c.split()[0]) <= 100.0 for c in r[4:])
