@@ -49,8 +49,13 @@ def gmm_share(x: torch.Tensor, bic_margin: float, iters: int = 200) -> float:
     ll1 = float(torch.distributions.Normal(mu1, var1.sqrt()).log_prob(x).sum())
     q = torch.quantile(x, torch.tensor([0.25, 0.9], dtype=x.dtype))
     mu, var, w = q.clone(), torch.stack([var1, var1]) / 4, torch.tensor([0.8, 0.2], dtype=x.dtype)
+    previous = -math.inf
     for _ in range(iters):
         logp = torch.distributions.Normal(mu, var.sqrt()).log_prob(x[:, None]) + w.log()
+        ll = float(torch.logsumexp(logp, 1).sum())
+        if ll - previous < 1e-7:  # converged
+            break
+        previous = ll
         r = torch.softmax(logp, dim=1)
         nk = r.sum(0).clamp(min=1e-9)
         w, mu = nk / n, (r * x[:, None]).sum(0) / nk
