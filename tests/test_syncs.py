@@ -95,3 +95,20 @@ def test_a_trainer_step_through_the_callback_waits_twice():
     trainer.get_batch_samples = counted_hook
     trainer.train()
     assert per_step == [ONE_COPY_EACH] * 3 and cb.totals["steps"] == 3
+
+
+def test_the_scoring_forwards_keyword_filter_is_read_once_per_model(monkeypatch):
+    from qtuning_plugin.core import heads
+
+    model = tiny_model("llama")
+    config = QTuningConfig(sample_ratio=0.5)
+    select_step(model, step_batches(), config)  # chooses the scoring path (probe forwards)
+    calls = []
+    real = heads.inspect.signature
+    monkeypatch.setattr(heads.inspect, "signature", lambda f, *a, **kw: calls.append(f) or real(f, *a, **kw))
+    for _ in range(3):
+        select_step(model, step_batches(), config)
+    assert calls == []  # 3 steps x 2 scoring forwards, no signature read
+    other = tiny_model("llama")
+    select_step(other, step_batches(), config)
+    assert len(calls) == 1  # a new model: read once, at its probe, then cached
