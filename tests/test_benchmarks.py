@@ -12,23 +12,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_speed_benchmark_quick_mode(tmp_path):
+    """The pipeline end to end on one arm of each kind: plain SFT, nothing to prune (no scoring
+    pass), Q-Tuning, a rule with a base forward and its cache, and the packed pair. (The other
+    arms differ only in their settings, which the unit and TRL tests cover.)"""
     out = tmp_path / "speed"
-    arms = ["full", "qt-100x100", "qt-25x50", "qt-12.5x50", "qt-25x50-guard", "qt-25x50-guard-revisit",
-            "qt-25x50-small-loss", "qt-25x50-outliers", "full-packed", "qt-25x50-packed"]
+    arms = ["full", "qt-100x100", "qt-25x50", "qt-25x50-guard-revisit", "full-packed", "qt-25x50-packed"]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out),
                            "--arms", *arms], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     table = result["table"]
     assert set(table) == set(arms)
-    assert table["qt-25x50-guard"]["kept_samples"] == table["qt-25x50-guard-revisit"]["kept_samples"] == 2
     assert table["full"]["epoch_ratio"] == 1.0
-    # batch 4 x GA 2 = pool 8: K = 2 and 1 samples per step
-    assert table["qt-25x50"]["kept_samples"] == table["qt-25x50-small-loss"]["kept_samples"] == 2
-    assert table["qt-25x50-outliers"]["kept_samples"] == 2
-    assert table["qt-12.5x50"]["kept_samples"] == 1
-    for arm in ("qt-25x50", "qt-12.5x50"):
-        assert table[arm]["score_median_s"] > 0 and table[arm]["floor"] > 0
+    # batch 4 x GA 2 = pool 8: K = 2 samples per step
+    assert table["qt-25x50"]["kept_samples"] == table["qt-25x50-guard-revisit"]["kept_samples"] == 2
+    assert table["qt-25x50"]["score_median_s"] > 0 and table["qt-25x50"]["floor"] > 0
     assert table["qt-100x100"]["score_median_s"] == 0  # nothing to prune: no scoring pass
     assert "| qt-25x50 |" in out.with_suffix(".md").read_text()
     # the packed arms: TRL packing, ratios to full-packed
