@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(args) -> int:
     from .decision_log import read_log
-    from .plots import plot_decisions
+    from .decision_plots import plot_decisions
 
     _require("matplotlib", "plot")
     path = Path(args.log)

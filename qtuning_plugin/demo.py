@@ -26,7 +26,8 @@ from .core.step import decide_step
 from .data import DataError, check_token_ids, detect_format, encode, load_records, to_batch
 from .decision_log import read_log, sample_id
 from .models import load
-from .plots import plot_decisions, plot_scores, pool_ratio, reproduces_kept
+from .decision_plots import plot_decisions
+from .plots import plot_scores, pool_ratio, reproduces_kept
 from .precision import describe_precision, native_bf16
 
 N_HELD_OUT = 32

@@ -4,7 +4,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from qtuning_plugin.plots import _kept_by_quadrant, _pyplot, _wrong_kept, plot_decisions  # noqa: E402
+from qtuning_plugin.decision_plots import _kept_by_quadrant, _wrong_kept, plot_decisions  # noqa: E402
+from qtuning_plugin.plots import _pyplot  # noqa: E402
 
 
 def rows():
