@@ -30,6 +30,7 @@ def test_defaults_are_the_papers():
         # runtime
         "chunk_size": 256,
         "log_decisions": None,
+        "plot_every": 50,
     }
     assert not cfg.prunes_nothing
     assert QTuningConfig(sample_ratio=1, token_ratio=1).prunes_nothing

@@ -614,13 +614,13 @@ def test_a_model_whose_forward_bypasses_its_backbone_module_is_scored_from_its_l
 
 def test_a_checkpoint_of_the_previous_version_restores(tmp_path):
     """A checkpoint saved before issue 28 holds every field of its time, the retired ones at their
-    defaults (which decided as today): the Trainer rebuilds the callback from them. Set otherwise,
-    a retired field is refused with what replaced it."""
+    defaults (which decided as today) and none of the newer ones (plot_every): the Trainer rebuilds
+    the callback from them. Set otherwise, a retired field is refused with what replaced it."""
     old_args = {**QTuningConfig(sample_ratio=0.5).decisions(), "top_up": "minmax", "warmup_steps": 0,
                 "reference_spread": 0.0, "reference_sticky": False, "reference_tokens": False,
                 "chunk_size": 7, "log_decisions": None}
     cb = QTuning(**old_args)
-    assert cb.config.sample_ratio == 0.5 and cb.config.chunk_size == 7
+    assert cb.config.sample_ratio == 0.5 and cb.config.chunk_size == 7 and cb.config.plot_every == 50
     with pytest.raises(ValueError, match="QTuningConfig.warmup_steps was removed"):
         QTuning(**{**old_args, "warmup_steps": 2})
     with pytest.raises(ValueError, match="QTuningConfig.top_up was removed"):

@@ -72,10 +72,10 @@ RETIRED_DEFAULTS = {"top_up": "minmax", "warmup_steps": 0, "reference_spread": 0
 
 def without_retired_defaults(fields: Mapping[str, Any]) -> dict[str, Any]:
     """``fields`` without the retired options left at their defaults, where ``fields`` is a whole
-    configuration as a checkpoint of an earlier version saved it (every current option present):
+    configuration as a checkpoint of the previous version saved it (every retired option present):
     such a run decided as this version does. A retired option set otherwise is kept (and refused)."""
     fields = dict(fields)
-    if all(o.name in fields for o in OPTIONS):
+    if all(name in fields for name in RETIRED_DEFAULTS):
         for name, default in RETIRED_DEFAULTS.items():
             if name in fields and fields[name] == default and type(fields[name]) is type(default):
                 del fields[name]
