@@ -5,10 +5,10 @@ Issue 29's first step: before a rule trains on an estimate of the noise rate, ch
 the pools the quality runs logged. The random-pruning arms (``random-25x50``) log each pool's
 samples (kind, PPL, entropy) along a training trajectory no selection shaped. For every run, after
 each step, each estimator below sees every sample scored so far in that run (a window over steps,
-as loss truncation's ring buffer) and estimates the corrupted share (wrong + garbled); the truth is
-the corrupted share of the same window. Reported per regime, over the runs' seeds: the estimate
-against the truth at the end of the first epoch and at the last step, and on the clean regime, the
-share of useful samples an exclusion at the estimate would keep out.
+as loss truncation's ring buffer) and estimates the corrupted share (wrong + swapped + garbled);
+the truth is the corrupted share of the same window. Reported per regime, over the runs' seeds: the
+estimate against the truth at the end of the first epoch and at the last step; and per kind of
+sample, the share the ``drop_surprising`` verdict keeps out (on useful samples, its cost).
 
 Estimators (x = log PPL, a sample's mean answer NLL, over the window):
 
@@ -22,6 +22,12 @@ Estimators (x = log PPL, a sample's mean answer NLL, over the window):
 - ``memory-gmm``: per-sample memory (a content key, as the guard's cache): for each sample seen
   before, its x now minus its x at first sight (a wrong label's loss falls less); ``gmm-bic`` on
   those differences, over the samples seen at least twice (0 before any is).
+- ``surprise-m``: the share of the window whose log PPL exceeds its entropy by more than m nats
+  per token (the ``drop_surprising`` rule's verdict, which needs no fit: for labels drawn from the
+  model, log PPL - Ent is 0 on average), m = 0.5, 1.
+
+A second table gives, per kind of sample, the share each ``drop_surprising`` margin keeps out over
+the whole run: on useful samples that is what the rule costs.
 
     python benchmarks/estimate_noise.py benchmarks/results/quality-3ep.runs.jsonl --precision fp32
 """
@@ -36,7 +42,9 @@ from collections import defaultdict
 
 import torch
 
-CORRUPTED = ("wrong", "garbled")
+CORRUPTED = ("wrong", "swapped", "garbled")
+WHOLLY = ("swapped", "garbled")  # answers that are not this prompt's at all
+MARGINS = (0.5, 1.0)
 
 
 def gmm_share(x: torch.Tensor, bic_margin: float, iters: int = 200) -> float:
@@ -83,33 +91,49 @@ def runs_of(files, arm: str, precision: str | None):
 
 
 def replay(run, bic_margin: float) -> list[dict]:
-    """Per step: the truth and every estimator's estimate over the window so far. Samples are
-    told apart by (kind, PPL at first sight) order of appearance: the logs hold no sample ids, so
-    the memory estimator keys a sample by its position in the epoch's order (the runs' sampler
-    reshuffles each epoch, so this key is approximate: see the report)."""
-    xs, kinds, first, out = [], [], {}, []
+    """Per step: the truth and every estimator's estimate over the window so far. The memory
+    estimator follows a sample by its logged id (runs that logged none leave it at 0)."""
+    xs, excess, kinds, first, out = [], [], [], {}, []
     diffs: dict = {}
     for pool in run.get("decisions") or []:
-        for j, (p, kind) in enumerate(zip(pool["ppl"], pool["kind"])):
-            if p is None or not math.isfinite(p) or p <= 0:
+        ids = pool.get("ids") or [None] * len(pool["ppl"])
+        for p, e, kind, key in zip(pool["ppl"], pool["entropy"], pool["kind"], ids):
+            if p is None or e is None or not math.isfinite(p) or p <= 0:
                 continue
             x = math.log(p)
             xs.append(x)
+            excess.append(x - e)
             kinds.append(kind)
-            key = pool.get("ids", [None] * len(pool["ppl"]))[j]
             if key is not None:
                 if key in first:
                     diffs[key] = (x - first[key], kind)
                 else:
                     first[key] = x
         window = torch.tensor(xs, dtype=torch.float64)
-        truth = sum(k in CORRUPTED for k in kinds) / max(1, len(kinds))
         seen_twice = [d for d, _ in diffs.values()]
-        out.append({"truth": truth, "gmm-bic": gmm_share(window, bic_margin), "mad-2": mad_share(window, 2.0),
-                    "mad-3": mad_share(window, 3.0), "recent-gmm": gmm_share(window[-64:], bic_margin),
-                    "memory-gmm": gmm_share(torch.tensor(seen_twice, dtype=torch.float64), bic_margin)
-                    if seen_twice else 0.0, "n": len(kinds)})
+        step = {"truth": sum(k in CORRUPTED for k in kinds) / max(1, len(kinds)),
+                "wholly": sum(k in WHOLLY for k in kinds) / max(1, len(kinds)),
+                "gmm-bic": gmm_share(window, bic_margin), "mad-2": mad_share(window, 2.0),
+                "mad-3": mad_share(window, 3.0), "recent-gmm": gmm_share(window[-64:], bic_margin),
+                "memory-gmm": gmm_share(torch.tensor(seen_twice, dtype=torch.float64), bic_margin)
+                if seen_twice else 0.0, "n": len(kinds)}
+        for m in MARGINS:
+            step[f"surprise-{m:g}"] = sum(d > m for d in excess) / max(1, len(excess))
+        out.append(step)
     return out
+
+
+def kept_out_by_kind(run) -> dict[str, list[int]]:
+    """Per kind: [samples scored over the run, kept out at each of MARGINS] (drop_surprising's verdict)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0] * (1 + len(MARGINS)))
+    for pool in run.get("decisions") or []:
+        for p, e, kind in zip(pool["ppl"], pool["entropy"], pool["kind"]):
+            if p is None or e is None or not math.isfinite(p) or p <= 0:
+                continue
+            counts[kind][0] += 1
+            for i, m in enumerate(MARGINS):
+                counts[kind][1 + i] += math.log(p) - e > m
+    return counts
 
 
 def main(argv=None) -> int:
@@ -119,26 +143,42 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default=None)
     p.add_argument("--bic-margin", type=float, default=10.0)
     args = p.parse_args(argv)
-    by_regime = defaultdict(list)
+    by_regime, kinds_by_regime = defaultdict(list), defaultdict(lambda: defaultdict(lambda: [0] * (1 + len(MARGINS))))
     for run in runs_of(args.files, args.arm, args.precision):
         steps = replay(run, args.bic_margin)
         if steps:
             first_epoch = steps[max(0, len(steps) // run.get("epochs", 1) - 1)]
             by_regime[run["regime"]].append((first_epoch, steps[-1]))
-    names = ("gmm-bic", "mad-2", "mad-3", "recent-gmm", "memory-gmm")
+            for kind, c in kept_out_by_kind(run).items():
+                kinds_by_regime[run["regime"]][kind] = [a + b for a, b in zip(kinds_by_regime[run["regime"]][kind], c)]
+    names = ("gmm-bic", "mad-2", "mad-3", "recent-gmm", "memory-gmm", *(f"surprise-{m:g}" for m in MARGINS))
     print(f"estimated corrupted share (percent), arm {args.arm}, mean (sd) over seeds; window = every sample "
-          f"scored so far in the run; BIC margin {args.bic_margin:g}")
-    print("| regime | seeds | when | samples | truth | " + " | ".join(names) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(names))
+          f"scored so far in the run; BIC margin {args.bic_margin:g}; truth: wrong + swapped + garbled, of which "
+          "wholly wrong: swapped + garbled")
+    print("| regime | seeds | when | samples | truth | wholly wrong | " + " | ".join(names) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(names))
     for regime in sorted(by_regime):
         runs = by_regime[regime]
         for label, i in (("end of epoch 1", 0), ("last step", 1)):
             cells = []
-            for name in ("truth", *names):
+            for name in ("truth", "wholly", *names):
                 v = [100 * r[i][name] for r in runs]
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
                 cells.append(f"{statistics.mean(v):.1f} ({sd:.1f})")
             print(f"| {regime} | {len(runs)} | {label} | {runs[0][i]['n']} | " + " | ".join(cells) + " |")
+    print()
+    print("share of each kind that drop_surprising keeps out (percent of the kind's scored samples, every step of "
+          "every seed; in brackets, how many were scored)")
+    kinds = ("useful", "redundant", "wrong", "swapped", "garbled")
+    for m_i, m in enumerate(MARGINS):
+        print()
+        print(f"margin {m:g} nats per token")
+        print("| regime | " + " | ".join(kinds) + " |")
+        print("|---|" + "---|" * len(kinds))
+        for regime in sorted(kinds_by_regime):
+            c = kinds_by_regime[regime]
+            cells = [f"{100 * c[k][1 + m_i] / c[k][0]:.1f} ({c[k][0]})" if c[k][0] else "-" for k in kinds]
+            print(f"| {regime} | " + " | ".join(cells) + " |")
     return 0
 
 

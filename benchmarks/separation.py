@@ -31,7 +31,7 @@ import torch
 from qtuning_plugin.core import QTuningConfig, triage
 from qtuning_plugin.core.rules import Pool, build_rules
 
-CORRUPTED = ("wrong", "garbled")
+CORRUPTED = ("wrong", "swapped", "garbled")
 
 
 def auroc(positive, negative) -> float:
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
         rules += [(f"drop_ppl_outliers {k:<4}", {"drop_ppl_outliers": k}) for k in (1.5, 2.0, 3.0)]
         rules += [(f"lower-half outliers {k:<4}", {"exclude": lambda p, k=k: lower_half_outliers(p.ppl, k)})
                   for k in (1.5, 2.0, 2.5)]
+        rules += [(f"drop_surprising {m:<5}", {"drop_surprising": m}) for m in (0.25, 0.5, 1.0)]
         for name, rule in rules:
             pool, kept, useful_out = replay(pools, args.sample_ratio, **rule)
             print(f"  {name}: corrupted {100 * pool:.1f} % of the pools, {100 * kept:.1f} % of what the "

@@ -58,6 +58,8 @@ ARMS = {  # name: (sample_ratio, token_ratio[, QTuningConfig options]) or None f
     "qt-25x50-small-loss": (0.25, 0.5, {"preset": "small-loss"}),
     # its adaptive share (two medians of the pool's log PPL) with keep_tokens: highest
     "qt-25x50-outliers": (0.25, 0.5, {"drop_ppl_outliers": 2.0, "keep_tokens": "highest"}),
+    # the auto preset: one comparison of the pool's log PPL with its entropy, keep_tokens: highest
+    "qt-25x50-auto": (0.25, 0.5, {"preset": "auto"}),
 }
 REVISIT = {"qt-25x50-guard-revisit"}
 PACKED = {"full-packed": None, "qt-25x50-packed": (0.25, 0.5)}  # TRL packing on length-skewed data
