@@ -25,6 +25,7 @@ def test_defaults_are_the_papers():
         # the rules, all off
         "drop_highest_ppl": 0.0,
         "drop_ppl_outliers": None,
+        "drop_surprising": None,
         "reference": "none",
         "reference_margin": 0.5,
         # runtime
@@ -168,7 +169,8 @@ def test_presets_by_name_and_fields_beside_them_override():
                                                                               keep_tokens="highest")
     assert QTuningConfig.from_dict({"preset": "small-loss", "keep_tokens": "lowest"}) == \
         QTuningConfig(drop_highest_ppl=0.25)
-    with pytest.raises(ValueError, match=r"preset must be one of \['paper', 'small-loss'\]"):
+    assert QTuningConfig.from_dict({"preset": "auto"}) == QTuningConfig(drop_surprising=0.5, keep_tokens="highest")
+    with pytest.raises(ValueError, match=r"preset must be one of \['paper', 'small-loss', 'auto'\]"):
         QTuningConfig.from_dict({"preset": "fast"})
     with pytest.raises(ValueError, match="a preset is not a field"):
         QTuningConfig(preset="paper")

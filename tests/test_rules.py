@@ -19,6 +19,7 @@ from qtuning_plugin.core.rules import Pool, Rule, build_rules, rule_classes
 from qtuning_plugin.core.rules.outliers import DropPPLOutliers
 from qtuning_plugin.core.rules.reference import ReferenceGuard
 from qtuning_plugin.core.rules.small_loss import DropHighestPPL
+from qtuning_plugin.core.rules.surprise import DropSurprising
 from qtuning_plugin.core.step import decide_step
 
 INF, NAN = math.inf, math.nan
@@ -42,8 +43,8 @@ def drop_outliers(ppl, ent, k):
 
 # ---------------------------------------------------------------- finding and configuring the rules
 
-def test_rule_classes_finds_the_three_rules_in_their_order():
-    assert rule_classes() == [DropHighestPPL, DropPPLOutliers, ReferenceGuard]
+def test_rule_classes_finds_the_four_rules_in_their_order():
+    assert rule_classes() == [DropHighestPPL, DropPPLOutliers, DropSurprising, ReferenceGuard]
     assert [c.position for c in rule_classes()] == sorted(c.position for c in rule_classes())
 
 
@@ -73,6 +74,8 @@ def test_each_rules_options_are_config_fields():
     ({"reference_margin": 3.0}, []),  # the guard's margin alone does not turn it on
     ({"drop_highest_ppl": 0.1, "reference": "base"}, [DropHighestPPL, ReferenceGuard]),
     ({"drop_ppl_outliers": 1.0, "reference": "base"}, [DropPPLOutliers, ReferenceGuard]),
+    ({"drop_surprising": 0.5}, [DropSurprising]),
+    ({"drop_surprising": 0.0, "drop_highest_ppl": 0.1}, [DropHighestPPL, DropSurprising]),
 ])
 def test_build_rules_makes_the_active_ones_fresh(fields, active):
     config = QTuningConfig(**fields)
@@ -105,7 +108,7 @@ def _pool_for(rule_cls, n=12, seed=0):
 
 
 CONFIGS = {DropHighestPPL: {"drop_highest_ppl": 0.25}, DropPPLOutliers: {"drop_ppl_outliers": 2.0},
-           ReferenceGuard: {"reference": "base"}}
+           DropSurprising: {"drop_surprising": 1.0}, ReferenceGuard: {"reference": "base"}}
 
 
 @pytest.mark.parametrize("rule_cls", rule_classes(), ids=lambda c: c.__name__)
@@ -306,6 +309,89 @@ def test_drop_highest_under_pool_global_judges_every_ranks_pool():
     d = decide_step(scores, config, collectives=_TwoRanks([10.0, 20.0, 30.0, 40.0], [0.1, 0.2, 0.3, 0.4]))
     assert not d.excluded.any()
     assert idx(d.global_pool.eligible) == [0, 1, 2, 3, 4, 5]
+    assert int(d.keep[0].sum()) == 2
+
+
+# ---------------------------------------------------------------- drop_surprising
+
+def drop_surprising(ppl, ent, m):
+    return DropSurprising(QTuningConfig(drop_surprising=m)).exclude(Pool(ppl, ent))
+
+
+def test_drop_surprising_worked_by_hand():
+    """log PPL - Ent per sample: 0.2 - 0.5 = -0.3, 1.0 - 0.1 = 0.9, 2.0 - 0.2 = 1.8, 0.7 - 0.1 =
+    0.6, 3.0 - 2.9 = 0.1 (high error, but as uncertain: on the diagonal), 0.5 - 0.0 = 0.5 (exactly
+    the margin: kept). Margin 0.5: samples 1, 2, 3 go; margin 1: only 2; margin 0: every one above
+    the diagonal (1, 2, 3, 4, 5)."""
+    ppl = t(0.2, 1.0, 2.0, 0.7, 3.0, 0.5).exp()
+    ent = t(0.5, 0.1, 0.2, 0.1, 2.9, 0.0)
+    for m, dropped in ((0.5, [1, 2, 3]), (1.0, [2]), (0.0, [1, 2, 3, 4, 5])):
+        mask = drop_surprising(ppl, ent, m)
+        assert idx(mask) == dropped, m
+        result = triage(ppl, ent, 0.5, eligible=~mask)
+        assert result.k == min(3, 6 - len(dropped)) and not result.keep[dropped].any()  # K = 3 of six
+    # the paper keeps the sample furthest above the diagonal (its highest PPL at low entropy)
+    assert 2 in idx(triage(ppl, ent, 0.5).keep)
+
+
+def test_drop_surprising_is_per_sample_not_per_pool():
+    """A sample's verdict is its own: the same sample in any pool, of any size or mix."""
+    g = torch.Generator().manual_seed(3)
+    ppl = (torch.rand(40, generator=g, dtype=torch.float64) * 3).exp()
+    ent = torch.rand(40, generator=g, dtype=torch.float64) * 2
+    whole = drop_surprising(ppl, ent, 0.5)
+    assert whole.any() and not whole.all()
+    for part in (slice(0, 7), slice(7, 40), torch.tensor([39, 0, 12])):
+        assert torch.equal(drop_surprising(ppl[part], ent[part], 0.5), whole[part])
+
+
+def test_drop_surprising_edge_samples():
+    """No score (NaN): never flagged; +inf PPL (a label the model gave probability 0): flagged;
+    the margin must be a finite number >= 0 or null."""
+    ppl, ent = t(NAN, INF, 2.0, 5.0), t(0.1, 0.3, NAN, 0.2)
+    assert idx(drop_surprising(ppl, ent, 0.5)) == [1, 3]
+    for bad in (-0.1, INF, "0.5", True):
+        with pytest.raises(ValueError, match=r"QTuningConfig\.drop_surprising must be null \(off\) or a finite number "
+                                             r">= 0, got"):
+            QTuningConfig(drop_surprising=bad)
+    # beside the small-loss rule: each flags its own, the triage excludes both
+    scores = [Scores(ppl=t(1.0, 9.0, 2.0, 3.0, 4.0, 50.0), entropy=t(0.5, 0.1, 0.2, 2.0, 0.3, 3.9),
+                     nll=torch.rand(6, 3), token_entropy=torch.zeros(6, 3), trainable=torch.ones(6, 3, dtype=torch.bool),
+                     input_tokens=torch.full((6,), 3))]
+    d = decide_step(scores, QTuningConfig(sample_ratio=0.5, drop_surprising=0.5, drop_highest_ppl=0.2))
+    # log 9 - 0.1 = 2.1 and log 4 - 0.3 = 1.09 go for surprise; PPL 50 is the pool's highest
+    assert idx(d.flags["surprising"]) == [1, 4] and idx(d.excluded) == [5]
+    assert not (d.keep[0] & (d.flags["surprising"] | d.excluded)).any() and int(d.keep[0].sum()) == 3
+
+
+def _scores_of(ppl, ent):
+    n = ppl.numel()
+    return [Scores(ppl=ppl, entropy=ent, nll=torch.rand(n, 3), token_entropy=torch.zeros(n, 3),
+                   trainable=torch.ones(n, 3, dtype=torch.bool), input_tokens=torch.full((n,), 3))]
+
+
+def test_a_pool_the_rules_empty_is_decided_by_the_paper(caplog):
+    """Every scored sample kept out (here all far above the diagonal): training the whole pool as
+    fetched would undo the pruning and training nothing is no step, so the pool is the paper's
+    triage alone, the rules' flags cleared, with a warning. One sample left eligible: the rules
+    stand."""
+    ppl, ent = t(5.0, 9.0, 7.0, NAN, 20.0, 6.0).exp(), t(0.1, 0.2, 0.3, 0.1, 0.5, 0.4)
+    config = QTuningConfig(sample_ratio=0.5, drop_surprising=0.5)
+    paper = decide_step(_scores_of(ppl, ent), config.paper())
+    with caplog.at_level("WARNING", logger="qtuning_plugin.core.step"):
+        d = decide_step(_scores_of(ppl, ent), config)
+    assert "kept out all 5 scored samples" in caplog.text
+    assert torch.equal(d.keep[0], paper.keep[0]) and int(d.keep[0].sum()) == 2
+    assert not d.flags["surprising"].any()
+    caplog.clear()
+    ent[2] = 6.9  # log PPL 7 - 6.9 = 0.1: one sample below the margin
+    d = decide_step(_scores_of(ppl, ent), config)
+    assert idx(d.flags["surprising"]) == [0, 1, 4, 5] and idx(d.keep[0]) == [2] and not caplog.text
+    # pool: global over two ranks, every sample of both kept out: the paper's triage of the whole pool
+    ent[2] = 0.3
+    d = decide_step(_scores_of(ppl, ent), config.replace(pool="global"),
+                    collectives=_TwoRanks([math.exp(8.0), math.exp(9.0)], [0.1, 0.1]))
+    assert bool(d.global_pool.eligible.all()) and not d.flags["surprising"].any()
     assert int(d.keep[0].sum()) == 2
 
 

@@ -38,7 +38,7 @@ def step_batches():
             padded_batch([6, 15, 11, 8], [1, 4, 3, 2], seed=2, padding_side="left")]
 
 
-@pytest.mark.parametrize("fields", [{}, {"preset": "small-loss"}, {"drop_ppl_outliers": 2.0},
+@pytest.mark.parametrize("fields", [{}, {"preset": "small-loss"}, {"drop_ppl_outliers": 2.0}, {"preset": "auto"},
                                     {"token_budget": "batch"}, {"pool": "micro_batch"}, {"pool": "global"},
                                     {"token_ratio": 1.0}, {"keep_tokens": "highest", "neighbor_lambda": 0.0}])
 def test_a_padded_step_waits_for_the_device_twice(fields):

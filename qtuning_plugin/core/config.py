@@ -53,6 +53,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the defaults: the paper's Algorithm 1
     # the small-loss rule against wrong labels with the tokens not learned yet trained
     "small-loss": {"drop_highest_ppl": 0.25, "keep_tokens": "highest"},
+    # no noise rate to set: answers the model's uncertainty cannot explain never kept, and the tokens
+    # not learned yet trained
+    "auto": {"drop_surprising": 0.5, "keep_tokens": "highest"},
 }
 
 # Options and presets the evidence retired (docs/options.md, "Retired options"): what replaced each.

@@ -150,6 +150,17 @@ def decide_step(scores: Sequence[Scores], config: QTuningConfig, references: Seq
             out = rule.exclude(_pool(whole))
             flags[rule.log_field] |= out[own]
             global_pool.eligible &= ~out
+        if rules and _kept_out_every_sample(whole, global_pool.eligible):  # (the same on every rank)
+            global_pool.eligible[:] = True
+            eligible[:] = True
+            for mask in flags.values():
+                mask[:] = False
+    elif rules:
+        for span in spans:
+            if _kept_out_every_sample(host.subset(span), eligible[span]):
+                eligible[span] = True
+                for mask in flags.values():
+                    mask[span] = False
     keep, prune, token_keep = [None] * len(scores), [None] * len(scores), [None] * len(scores)
     levels, kept_tokens = [], 0
     for pool, span in zip(pools, spans):
@@ -161,6 +172,18 @@ def decide_step(scores: Sequence[Scores], config: QTuningConfig, references: Seq
         for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
             keep[i], prune[i], token_keep[i] = k, p, t
     return StepDecision(keep, prune, token_keep, levels, kept_tokens, host, flags, global_pool)
+
+
+def _kept_out_every_sample(stats: HostStats, eligible: torch.Tensor) -> bool:
+    """Whether the rules kept out every scored sample of a pool. Then the pool is decided by the
+    paper's triage alone (the rules' flags cleared), with a warning: a step that trains nothing is
+    not one the Trainer can take, and training the whole pool as fetched would undo the pruning."""
+    scored = ~(torch.isnan(stats.ppl) | torch.isnan(stats.entropy))
+    if not scored.any() or (eligible & scored).any():
+        return False
+    logger.warning("QTuning: the rules beyond the paper kept out all %d scored samples of a pool; this pool is "
+                   "decided by the paper's triage alone", int(scored.sum()))
+    return True
 
 
 def _pool(stats: HostStats) -> Pool:
