@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def test_quality_benchmark_quick_mode(tmp_path):
             "stress-3ep": {"qtuning-smallloss-25x50", "qtuning-smallloss-highest-25x50",
                            "qtuning-smallloss3-highest-25x50", "qtuning-outliers-highest-25x50"},
             "stress": {"qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
-                       "qtuning-observe-25x50"}}
+                       "qtuning-observe-25x50"},
+            "stress-swap-3ep": {"qtuning-auto-25x50"}}
     assert sorted(a for arms in plan.values() for a in arms) == sorted(quality.ARMS)  # each arm exactly once
     out = tmp_path / "quality"
     command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--tiny", "--out", str(out)]
@@ -92,6 +94,11 @@ def test_quality_benchmark_quick_mode(tmp_path):
         assert all(len(s["kind"]) == len(s["ppl"]) == 16 for s in r["decisions"])
         if r["regime"].startswith("stress"):  # each sample's kind found (the paper's long answers are
             assert all("?" not in s["kind"] for s in r["decisions"])  # cut at 256 characters by the tiny tokenizer)
+        for s in r["decisions"]:  # per sample: its id, largest token NLL, surprise beyond the entropy, tokens
+            assert all(len(s[k]) == 16 for k in ("ids", "nll_max", "surprise_max", "surprise_sum", "tokens"))
+            for p, e, total, n in zip(s["ppl"], s["entropy"], s["surprise_sum"], s["tokens"]):
+                # the summed surprise per token is the pool's own log PPL - entropy (drop_surprising's test)
+                assert n > 0 and math.isclose(total / n, math.log(p) - e, rel_tol=1e-4, abs_tol=1e-4)
         guard = "guard" in r["arm"] or "observe" in r["arm"]
         for s in r["decisions"]:  # the guard's flags and rises (recorded as excess_*), with the guard only
             assert {"suspect", "excess_max", "excess_mean"} <= set(s) if guard else not {"suspect", "excess_max"} & set(s)

@@ -306,10 +306,10 @@ def test_console_script_error_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"qtuning plot: error: no such decision log: {tmp_path / 'nope.jsonl'}"
 
 
-@pytest.mark.parametrize("flags", [[], ["--preset", "small-loss"], ["--reference", "base"]])
+@pytest.mark.parametrize("flags", [[], ["--preset", "small-loss"], ["--preset", "auto"], ["--reference", "base"]])
 def test_demo_pipeline_tiny(tmp_path, flags):
     """`qtuning demo` end to end on the tiny model: 2 steps, the log, both pictures, the summary;
-    with rules on (the small-loss preset, the reference guard), also what the paper's Algorithm 1
+    with rules on (the small-loss and auto presets, the reference guard), also what the paper's Algorithm 1
     would keep from the same pools."""
     preset = flags[1] if flags[:1] == ["--preset"] else None
     pytest.importorskip("trl")
@@ -327,6 +327,7 @@ def test_demo_pipeline_tiny(tmp_path, flags):
     assert summary["preset"] == (preset or "paper")
     assert summary["settings"]["reference"] == ("base" if "--reference" in flags else "none")
     assert summary["settings"]["drop_highest_ppl"] == (0.25 if preset == "small-loss" else 0.0)
+    assert summary["settings"]["drop_surprising"] == (0.5 if preset == "auto" else None)
     paper = summary["paper_would_keep_by_kind"]
     if not flags:
         assert paper is None and "would keep" not in proc.stdout
