@@ -268,7 +268,8 @@ def test_noise_estimates_replay_the_logged_pools():
                            str(ROOT / "benchmarks" / "results" / "quality-3ep.runs.jsonl"), "--precision", "fp32"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "regime" not in line]
+    first_table = proc.stdout.split("\n\n")[0]  # (the per-kind tables of drop_surprising follow)
+    rows = [line.split("|")[1:-1] for line in first_table.splitlines() if line.startswith("| ") and "regime" not in line]
     truth = {(r[0].strip(), r[2].strip()): float(r[4].split()[0]) for r in rows}
     assert truth[("stress-heavy-3ep", "last step")] == 34.4 and truth[("paper-3ep", "end of epoch 1")] == 6.4
     for r in rows:
