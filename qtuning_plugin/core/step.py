@@ -178,7 +178,7 @@ def _kept_out_every_sample(stats: HostStats, eligible: torch.Tensor) -> bool:
     """Whether the rules kept out every scored sample of a pool. Then the pool is decided by the
     paper's triage alone (the rules' flags cleared), with a warning: a step that trains nothing is
     not one the Trainer can take, and training the whole pool as fetched would undo the pruning."""
-    scored = ~(torch.isnan(stats.ppl) | torch.isnan(stats.entropy))
+    scored = _pool(stats).scored
     if not scored.any() or (eligible & scored).any():
         return False
     logger.warning("QTuning: the rules beyond the paper kept out all %d scored samples of a pool; this pool is "
