@@ -21,9 +21,8 @@ Regimes:
   rules against wrong labels were set on.
 - ``stress-clean-3ep``: ``stress-3ep`` without wrong or garbled answers (10 % redundant): what a
   rule against wrong labels costs where there are none.
-- ``stress-swap-3ep``, ``paper-swap-3ep``: a second kind of wrong label, *swapped* (15 %, with 5 %
-  garbled and 10 % redundant): another problem's worked answer, the same shape and wholly wrong for
-  this prompt, in one-step and in three-step answers.
+- ``stress-swap-3ep``: a second kind of wrong label, *swapped* (15 %, with 5 % garbled and 10 %
+  redundant): another problem's worked answer, the same shape and wholly wrong for this prompt.
 
 Arms (``ARMS``), at equal step counts (batch 8 x GA 2 = a pool of 16 per step): full data; random
 25 % of samples x random 50 % of their tokens; Q-Tuning 25 % x 50 % (the paper) and 25 % x 100 %
@@ -100,8 +99,6 @@ REGIMES = {
     # stress-3ep whose wrong labels are of a second kind: another problem's worked answer (the same
     # shape, wholly wrong for this prompt) instead of the right answer with its result moved
     "stress-swap-3ep": {"steps": 1, "mix": {"swapped": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
-    # the same second kind in the paper's three-step answers (names, items and numbers of another problem)
-    "paper-swap-3ep": {"steps": 3, "mix": {"swapped": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 3},
 }
 # name: (kind, sample ratio, token ratio[, QTuningConfig options beyond the paper])
 ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("qtuning", 0.25, 0.5),
