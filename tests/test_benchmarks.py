@@ -274,3 +274,38 @@ def test_noise_estimates_replay_the_logged_pools():
     assert truth[("stress-heavy-3ep", "last step")] == 34.4 and truth[("paper-3ep", "end of epoch 1")] == 6.4
     for r in rows:
         assert all(0.0 <= float(c.split()[0]) <= 100.0 for c in r[4:])
+
+
+def test_preset_table_pairs_by_seed_and_replays_the_rules(tmp_path):
+    """benchmarks/preset_table.py on a hand-made runs file: differences paired by seed (a seed the
+    baseline lacks is left out), wins and ties counted apart, and the useful samples the arm's rules
+    keep out replayed on its logged pools (drop_surprising 0.5: log PPL - entropy above 0.5; a pool
+    whose every sample it would keep out is decided without it, as in training)."""
+    spec = importlib.util.spec_from_file_location("preset_table", ROOT / "benchmarks" / "preset_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    # log PPL - entropy: 3.0 - 0.5 (out), 0.5 - 0.3, 0.2 - 0.1, 1.6 - 0.1 (out): one useful of three kept out
+    pool = {"kind": ["garbled", "useful", "useful", "useful"], "ppl": [math.exp(3.0), math.exp(0.5), math.exp(0.2),
+            math.exp(1.6)], "entropy": [0.5, 0.3, 0.1, 0.1], "keep": [False, True, False, False]}
+    every_one_out = {**pool, "kind": ["useful"] * 2, "ppl": [math.exp(3.0)] * 2, "entropy": [0.1] * 2,
+                     "keep": [True, False]}
+    runs = [{"regime": "r", "arm": "qtuning-auto-25x50", "seed": s, "precision": "fp32", "accuracy": acc, "nll": nll,
+             "decisions": [pool, every_one_out]} for s, acc, nll in ((0, 0.5, 0.1), (1, 0.75, 0.2), (2, 0.5, 0.3))]
+    runs += [{"regime": "r", "arm": "random-25x50", "seed": s, "precision": "fp32", "accuracy": acc, "nll": nll,
+              "decisions": [pool]} for s, acc, nll in ((0, 0.25, 0.2), (1, 0.75, 0.1))]
+    auto = [r for r in runs if r["arm"] == "qtuning-auto-25x50"]
+    assert table.useful_kept_out(auto, "qtuning-auto-25x50") == pytest.approx(1 / 5)
+    assert table.useful_kept_out(auto, "qtuning-25x50") is None  # the paper: no rules
+    path = tmp_path / "q.runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    out = tmp_path / "t.md"
+    assert table.main([str(path), "--precision", "fp32", "--out", str(out)]) == 0
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| r (3 seeds)"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == "58.3 ± 14.4 %" and cells[2] == "0.200 ± 0.100"
+    # seeds 0 and 1: accuracy +0.25 and 0 (one win, one tie), NLL -0.1 and +0.1 (one win)
+    assert cells[3] == "+12.5 pp (1 / 1 of 2), +0.000 (1 of 2)"
+    # corrupted: pools 1/6 (one garbled of six samples), kept 0 of 2
+    assert cells[-2] == "16.7 % → 0.0 %" and cells[-1] == "20.0 %"
+    with pytest.raises(SystemExit):
+        table.main([str(path), "--regimes", "other"])

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""One arm against the others, regime by regime, from the runs that ``benchmarks/quality.py`` recorded.
+
+``quality.py`` reports each regime's arms against random pruning; this table puts one arm (a
+preset) in a row per regime, paired by seed against random pruning at its token budget and at its
+compute, against the other rules, with the corrupted share of its pools and of what it kept, and
+the share of useful samples its rules kept out (replayed from the logged pools with the package's
+rules). No training: seconds.
+
+    python benchmarks/preset_table.py benchmarks/results/quality-3ep.runs.jsonl --precision fp32 \\
+        --out benchmarks/results/quality-auto.md     # preset auto (issue 29)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import ARMS, CORRUPTED, corrupted_share, mean_sd, paired, spec_of  # noqa: E402
+
+from qtuning_plugin.core import QTuningConfig  # noqa: E402
+from qtuning_plugin.core.rules import Pool, Rule, build_rules  # noqa: E402
+
+VERSUS = {"random-25x50": "random 25 x 50 (same token budget)", "random-25x100": "random 25 x 100 (same compute)",
+          "qtuning-smallloss-highest-25x50": "small-loss", "qtuning-25x50": "the paper", "full": "full data"}
+ARMS_TABLE = ("random-25x50", "random-25x100", "qtuning-25x50", "qtuning-smallloss-highest-25x50", "full")
+
+
+def useful_kept_out(runs, arm: str) -> float | None:
+    """Share of the useful samples that ``arm``'s rules keep out, replayed on its logged pools
+    (as in a training step: a pool whose every scored sample they keep out is decided by the
+    paper's triage, nothing kept out). None for an arm without rules or pools, or whose rules need
+    features the pools did not log."""
+    spec = spec_of(arm)
+    if spec is None or spec[0] != "qtuning":
+        return None
+    rules = build_rules(QTuningConfig(sample_ratio=spec[1], token_ratio=spec[2], **(spec[3] if len(spec) > 3 else {})))
+    if not rules or any(type(r).features is not Rule.features for r in rules):  # features not logged
+        return None
+    useful = out_useful = 0
+    for run in runs:
+        for step in run.get("decisions") or []:
+            pool = Pool(torch.tensor(step["ppl"], dtype=torch.float64), torch.tensor(step["entropy"], dtype=torch.float64))
+            out = torch.zeros(pool.ppl.shape, dtype=torch.bool)
+            for rule in rules:
+                out |= rule.exclude(pool)
+            if pool.scored.any() and not (pool.scored & ~out).any():
+                out[:] = False
+            for kind, x in zip(step["kind"], out.tolist()):
+                useful += kind == "useful"
+                out_useful += x and kind == "useful"
+    return out_useful / useful if useful else None
+
+
+def table(rows, arm: str, regimes=None) -> list[str]:
+    regimes = regimes or list(dict.fromkeys(r["regime"] for r in rows if r["arm"] == arm))
+    others = [b for b in VERSUS if b != arm]
+    lines = [f"| regime | {arm}: exact match | NLL | " + " | ".join(f"vs {VERSUS[b]}: exact match (wins / ties), "
+                                                                    "NLL (wins)" for b in others) +
+             " | corrupted: pool → kept | useful kept out |", "|---" * (5 + len(others)) + "|"]
+    for regime in regimes:
+        rs = [r for r in rows if r["regime"] == regime]
+        mine = [r for r in rs if r["arm"] == arm]
+        acc, nll = mean_sd(r["accuracy"] for r in mine), mean_sd(r["nll"] for r in mine)
+        cells = []
+        for b in others:
+            a, n = paired(rs, arm, b, "accuracy"), paired(rs, arm, b, "nll")
+            cells.append("-" if a is None else f"{100 * a[0]:+.1f} pp ({a[2]} / {a[3]} of {a[4]}), "
+                                               f"{n[0]:+.3f} ({n[2]} of {n[4]})")
+        shares = [corrupted_share(r) for r in mine]
+        out = useful_kept_out(mine, arm)
+        lines.append(f"| {regime} ({len(mine)} seeds) | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} % | "
+                     f"{nll[0]:.3f} ± {nll[1]:.3f} | " + " | ".join(cells) +
+                     f" | {100 * statistics.mean(p for p, _ in shares):.1f} % → "
+                     f"{100 * statistics.mean(k for _, k in shares):.1f} % | "
+                     f"{'-' if out is None else f'{100 * out:.1f} %'} |")
+    lines += ["", "| regime | arm | seeds | exact match | NLL | corrupted: pool → kept |", "|---|---|---|---|---|---|"]
+    for regime in regimes:
+        for b in (*ARMS_TABLE, arm):
+            rs = [r for r in rows if r["regime"] == regime and r["arm"] == b]
+            if not rs or (b == arm and b in ARMS_TABLE):
+                continue
+            acc, nll = mean_sd(r["accuracy"] for r in rs), mean_sd(r["nll"] for r in rs)
+            shares = [corrupted_share(r) for r in rs]
+            lines.append(f"| {regime} | {b} | {len(rs)} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} % | "
+                         f"{nll[0]:.3f} ± {nll[1]:.3f} | {100 * statistics.mean(p for p, _ in shares):.1f} % → "
+                         f"{100 * statistics.mean(k for _, k in shares):.1f} % |")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="<out>.runs.jsonl files of benchmarks/quality.py")
+    p.add_argument("--arm", default="qtuning-auto-25x50", choices=list(ARMS))
+    p.add_argument("--precision", choices=["fp32", "bf16 autocast"], help="only runs at this precision")
+    p.add_argument("--regimes", nargs="+", help="these regimes, in this order (default: every regime the arm ran)")
+    p.add_argument("--out", help="write the tables to this .md (default: print them)")
+    args = p.parse_args(argv)
+    rows = []
+    for path in args.runs:
+        with open(path, encoding="utf-8") as f:
+            rows += [r for r in map(json.loads, filter(str.strip, f))
+                     if not args.precision or r.get("precision", args.precision) == args.precision]
+    ran = {r["regime"] for r in rows if r["arm"] == args.arm}
+    if not ran or not set(args.regimes or ()) <= ran:
+        p.error(f"no run of arm {args.arm!r} in {sorted(set(args.regimes or ()) - ran) or 'any regime'} of {args.runs}"
+                + (f" at {args.precision}" if args.precision else ""))
+    command = " ".join(["python", "benchmarks/preset_table.py", *args.runs, "--arm", args.arm,
+                        *(["--precision", repr(args.precision) if " " in args.precision else args.precision]
+                          if args.precision else []), *(["--regimes", *args.regimes] if args.regimes else []),
+                        *(["--out", args.out] if args.out else [])])
+    text = "\n".join([f"`{command}`", "", "Paired by seed: the mean difference, and the seeds won (higher exact "
+                      "match, lower NLL) / tied of those both arms ran. Corrupted = wrong + swapped + garbled, mean "
+                      "over seeds of its share of the pools and of what the arm kept. Useful kept out: the share of "
+                      "the useful samples its rules kept out, replayed on its logged pools.", "",
+                      *table(rows, args.arm, args.regimes)]) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
