@@ -27,7 +27,11 @@ Estimators (x = log PPL, a sample's mean answer NLL, over the window):
   model, log PPL - Ent is 0 on average), m = 0.5, 1.
 
 A second table gives, per kind of sample, the share each ``drop_surprising`` margin keeps out over
-the whole run: on useful samples that is what the rule costs.
+the whole run: on useful samples that is what the rule costs. A third asks whether memory sharpens
+the surprise (log PPL - Ent): per epoch, the AUROC of wrong (or swapped) against useful samples
+for the sightings of that epoch alone and for each sample's mean over its sightings so far, read
+from the runs of ``--memory-arm`` (the arm whose pools logged sample ids in every noisy regime; its
+selection shaped its trajectory).
 
     python benchmarks/estimate_noise.py benchmarks/results/quality-3ep.runs.jsonl --precision fp32
 """
@@ -136,12 +140,48 @@ def kept_out_by_kind(run) -> dict[str, list[int]]:
     return counts
 
 
+def auroc(positive, negative) -> float:
+    """P(a positive scores above a negative), ties counting one half."""
+    if not positive or not negative:
+        return math.nan
+    return sum((p > n) + 0.5 * (p == n) for p in positive for n in negative) / (len(positive) * len(negative))
+
+
+def memory_separation(run) -> dict[str, list[tuple[float, float]]]:
+    """Per corrupted kind: per epoch, (AUROC against useful samples of the surprise log PPL - Ent of
+    that epoch's sightings, of each sample's mean surprise over its sightings up to that epoch)."""
+    pools = run.get("decisions") or []
+    epochs = run.get("epochs", 1)
+    sightings = []  # (epoch, id, kind, surprise)
+    for i, pool in enumerate(pools):
+        for p, e, kind, key in zip(pool["ppl"], pool["entropy"], pool["kind"], pool.get("ids") or []):
+            if p is not None and e is not None and math.isfinite(p) and p > 0:
+                sightings.append((1 + i * epochs // len(pools), key, kind, math.log(p) - e))
+    out = {}
+    for bad in ("wrong", "swapped"):
+        if not any(k == bad for _, _, k, _ in sightings):
+            continue
+        rows = []
+        for epoch in range(1, epochs + 1):
+            now = [(k, x) for ep, _, k, x in sightings if ep == epoch]
+            memory = defaultdict(list)
+            for ep, key, kind, x in sightings:
+                if ep <= epoch:
+                    memory[key, kind].append(x)
+            mean = [(k, statistics.mean(v)) for (_, k), v in memory.items()]
+            rows.append(tuple(auroc([x for k, x in xs if k == bad], [x for k, x in xs if k == "useful"])
+                              for xs in (now, mean)))
+        out[bad] = rows
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+")
     p.add_argument("--arm", default="random-25x50")
     p.add_argument("--precision", default=None)
     p.add_argument("--bic-margin", type=float, default=10.0)
+    p.add_argument("--memory-arm", default="qtuning-auto-25x50", help="whose pools (with sample ids) the third table reads")
     args = p.parse_args(argv)
     by_regime, kinds_by_regime = defaultdict(list), defaultdict(lambda: defaultdict(lambda: [0] * (1 + len(MARGINS))))
     for run in runs_of(args.files, args.arm, args.precision):
@@ -179,6 +219,22 @@ def main(argv=None) -> int:
             c = kinds_by_regime[regime]
             cells = [f"{100 * c[k][1 + m_i] / c[k][0]:.1f} ({c[k][0]})" if c[k][0] else "-" for k in kinds]
             print(f"| {regime} | " + " | ".join(cells) + " |")
+    memory = defaultdict(lambda: defaultdict(list))  # regime -> kind -> per run [(now, mean) per epoch]
+    for run in runs_of(args.files, args.memory_arm, args.precision):
+        for kind, rows in memory_separation(run).items():
+            memory[run["regime"]][kind].append(rows)
+    if memory:
+        print()
+        print(f"AUROC against useful samples of log PPL - Ent, arm {args.memory_arm}, mean over seeds: the sightings "
+              "of each epoch alone / each sample's mean over its sightings so far (0.5: no separation, 1: perfect)")
+        n_epochs = max(len(rows) for kinds in memory.values() for runs in kinds.values() for rows in runs)
+        print("| regime | kind | seeds | " + " | ".join(f"epoch {e + 1}" for e in range(n_epochs)) + " |")
+        print("|---|---|---|" + "---|" * n_epochs)
+        for regime in sorted(memory):
+            for kind, runs in memory[regime].items():
+                cells = [f"{statistics.mean(r[e][0] for r in runs):.2f} / {statistics.mean(r[e][1] for r in runs):.2f}"
+                         if all(len(r) > e for r in runs) else "-" for e in range(n_epochs)]
+                print(f"| {regime} | {kind} | {len(runs)} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -309,3 +309,23 @@ def test_preset_table_pairs_by_seed_and_replays_the_rules(tmp_path):
     assert cells[-2] == "16.7 % → 0.0 %" and cells[-1] == "20.0 %"
     with pytest.raises(SystemExit):
         table.main([str(path), "--regimes", "other"])
+
+
+def test_noise_estimates_memory_auroc_by_hand():
+    """benchmarks/estimate_noise.py's memory table: per epoch, the AUROC of the surprise (log PPL -
+    entropy) of that epoch's sightings, and of each sample's mean over its sightings so far."""
+    spec = importlib.util.spec_from_file_location("estimate_noise", ROOT / "benchmarks" / "estimate_noise.py")
+    est = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(est)
+
+    def pool(surprise):  # samples a (wrong), b, c (useful); entropy 0, so log PPL = surprise
+        return {"kind": ["wrong", "useful", "useful"], "ids": ["a", "b", "c"], "entropy": [0.0] * 3,
+                "ppl": [math.exp(x) for x in surprise]}
+    # epoch 1: the wrong answer above both useful ones; epoch 2: below one of them (the model learned it)
+    run = {"epochs": 2, "decisions": [pool([3.0, 1.0, 2.0]), pool([1.5, 1.0, 2.0])]}
+    got = est.memory_separation(run)
+    assert list(got) == ["wrong"]
+    (now1, mean1), (now2, mean2) = got["wrong"]
+    assert now1 == mean1 == 1.0
+    assert now2 == 0.5 and mean2 == 1.0  # mean of a: 2.25, above b's 1.0 and c's 2.0
+    assert est.auroc([1.0], [1.0]) == 0.5 and math.isnan(est.auroc([], [1.0]))
