@@ -31,7 +31,9 @@ the whole run: on useful samples that is what the rule costs. A third asks wheth
 the surprise (log PPL - Ent): per epoch, the AUROC of wrong (or swapped) against useful samples
 for the sightings of that epoch alone and for each sample's mean over its sightings so far, read
 from the runs of ``--memory-arm`` (the arm whose pools logged sample ids in every noisy regime; its
-selection shaped its trajectory).
+selection shaped its trajectory). A fourth, from the same runs, gives each kind's largest
+per-token surprise (NLL - H of its most surprising answer token): how far a wrong number stands out
+from the model's own confident mistakes on correct answers.
 
     python benchmarks/estimate_noise.py benchmarks/results/quality-3ep.runs.jsonl --precision fp32
 """
@@ -235,6 +237,31 @@ def main(argv=None) -> int:
                 cells = [f"{statistics.mean(r[e][0] for r in runs):.2f} / {statistics.mean(r[e][1] for r in runs):.2f}"
                          if all(len(r) > e for r in runs) else "-" for e in range(n_epochs)]
                 print(f"| {regime} | {kind} | {len(runs)} | " + " | ".join(cells) + " |")
+    peaks = defaultdict(lambda: defaultdict(list))  # regime -> kind -> surprise_max of every scored sample
+    per_pool = defaultdict(list)  # regime -> per pool: useful samples with a token above 4 nats of surprise
+    for run in runs_of(args.files, args.memory_arm, args.precision):
+        for pool in run.get("decisions") or []:
+            if "surprise_max" not in pool:
+                continue
+            for kind, v in zip(pool["kind"], pool["surprise_max"]):
+                if v is not None and math.isfinite(v):
+                    peaks[run["regime"]][kind].append(v)
+            per_pool[run["regime"]].append(sum(k == "useful" and v > 4.0 for k, v in zip(pool["kind"], pool["surprise_max"])))
+    if peaks:
+        print()
+        print(f"largest per-token surprise NLL - H of a sample (nats), arm {args.memory_arm}, every pool of every seed: "
+              "10th / 50th / 90th percentile per kind; and per pool, how many useful samples hold a token above 4 nats "
+              "(mean, min-max)")
+        print("| regime | " + " | ".join(kinds) + " | useful above 4 nats per pool |")
+        print("|---|" + "---|" * (len(kinds) + 1))
+        for regime in sorted(peaks):
+            cells = []
+            for k in kinds:
+                v = sorted(peaks[regime][k])
+                cells.append(" / ".join(f"{v[min(len(v) - 1, int(q * len(v)))]:.1f}".replace("-0.0", "0.0")
+                                        for q in (0.1, 0.5, 0.9)) if v else "-")
+            n = per_pool[regime]
+            print(f"| {regime} | " + " | ".join(cells) + f" | {statistics.mean(n):.1f} ({min(n)}-{max(n)}) |")
     return 0
 
 
