@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import ARMS, CORRUPTED, corrupted_share, mean_sd, paired, spec_of  # noqa: E402
+from quality import ARMS, corrupted_share, mean_sd, paired, spec_of  # noqa: E402
 
 from qtuning_plugin.core import QTuningConfig  # noqa: E402
 from qtuning_plugin.core.rules import Pool, Rule, build_rules  # noqa: E402
