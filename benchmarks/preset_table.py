@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import ARMS, corrupted_share, mean_sd, paired, spec_of  # noqa: E402
+from quality import ARMS, corrupted_share, mean_sd, paired, spec_of
 
-from qtuning_plugin.core import QTuningConfig  # noqa: E402
-from qtuning_plugin.core.rules import Pool, Rule, build_rules  # noqa: E402
+from qtuning_plugin.core import QTuningConfig
+from qtuning_plugin.core.rules import Pool, Rule, build_rules
 
 VERSUS = {"random-25x50": "random 25 x 50 (same token budget)", "random-25x100": "random 25 x 100 (same compute)",
           "qtuning-smallloss-highest-25x50": "small-loss", "qtuning-25x50": "the paper", "full": "full data"}
@@ -115,11 +115,11 @@ def main(argv=None) -> int:
                         *(["--precision", repr(args.precision) if " " in args.precision else args.precision]
                           if args.precision else []), *(["--regimes", *args.regimes] if args.regimes else []),
                         *(["--out", args.out] if args.out else [])])
-    text = "\n".join([f"`{command}`", "", "Paired by seed: the mean difference, and the seeds won (higher exact "
-                      "match, lower NLL) / tied of those both arms ran. Corrupted = wrong + swapped + garbled, mean "
-                      "over seeds of its share of the pools and of what the arm kept. Useful kept out: the share of "
-                      "the useful samples its rules kept out, replayed on its logged pools.", "",
-                      *table(rows, args.arm, args.regimes)]) + "\n"
+    legend = ("Paired by seed: the mean difference, and the seeds won (higher exact match, lower NLL) / tied of "
+              "those both arms ran. Corrupted = wrong + swapped + garbled, mean over seeds of its share of the pools "
+              "and of what the arm kept. Useful kept out: the share of the useful samples its rules kept out, "
+              "replayed on its logged pools.")
+    text = "\n".join([f"`{command}`", "", legend, "", *table(rows, args.arm, args.regimes)]) + "\n"
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     print(text)
