@@ -44,9 +44,14 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from separation import auroc
 
 CORRUPTED = ("wrong", "swapped", "garbled")
 WHOLLY = ("swapped", "garbled")  # answers that are not this prompt's at all
@@ -140,13 +145,6 @@ def kept_out_by_kind(run) -> dict[str, list[int]]:
             for i, m in enumerate(MARGINS):
                 counts[kind][1 + i] += math.log(p) - e > m
     return counts
-
-
-def auroc(positive, negative) -> float:
-    """P(a positive scores above a negative), ties counting one half."""
-    if not positive or not negative:
-        return math.nan
-    return sum((p > n) + 0.5 * (p == n) for p in positive for n in negative) / (len(positive) * len(negative))
 
 
 def memory_separation(run) -> dict[str, list[tuple[float, float]]]:
