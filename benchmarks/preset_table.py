@@ -8,7 +8,7 @@ the share of useful samples its rules kept out (replayed from the logged pools w
 rules). No training: seconds.
 
     python benchmarks/preset_table.py benchmarks/results/quality-3ep.runs.jsonl --precision fp32 \\
-        --out benchmarks/results/quality-auto.md     # preset auto (issue 29)
+        --out benchmarks/results/preset-auto-3ep.md     # preset auto (issue 29)
 """
 
 from __future__ import annotations

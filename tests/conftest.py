@@ -8,7 +8,7 @@ collect_ignore = [] if importlib.util.find_spec("axolotl") else ["test_axolotl.p
 # and the Trainer can report to them: transformers 5.16's TrackioCallback passes `bucket_id`, which
 # the trackio of Axolotl 0.19's stack (0.19.0) does not take, so report_to trackio fails there
 # with or without Q-Tuning.
-collect_ignore += [f"test_live_{name}.py" for name in ("wandb", "trackio") if importlib.util.find_spec(name) is None]
+collect_ignore += [f"test_live_{name}.py" for name in ("wandb", "trackio", "mlflow") if importlib.util.find_spec(name) is None]
 if "test_live_trackio.py" not in collect_ignore:  # (not imported here: trackio reads TRACKIO_DIR at import)
     from importlib.metadata import version
 
