@@ -117,10 +117,11 @@ def test_pool_rows_carry_what_the_picture_draws():
     pool = {"ppl": torch.tensor([2.0, float("nan"), 5.0], dtype=torch.float64),
             "entropy": torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64), "quadrant": torch.tensor([4, 3, 2]),
             "keep": torch.tensor([True, False, False]), "prune_tokens": torch.tensor([False, False, False]),
-            "excluded": torch.tensor([False, False, True])}
+            "excluded": torch.tensor([False, False, True]), "surprising": torch.tensor([False, True, False])}
     rows = pool_rows(pool)
     assert [r["kept"] for r in rows] == [True, False, False] and [r["excluded"] for r in rows] == [False, False, True]
-    assert rows[0] == {"ppl": 2.0, "entropy": 1.0, "quadrant": 4, "kept": True, "excluded": False}
+    assert [r["surprising"] for r in rows] == [False, True, False]
+    assert rows[0] == {"ppl": 2.0, "entropy": 1.0, "quadrant": 4, "kept": True, "excluded": False, "surprising": False}
     assert "suspect" not in rows[0]
 
 
