@@ -517,14 +517,14 @@ def test_pictures_frame_the_bulk_and_mark_the_outliers():
     fig, ax = _pyplot().subplots()
     assert _scatter_quadrants(ax, rows, kept_key="kept") == 2
     assert ax.get_xlim()[1] < 2.0
-    # samples a rule against wrong labels kept out are crossed, the far ones on the frame's edge
+    # samples a rule kept out are crossed, the far ones on the frame's edge
     from qtuning_plugin.plots import _mark_kept_out
 
     rows[-1]["excluded"], rows[3]["suspect"], rows[5]["excluded"] = True, True, False
     limits = ax.get_xlim()
     assert _mark_kept_out(ax, rows) == 2 and ax.get_xlim() == limits
     crosses = ax.collections[-1]
-    assert crosses.get_label() == "kept out as a suspected wrong label"
+    assert crosses.get_label() == "kept out by a rule (excluded, suspect)"
     assert crosses.get_offsets()[:, 0].tolist() == pytest.approx([bulk[3], limits[1]])
     _pyplot().close(fig)
 
