@@ -5,13 +5,15 @@
 - ``qtuning analyze --model M --data D``: score every sample of a dataset on the EU plane
   (resumable), write per-sample rows and a picture (:mod:`qtuning_plugin.offline`).
 - ``qtuning prune --scores S --data D``: a static Q-Tuning pass over a whole dataset, for any
-  trainer: the kept samples, pruned tokens' labels masked (input_ids / attention_mask / labels).
-- ``qtuning plot LOG``: draw a decision log (``log_decisions``) over training.
+  trainer: the kept samples, pruned tokens' labels masked (input_ids / attention_mask / labels)
+  (:mod:`qtuning_plugin.static`).
+- ``qtuning plot LOG``: draw a decision log (``log_decisions``) over training, every rank's file.
 
 The Q-Tuning flags (``--sample-ratio``, ``--preset``, ...) are derived from
-:data:`~qtuning_plugin.core.config.OPTIONS` (:mod:`.cli_options`); every flag's help gives its default. Expected problems (a missing file, an unknown format,
-a ratio out of range, a model without a tokenizer) end with one line on stderr and exit status 2,
-not a traceback.
+:data:`~qtuning_plugin.core.config.OPTIONS` (:mod:`.cli_options`); every flag's help gives its
+default. Expected problems (a missing file, an unknown format, a ratio out of range, a model
+without a tokenizer, an option a static pass cannot apply) end with one line on stderr and exit
+status 2, not a traceback.
 """
 
 from __future__ import annotations

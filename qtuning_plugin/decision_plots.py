@@ -17,8 +17,9 @@ def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 
     """A decision log over training. Top: ``panels`` pools spread over training (first to last
     step; rank 0's where there are several), each on its own EU plane framed on its bulk, with its
     median lines (the quadrants) and, where the paper's triage reproduces what was kept, its
-    triage level; the samples a rule kept out (any rule's decision-log field) are crossed. Bottom: the kept samples by quadrant per step, and the share of their label
-    tokens kept (token pruning)."""
+    triage level; the samples a rule kept out (any rule's decision-log field) are crossed.
+    Bottom: the kept samples by quadrant per step, and the share of their label tokens kept (token
+    pruning); rows of several ranks all count there."""
     plt = _pyplot()
     steps = sorted({r["step"] for r in rows})
     if not steps:

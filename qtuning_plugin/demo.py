@@ -282,7 +282,8 @@ def _print_summary(s: dict, out: Path) -> None:
             f"{k} {v['kept']}/{v['seen']} ({pct(v['kept'], v['seen'])})"
             for k, v in s["paper_would_keep_by_kind"].items()))
     lines += [f"  pictures: {', '.join(s['pictures'])}"
-              + (f"; live EU planes: tensorboard --logdir {s['tensorboard']}" if s.get("tensorboard") else ""), f"  summary: {out / 'summary.json'}, adapter: {out / 'adapter'}"]
+              + (f"; live EU planes: tensorboard --logdir {s['tensorboard']}" if s.get("tensorboard") else ""),
+              f"  summary: {out / 'summary.json'}, adapter: {out / 'adapter'}"]
     print("\n".join(lines))
     if not math.isfinite(s["held_out_loss_after"]):
         print("warning: the held-out loss is not finite", file=sys.stderr)

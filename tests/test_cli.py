@@ -193,7 +193,10 @@ def hand_made_scores(tmp_path, n=16):
     for i, record in enumerate(records):
         ids, labels = encode(record, tok, "prompt-completion")
         nll = [((j * 7 + i * 3) % 11) / 5 if j and lab != -100 else None for j, lab in enumerate(labels)]
-        ppl, ent = (math.exp(3.0 + 0.1 * i), 0.3 + 0.01 * i) if i < 4 else (math.exp(0.5 + 0.05 * i), 0.4 + 0.07 * (i % 5))
+        if i < 4:
+            ppl, ent = math.exp(3.0 + 0.1 * i), 0.3 + 0.01 * i
+        else:
+            ppl, ent = math.exp(0.5 + 0.05 * i), 0.4 + 0.07 * (i % 5)
         rows.append({"index": i, "id": sample_id(ids), "ppl": ppl, "entropy": ent, "quadrant": None,
                      "n_tokens": sum(x is not None for x in nll), "kept": False, "token_nll": nll})
     scores = write_jsonl(tmp_path / "s.jsonl", rows)
