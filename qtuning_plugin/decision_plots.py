@@ -1,5 +1,5 @@
 """A decision log over training, in one picture (:func:`plot_decisions`): EU-plane panels by step
-range (kept samples filled, dropped ones hollow, those kept out as suspected wrong labels crossed;
+range (kept samples filled, dropped ones hollow, those a rule kept out crossed;
 samples of a known kind, such as the demo's wrong answers, ringed) above the kept samples by
 quadrant, one bar per step, and, where kinds are known, the wrong answers kept per step (beside
 those the paper's Algorithm 1 would keep, when the rows carry ``paper_kept``)."""
@@ -17,9 +17,9 @@ def plot_decisions(rows: Sequence[dict], path: str | os.PathLike, panels: int = 
     """A decision log over training. Top: ``panels`` pools spread over training (first to last
     step; rank 0's where there are several), each on its own EU plane framed on its bulk, with its
     median lines (the quadrants) and, where the paper's triage reproduces what was kept, its
-    triage level; the samples ``drop_highest_ppl`` / ``drop_ppl_outliers`` / the reference guard
-    kept out are crossed. Bottom: the kept samples by quadrant per step, and the share of their label
-    tokens kept (token pruning)."""
+    triage level; the samples a rule kept out (any rule's decision-log field) are crossed.
+    Bottom: the kept samples by quadrant per step, and the share of their label tokens kept (token
+    pruning); rows of several ranks all count there."""
     plt = _pyplot()
     steps = sorted({r["step"] for r in rows})
     if not steps:

@@ -3,7 +3,9 @@ on a small dataset, printing what was kept at every step.
 
 Writes to ``--out``: ``decisions.jsonl`` (the decision log), ``decisions.png`` (EU plane over
 training and what was kept per step), ``eu-plane-last-step.png`` (the last pool, kept vs
-dropped), ``summary.json`` and the LoRA adapter (``adapter/``).
+dropped), ``summary.json``, the LoRA adapter (``adapter/``) and, where tensorboard is installed,
+``tensorboard/``: the run's metrics and the live EU-plane picture every ``--plot-every`` steps
+(``tensorboard --logdir OUT/tensorboard``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .callback import QTuning
-from .cli import given_options
+from .cli_options import given_options
 from .core import QTuningConfig, score_batch, scoring_mode
 from .core.step import decide_step
 from .data import DataError, check_token_ids, detect_format, encode, load_records, to_batch
@@ -98,6 +100,7 @@ def run_demo(args) -> int:
     preset = getattr(args, "preset", "paper")
     settings = QTuningConfig.from_dict({"preset": preset, **given_options(args),
                                         "log_decisions": str(out / "decisions.jsonl")})
+    reporters = _tensorboard(out / "tensorboard", settings.plot_every)
     print(f"qtuning demo: {description}, LoRA r=8, Q-Tuning preset {preset}, sample ratio {settings.sample_ratio:g} x "
           f"token ratio {settings.token_ratio:g}; {len(train_records)} training samples of {args.data} ({fmt}), "
           f"{n_eval} held out; "
@@ -128,7 +131,7 @@ def run_demo(args) -> int:
         # a warning about a library's internals that the demo's reader can do nothing about.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok, peft_config=lora, callbacks=[qtuning])
+                             processing_class=tok, peft_config=lora, callbacks=[qtuning, *reporters])
 
     class Progress(ProgressCallback):  # the usual bar, with one readable line per step instead of a dict
         def on_log(self, args_, state, control, logs=None, **kwargs):
@@ -175,6 +178,7 @@ def run_demo(args) -> int:
         # preset is not the paper
         "paper_would_keep_by_kind": _kept_by_kind(log, "paper_kept") if qtuning.paper_keep else None,
         "pictures": pictures,
+        "tensorboard": str(out / "tensorboard") if reporters else None,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_summary(summary, out)
@@ -199,6 +203,28 @@ class _ComparedWithThePaper(QTuning):
             step = (trainer.state.global_step if trainer is not None else len(self.paper_keep)) + 1
             self.paper_keep[step] = torch.cat(decide_step(scores, self._paper, rules=[]).keep).tolist()
         return result
+
+
+def _tensorboard(folder: Path, plot_every: int) -> list:
+    """A TensorBoard reporter writing to ``folder`` (the live EU-plane picture every ``plot_every``
+    steps, and the metrics), where tensorboard is installed and ``plot_every`` > 0; else none, said
+    in one line."""
+    from transformers.integrations import TensorBoardCallback, is_tensorboard_available
+
+    if not plot_every:
+        return []
+    if not is_tensorboard_available():
+        print("qtuning demo: tensorboard is not installed (pip install tensorboard), so --plot-every draws no live "
+              "picture; the pictures below are drawn from the decision log", file=sys.stderr)
+        return []
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+
+    print(f"qtuning demo: the live EU-plane picture every {plot_every} steps and the metrics go to {folder} "
+          f"(tensorboard --logdir {folder})", file=sys.stderr)
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))]
 
 
 def _annotated(trainer, log: list[dict], paper_keep: dict[int, list[bool]]) -> list[dict]:
@@ -255,7 +281,9 @@ def _print_summary(s: dict, out: Path) -> None:
         lines.append("  the paper's Algorithm 1 on the same pools would keep: " + ", ".join(
             f"{k} {v['kept']}/{v['seen']} ({pct(v['kept'], v['seen'])})"
             for k, v in s["paper_would_keep_by_kind"].items()))
-    lines += [f"  pictures: {', '.join(s['pictures'])}", f"  summary: {out / 'summary.json'}, adapter: {out / 'adapter'}"]
+    lines += [f"  pictures: {', '.join(s['pictures'])}"
+              + (f"; live EU planes: tensorboard --logdir {s['tensorboard']}" if s.get("tensorboard") else ""),
+              f"  summary: {out / 'summary.json'}, adapter: {out / 'adapter'}"]
     print("\n".join(lines))
     if not math.isfinite(s["held_out_loss_after"]):
         print("warning: the held-out loss is not finite", file=sys.stderr)

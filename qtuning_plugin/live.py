@@ -8,7 +8,8 @@ pool drawn as an image and sent to each reporter of the Trainer's ``report_to`` 
 
 Any other reporter gets nothing and raises nothing. Drawing runs on the main process only, after
 the optimizer step, from the scores the step's decision already copied to the host (no device
-sync). Without matplotlib there is one warning at train start and training is unchanged.
+sync). Without matplotlib there is one warning at train start and training is unchanged; a
+picture that fails to draw is one warning, and the run goes on without pictures (:class:`LivePlot`).
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ def image_reporters(trainer) -> list:
 
 class LivePlot:
     """Sends the latest pool's EU plane to the trainer's image reporters every ``every`` steps
-    (0: never). ``start`` at train start; ``step_end`` after each optimizer step."""
+    (0: never). ``start`` at train start; ``step_end`` after each optimizer step.
+
+    A picture never stops training: a failure while drawing is one warning and no picture for the
+    rest of the run; a reporter that fails to take one is one warning per picture (the next may
+    go through). Training goes on unchanged either way."""
 
     def __init__(self, every: int) -> None:
         self.every = every
         self.active = False
-        self.seconds = 0.0  # time spent drawing and sending, over the run
-        self.sent: list[int] = []  # the steps whose picture was sent
 
     def start(self, trainer) -> None:
         self.active = False
@@ -90,32 +93,40 @@ class LivePlot:
     def step_end(self, trainer, step: int, pool: dict | None, title: str) -> None:
         if not self.active or pool is None or step % self.every:
             return
-        import time
-
-        import numpy as np
-
-        from .plots import _pyplot, pool_figure
-
-        started = time.perf_counter()
-        fig = pool_figure(pool_rows(pool), title)
+        fig = None
         try:
+            import numpy as np
+
+            from . import plots
+
+            fig = plots.pool_figure(pool_rows(pool), title)
             fig.canvas.draw()
             image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
             for reporter in image_reporters(trainer):
                 try:
-                    if SENDERS[type(reporter).__name__](reporter, fig, image, step) and step not in self.sent[-1:]:
-                        self.sent.append(step)
+                    SENDERS[type(reporter).__name__](reporter, fig, image, step)
                 except Exception as err:  # noqa: BLE001 (a reporter's failure must not stop training)
                     logger.warning("QTuning: could not send the EU-plane picture to %s (%s: %s)",
                                    type(reporter).__name__, type(err).__name__, err)
+        except Exception as err:  # noqa: BLE001 (a picture must not stop training)
+            self.active = False
+            logger.warning("QTuning: could not draw the EU-plane picture of step %d (%s: %s); training goes on "
+                           "without pictures", step, type(err).__name__, err)
         finally:
-            _pyplot().close(fig)
-        self.seconds += time.perf_counter() - started
+            if fig is not None:
+                try:
+                    plots._pyplot().close(fig)
+                except Exception:  # noqa: BLE001 (already warned about, or nothing to close)
+                    pass
 
 
 def pool_rows(pool: dict) -> list[dict]:
-    """The rows :func:`~qtuning_plugin.plots.pool_figure` draws, from a callback's ``last_pool``."""
+    """The rows :func:`~qtuning_plugin.plots.pool_figure` draws, from a callback's ``last_pool``:
+    each sample's ppl, entropy, quadrant, kept, and every rule's decision-log field the pool
+    carries (:func:`~qtuning_plugin.decision_log.rule_fields`)."""
+    from .decision_log import rule_fields
+
     n = pool["ppl"].numel()
-    flags = [name for name in ("excluded", "suspect") if name in pool]
+    flags = [name for name in rule_fields() if name in pool]
     return [{"ppl": float(pool["ppl"][i]), "entropy": float(pool["entropy"][i]), "quadrant": int(pool["quadrant"][i]),
              "kept": bool(pool["keep"][i]), **{f: bool(pool[f][i]) for f in flags}} for i in range(n)]

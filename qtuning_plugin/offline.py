@@ -1,9 +1,6 @@
-"""``qtuning analyze`` and ``qtuning prune``: a static Q-Tuning pass over a whole dataset.
-
-- ``analyze``: score every sample on the Error-Uncertainty plane with a causal LM (resumable), write
-  per-sample rows and a picture.
-- ``prune``: keep the samples a triage of the whole dataset picks, mask the pruned tokens' labels,
-  and write input_ids / attention_mask / labels for any trainer.
+"""``qtuning analyze``: score every sample of a dataset on the Error-Uncertainty plane with a causal
+LM (resumable), write per-sample rows and a picture; and what the commands share (errors, reading
+datasets and rows). ``qtuning prune``, the static pass over those rows, is :mod:`.static`.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import json
 import os
 import sys
 from pathlib import Path
-
 
 
 class CLIError(Exception):
@@ -211,83 +207,3 @@ def _print_examples(rows, records, fmt, per_quadrant: int = 3) -> None:
         for r in in_q[::step][:per_quadrant]:
             print(f"  #{r['index']:<5} ppl {r['ppl']:8.2f}  entropy {r['entropy']:.3f}  "
                   f"{_response_text(records[r['index']], fmt)}")
-
-
-# ---------------------------------------------------------------------- prune
-
-def prune(args) -> int:
-    import torch
-
-    from .core import token_keep_mask, triage
-    from .core.scoring import IGNORE_INDEX
-    from .decision_log import sample_id
-
-    scores_path = Path(args.scores)
-    if not scores_path.is_file():
-        raise CLIError(f"--scores: no such file: {scores_path}")
-    out = Path(args.out)
-    if out.suffix not in (".jsonl", ".parquet"):
-        raise CLIError(f"--out {out}: use a .jsonl or .parquet file name")
-    rows = _read_rows(scores_path)
-    if not rows or not all("index" in r and "ppl" in r and "token_nll" in r for r in rows):
-        raise CLIError(f"{scores_path} is not a file written by qtuning analyze (rows need index, ppl, token_nll)")
-    meta_path = scores_path.with_name(scores_path.name + ".meta.json")
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    model = args.model or meta.get("model")
-    if model is None:
-        raise CLIError(f"no tokenizer known for {scores_path} (no {meta_path.name}): pass --model")
-    tok = _tokenizer(model)
-    args.max_length = meta.get("max_length")
-    records, fmt, encoded = _dataset(args, tok)
-    for r in rows:
-        i = r["index"]
-        if i >= len(encoded) or r["id"] != sample_id(encoded[i][0]):
-            raise CLIError(f"{scores_path} does not match {args.data}: sample {i} has other tokens "
-                           "(another dataset, tokenizer or max_length?)")
-    scorable = [r for r in rows if r["n_tokens"] and r["ppl"] is not None and r["entropy"] is not None]
-    if not scorable:
-        raise CLIError(f"{scores_path}: no scored sample has a response token")
-    result = triage(torch.tensor([r["ppl"] for r in scorable], dtype=torch.float64),
-                    torch.tensor([r["entropy"] for r in scorable], dtype=torch.float64), args.sample_ratio)
-    written, tokens_in, tokens_kept = [], 0, 0
-    for r, keep, prune_tokens in zip(scorable, result.keep.tolist(), result.prune_tokens.tolist()):
-        if not keep:
-            continue
-        ids, labels = encoded[r["index"]]
-        nll = torch.tensor([[x if x is not None else 0.0 for x in r["token_nll"]]], dtype=torch.float64)
-        trainable = torch.tensor([[x is not None for x in r["token_nll"]]])
-        if prune_tokens and args.token_ratio < 1:
-            kept = token_keep_mask(nll, trainable, args.token_ratio, args.neighbor_lambda)[0].tolist()
-        else:
-            kept = trainable[0].tolist()
-        new_labels = [lab if k else IGNORE_INDEX for lab, k in zip(labels, kept)]
-        tokens_in += int(trainable.sum())
-        tokens_kept += sum(kept)
-        written.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": new_labels})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_rows(written, out)
-    print(f"wrote {out}: {len(written)} of {len(rows)} samples (sample ratio {args.sample_ratio:g}), "
-          f"{tokens_kept} of their {tokens_in} label tokens kept (token ratio {args.token_ratio:g} in "
-          f"misconception samples); columns input_ids, attention_mask, labels")
-    return 0
-
-
-def _tokenizer(name: str):
-    from .models import ModelError, tiny
-
-    if name == "tiny":
-        return tiny()[1]
-    from transformers import AutoTokenizer
-
-    path = name
-    if name == "smollm2":
-        from . import smollm2
-
-        path = str(smollm2.model_dir())
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
-    except Exception as err:  # noqa: BLE001
-        raise ModelError(f"could not load the tokenizer of {name!r} ({type(err).__name__})") from None
-    return tok
-
-

@@ -19,7 +19,8 @@ from typing import Sequence
 
 import torch
 
-from .core.triage import QUADRANT_NAMES, triage
+from .core import QUADRANT_NAMES, triage
+from .decision_log import rule_fields
 
 QUADRANT_COLOURS = {1: "tab:red", 2: "tab:orange", 3: "tab:gray", 4: "tab:blue"}
 # Samples of a known kind (a ``kind`` field on the rows: the demo's data has one), ringed on the plane.
@@ -172,14 +173,16 @@ def reproduces_kept(pool: Sequence[dict]) -> bool:
 
 
 def _mark_kept_out(ax, rows, size: float = 14) -> int:
-    """Cross the samples a rule against wrong labels kept out (decision-log fields ``excluded``,
-    ``suspect``), on the frame's edge when beyond it. Returns their number."""
-    flagged = [r for r in rows if r.get("excluded") or r.get("suspect")]
+    """Cross the samples a rule kept out (a true decision-log field of any rule,
+    :func:`~qtuning_plugin.decision_log.rule_fields`), on the frame's edge when beyond it. Returns
+    their number."""
+    fields = [f for f in rule_fields() if any(r.get(f) for r in rows)]
+    flagged = [r for r in rows if any(r.get(f) for f in fields)]
     if flagged:
         (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
         ax.scatter([min(max(math.log(r["ppl"]), x0), x1) for r in flagged],
                    [min(max(r["entropy"], y0), y1) for r in flagged], marker="x", c="black", s=size * 1.6,
-                   linewidths=0.9, clip_on=False, zorder=4, label="kept out as a suspected wrong label")
+                   linewidths=0.9, clip_on=False, zorder=4, label=f"kept out by a rule ({', '.join(fields)})")
     return len(flagged)
 
 

@@ -1,5 +1,6 @@
 """The command line: analyze / prune / plot / demo, decision logs, and one-line errors."""
 
+import importlib.util
 import json
 import math
 import os
@@ -181,6 +182,83 @@ def test_prune_writes_the_core_decision_and_trains_in_trl(tiny_dir, tmp_path):
     assert trainer.state.global_step == 2
 
 
+def hand_made_scores(tmp_path, n=16):
+    """A prompt-completion dataset of n problems and score rows made by hand, as `qtuning analyze`
+    writes them (tokenizer: the built-in tiny model's). Rows 0-3 are confident wrong answers: the
+    highest PPL with the lowest entropy (the paper's Q2 core), log PPL - entropy = 2.5 or more."""
+    tok = tiny()[1]
+    records = [FORMATS["prompt-completion"](p, a) for p, a in PROBLEMS[:n]]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    rows = []
+    for i, record in enumerate(records):
+        ids, labels = encode(record, tok, "prompt-completion")
+        nll = [((j * 7 + i * 3) % 11) / 5 if j and lab != -100 else None for j, lab in enumerate(labels)]
+        if i < 4:
+            ppl, ent = math.exp(3.0 + 0.1 * i), 0.3 + 0.01 * i
+        else:
+            ppl, ent = math.exp(0.5 + 0.05 * i), 0.4 + 0.07 * (i % 5)
+        rows.append({"index": i, "id": sample_id(ids), "ppl": ppl, "entropy": ent, "quadrant": None,
+                     "n_tokens": sum(x is not None for x in nll), "kept": False, "token_nll": nll})
+    scores = write_jsonl(tmp_path / "s.jsonl", rows)
+    return data, scores, rows, [encode(r, tok, "prompt-completion") for r in records]
+
+
+def pruned(tmp_path, data, scores, *flags):
+    out = tmp_path / "pruned.jsonl"
+    assert run_cli("prune", "--scores", scores, "--data", data, "--model", "tiny", "--out", out, *flags) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_prune_applies_the_rules_and_the_presets(tmp_path):
+    """The static pass takes the rules and presets: the small-loss rule keeps the highest-PPL
+    quarter out (K still counts it), preset auto keeps the surprising answers out and trains the
+    highest-scored tokens of the misconception samples, each as the core decides on that pool."""
+    data, scores, rows, encoded = hand_made_scores(tmp_path)
+    ppl = torch.tensor([r["ppl"] for r in rows], dtype=torch.float64)
+    ent = torch.tensor([r["entropy"] for r in rows], dtype=torch.float64)
+    width = max(len(r["token_nll"]) for r in rows)
+    padded = [r["token_nll"] + [None] * (width - len(r["token_nll"])) for r in rows]
+    trainable = torch.tensor([[x is not None for x in row] for row in padded])
+    nll = torch.tensor([[x or 0.0 for x in row] for row in padded], dtype=torch.float64)
+
+    def check(got, eligible, keep_tokens):
+        want = triage(ppl, ent, 0.25, eligible=eligible)
+        kept = [i for i in range(len(rows)) if want.keep[i]]
+        assert [g["input_ids"] for g in got] == [encoded[i][0] for i in kept] and len(kept) == 4
+        tokens = token_keep_mask(nll, trainable, 0.5, 0.5, keep_tokens)
+        for g, i in zip(got, kept):
+            mask = tokens[i] if want.prune_tokens[i] else trainable[i]
+            assert [lab != -100 for lab in g["labels"]] == mask[:len(g["labels"])].tolist()
+        return kept
+
+    paper = check(pruned(tmp_path, data, scores), None, "lowest")
+    assert set(paper) & {0, 1, 2, 3}  # the paper's triage keeps confident wrong answers
+    small_loss = check(pruned(tmp_path, data, scores, "--drop-highest-ppl", "0.25"), ppl < ppl.sort().values[-4],
+                       "lowest")
+    assert not set(small_loss) & {0, 1, 2, 3}
+    auto_rows = pruned(tmp_path, data, scores, "--preset", "auto")
+    auto = check(auto_rows, ppl.log() - ent <= 0.5, "highest")
+    assert not set(auto) & {0, 1, 2, 3}
+    lowest = pruned(tmp_path, data, scores, "--preset", "auto", "--keep-tokens", "lowest")
+    assert check(lowest, ppl.log() - ent <= 0.5, "lowest") == auto  # a flag overrides the preset
+    assert [g["labels"] for g in lowest] != [g["labels"] for g in auto_rows]  # other tokens kept
+
+
+def test_prune_refuses_what_a_static_pass_cannot_do(tmp_path, capsys):
+    """The reference guard needs the model being trained: refused, naming the option. Options about
+    how training runs are not offered (argparse refuses them)."""
+    data, scores, _, _ = hand_made_scores(tmp_path, n=4)
+    out = tmp_path / "o.jsonl"
+    assert run_cli("prune", "--scores", scores, "--data", data, "--out", out, "--reference", "base") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qtuning prune: error: --reference base: the reference guard")
+    assert "needs the model being trained" in err[0] and not out.exists()
+    for flag in ("--pool", "--chunk-size", "--plot-every", "--log-decisions"):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli("prune", "--scores", scores, "--data", data, "--out", out, flag, "1")
+        assert exit_.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
 def test_decision_log_from_training_and_plot(tmp_path):
     trl = pytest.importorskip("trl")
     import datasets
@@ -241,6 +319,7 @@ def test_decision_log_start_ignores_a_cut_line(tmp_path):
     assert DecisionLog(path).start(5) == 1
     assert [r["id"] for r in read_log(path)] == ["a"]
     assert DecisionLog(path, rank=1, world_size=2).path.name == "d.rank1.jsonl"
+    assert DecisionLog(path, rank=0, world_size=2).path.name == "d.jsonl"
 
 
 def test_sample_id_is_stable():
@@ -250,7 +329,7 @@ def test_sample_id_is_stable():
 
 
 @pytest.mark.parametrize("case", ["missing", "unknown-format", "empty", "no-tokenizer", "ratio", "bad-json",
-                                  "plot-missing", "scores-missing", "bad-suffix", "tokenizer-mismatch"])
+                                  "plot-missing", "scores-missing", "bad-suffix", "tokenizer-mismatch", "preset"])
 def test_errors_are_one_line(case, tiny_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [FORMATS["messages"](p, a) for p, a in PROBLEMS[:4]])
     argv = {
@@ -264,11 +343,14 @@ def test_errors_are_one_line(case, tiny_dir, tmp_path, capsys):
         "scores-missing": ["prune", "--scores", tmp_path / "nope.jsonl", "--data", data, "--out", tmp_path / "o.jsonl"],
         "bad-suffix": ["analyze", "--model", tiny_dir, "--data", data, "--out", tmp_path / "s.csv"],
         "tokenizer-mismatch": ["analyze", "--model", _model_smaller_than_tokenizer(tmp_path), "--data", data],
+        "preset": ["prune", "--scores", data, "--data", data, "--out", tmp_path / "o.jsonl", "--preset", "auto",
+                   "--drop-highest-ppl", "0.1", "--drop-ppl-outliers", "2"],
     }[case]
     want = {"missing": "no such file", "unknown-format": "unknown format", "empty": "empty",
             "no-tokenizer": "no tokenizer", "ratio": "sample_ratio must be a number in (0, 1], got 1.5", "bad-json": "not valid JSON",
             "plot-missing": "no such decision log", "scores-missing": "no such file", "bad-suffix": ".jsonl or .parquet",
-            "tokenizer-mismatch": "the tokenizer does not match the model"}
+            "tokenizer-mismatch": "the tokenizer does not match the model",
+            "preset": "drop_highest_ppl (0.1) and drop_ppl_outliers (2.0) are two rules for the same drop"}
     try:
         code = run_cli(*argv)
     except SystemExit as exit_:  # argparse's own errors
@@ -306,11 +388,13 @@ def test_console_script_error_is_one_line(tmp_path):
     assert proc.stderr.strip() == f"qtuning plot: error: no such decision log: {tmp_path / 'nope.jsonl'}"
 
 
-@pytest.mark.parametrize("flags", [[], ["--preset", "small-loss"], ["--preset", "auto"], ["--reference", "base"]])
+@pytest.mark.parametrize("flags", [[], ["--preset", "small-loss", "--plot-every", "2"],
+                                   ["--preset", "auto", "--plot-every", "0"], ["--reference", "base"]])
 def test_demo_pipeline_tiny(tmp_path, flags):
     """`qtuning demo` end to end on the tiny model: 2 steps, the log, both pictures, the summary;
     with rules on (the small-loss and auto presets, the reference guard), also what the paper's Algorithm 1
-    would keep from the same pools."""
+    would keep from the same pools. The live EU planes land in OUT/tensorboard every --plot-every
+    steps (1 by default in the demo; 0: none)."""
     preset = flags[1] if flags[:1] == ["--preset"] else None
     pytest.importorskip("trl")
     out = tmp_path / "demo"
@@ -340,6 +424,18 @@ def test_demo_pipeline_tiny(tmp_path, flags):
     assert (out / "adapter" / "adapter_config.json").exists()
     assert not (out / "trainer").exists()  # no empty folder left behind
     assert "FutureWarning" not in proc.stderr, proc.stderr[-3000:]
+    every = int(flags[flags.index("--plot-every") + 1]) if "--plot-every" in flags else 1
+    if every and importlib.util.find_spec("tensorboard") is None:
+        assert "tensorboard is not installed" in proc.stderr and summary["tensorboard"] is None
+    elif every:
+        from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"), size_guidance={IMAGES: 0})
+        events.Reload()
+        assert [i.step for i in events.Images("qtuning/eu_plane")] == [s for s in (1, 2) if s % every == 0]
+        assert f"go to {out / 'tensorboard'}" in proc.stderr and summary["tensorboard"] == str(out / "tensorboard")
+    else:
+        assert not (out / "tensorboard").exists() and summary["tensorboard"] is None
 
 
 def test_demo_smollm2(tmp_path):
@@ -424,13 +520,61 @@ def test_pictures_frame_the_bulk_and_mark_the_outliers():
     fig, ax = _pyplot().subplots()
     assert _scatter_quadrants(ax, rows, kept_key="kept") == 2
     assert ax.get_xlim()[1] < 2.0
-    # samples a rule against wrong labels kept out are crossed, the far ones on the frame's edge
+    # samples a rule kept out are crossed, the far ones on the frame's edge
     from qtuning_plugin.plots import _mark_kept_out
 
     rows[-1]["excluded"], rows[3]["suspect"], rows[5]["excluded"] = True, True, False
     limits = ax.get_xlim()
     assert _mark_kept_out(ax, rows) == 2 and ax.get_xlim() == limits
     crosses = ax.collections[-1]
-    assert crosses.get_label() == "kept out as a suspected wrong label"
+    assert crosses.get_label() == "kept out by a rule (excluded, suspect)"
     assert crosses.get_offsets()[:, 0].tolist() == pytest.approx([bulk[3], limits[1]])
     _pyplot().close(fig)
+
+
+@pytest.mark.parametrize("command", ["demo", "analyze", "prune", "plot"])
+def test_every_option_help_gives_its_default(command, capsys):
+    """Each option of `qtuning COMMAND --help` says its default (or that it is required)."""
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out.split("\noptions:\n")[1]
+    entries = []
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            entries.append(line)
+        elif entries and line.startswith("   "):
+            entries[-1] += " " + line.strip()
+    entries = [e for e in entries if not e.strip().startswith("-h, --help")]
+    assert len(entries) >= 2
+    missing = [e.split()[0] for e in entries if "default" not in e and "(required)" not in e]
+    assert missing == []
+
+
+def test_demo_and_the_command_line_do_not_import_each_other():
+    code = ("import sys\nimport qtuning_plugin.demo\nprint('qtuning_plugin.cli' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_plot_draws_every_ranks_file_from_the_named_log(tmp_path, capsys):
+    """Two processes: rank 0 writes the file named, rank 1 `d.rank1.jsonl` beside it; `qtuning plot
+    d.jsonl` draws both ranks' rows. A later run with one process drops the stale rank file."""
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "d.jsonl"
+    for rank in (0, 1):
+        writer = DecisionLog(log, rank=rank, world_size=2)
+        writer.start(0)
+        for step in (1, 2):
+            n = 6
+            writer.write(step, [f"{rank}-{step}-{i}" for i in range(n)], [2.0 + i + rank for i in range(n)],
+                         [1.0 + 0.1 * i for i in range(n)], [1 + i % 4 for i in range(n)], [i < 2 for i in range(n)],
+                         [3] * n, [5] * n, {"surprising": [i == 5 for i in range(n)]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "d.rank1.jsonl"]
+    rows = read_log(log)
+    assert [r["rank"] for r in rows] == [0] * 12 + [1] * 12 and sum(r["surprising"] for r in rows) == 4
+    assert run_cli("plot", log) == 0
+    assert "24 sample-steps; 2 files, ranks 0, 1" in capsys.readouterr().out
+    assert (tmp_path / "d-plot.png").stat().st_size > 20_000
+    DecisionLog(log, rank=0, world_size=1).start(0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-plot.png", "d.jsonl"]

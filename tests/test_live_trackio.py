@@ -11,5 +11,5 @@ def test_trackio_run_holds_the_picture_at_its_steps(tmp_path, monkeypatch):
     trainer = sft_trainer([cb], ga=2, bs=4, steps=4, report_to=["trackio"], project="qtuning-test")
     trainer.train()
     images = sorted(tmp_path.glob("media/qtuning-test/*/*/*.png"))
-    assert sorted(int(p.parent.name) for p in images) == [2, 4] == cb.live.sent
+    assert sorted(int(p.parent.name) for p in images) == [2, 4]
     assert all(p.stat().st_size > 10_000 for p in images)

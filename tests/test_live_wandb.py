@@ -17,5 +17,5 @@ def test_wandb_offline_run_holds_the_picture(tmp_path, monkeypatch):
 
     wandb.finish()
     images = sorted(tmp_path.glob("wandb/offline-run-*/files/media/images/qtuning/eu_plane_*.png"))
-    assert len(images) == 2 and cb.live.sent == [2, 4]
+    assert len(images) == 2
     assert all(p.stat().st_size > 10_000 for p in images)

@@ -54,3 +54,20 @@ def test_a_pool_rings_the_samples_of_known_kinds(tmp_path):
     plt.close(fig)
     path = plot_decisions(rows(), tmp_path / "d.png", panels=2)
     assert (tmp_path / "d.png").stat().st_size > 20_000 and path.endswith("d.png")
+
+
+@pytest.mark.parametrize("field", ["excluded", "surprising", "suspect"])
+def test_the_samples_any_rule_kept_out_are_crossed(field):
+    """Every rule's decision-log field crosses its samples (drop_surprising's ``surprising`` was
+    left out when the picture named the rules' fields by hand)."""
+    from qtuning_plugin.decision_log import rule_fields
+    from qtuning_plugin.plots import draw_pool
+
+    assert field in rule_fields()
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    pool = [{**r, field: r["id"].endswith(("-3", "-7"))} for r in rows() if r["step"] == 1]
+    draw_pool(ax, pool)
+    crossed = {c.get_label(): len(c.get_offsets()) for c in ax.collections if "kept out" in c.get_label()}
+    assert crossed == {f"kept out by a rule ({field})": 2}
+    plt.close(fig)
