@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .core.triage import QUADRANT_NAMES, triage
+from .core import QUADRANT_NAMES, triage
 
 QUADRANT_COLOURS = {1: "tab:red", 2: "tab:orange", 3: "tab:gray", 4: "tab:blue"}
 # Samples of a known kind (a ``kind`` field on the rows: the demo's data has one), ringed on the plane.
