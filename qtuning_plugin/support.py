@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from .core import scoring_mode
 from .core.config import QTuningConfig
-from .core.scoring import unwrap_causal_lm
+from .core.wrappers import unwrap_causal_lm
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def test_core_exports_are_what_they_promise_and_submodules_are_modules():
             "from qtuning_plugin.core import triage; "
             "assert isinstance(m, types.ModuleType) and m.triage is triage is core.triage, (m, triage)")
     subprocess.run([sys.executable, "-c", code], check=True)
-    import qtuning_plugin.core as core
+    from qtuning_plugin import core
 
     submodules = [info.name for info in pkgutil.walk_packages(core.__path__, "qtuning_plugin.core.")]
     for name in submodules:

@@ -93,6 +93,27 @@ def test_the_cache_holds_the_base_models_nll_and_scores_each_sample_once():
     assert torch.equal(again.nll, trained.nll)
 
 
+def test_the_guard_and_the_scorer_see_through_the_same_wrappers():
+    """One walk over the wrappers (core/wrappers.py): through DDP / DeepSpeed's ``.module`` and
+    torch.compile's ``._orig_mod`` the guard finds the PEFT model's adapter switch and the scorer
+    its causal LM."""
+    from qtuning_plugin.core.wrappers import unwrap_causal_lm, wrapped_modules
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner, attribute):
+            super().__init__()
+            setattr(self, attribute, inner)
+
+    peft_model, _ = lora_model()
+    outer = Wrapper(Wrapper(peft_model, "_orig_mod"), "module")
+    chain = list(wrapped_modules(outer))
+    assert chain[:3] == [outer, outer.module, peft_model]
+    assert unwrap_causal_lm(outer) is chain[-1] is peft_model.get_base_model()
+    assert adapter_switch(outer) == peft_model.disable_adapter
+    plain = tiny_model()
+    assert unwrap_causal_lm(Wrapper(plain, "module")) is plain and adapter_switch(Wrapper(plain, "module")) is None
+
+
 def test_no_adapter_no_reference():
     assert adapter_switch(tiny_model()) is None
     model, _ = lora_model()

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import torch
 
 from .config import QTuningConfig
+from .sample_stage import Triage, scored_mask, triage
 from .scoring import Scores
 from .tokens import pooled_token_keep_mask, token_keep_mask, tokens_to_keep
-from .sample_stage import Triage, scored_mask, triage
 
 
 @dataclass

@@ -32,15 +32,11 @@ if TYPE_CHECKING:
 def adapter_switch(model: nn.Module) -> Callable[[], ContextManager] | None:
     """The PEFT model's ``disable_adapter`` context inside DDP / DeepSpeed / compile wrappers, or
     None when the model is not a PEFT model with adapters (full fine-tuning has no free base)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "peft_config") and callable(getattr(model, "disable_adapter", None)):
-            return model.disable_adapter
-        if isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
+    from ..wrappers import wrapped_modules
+
+    for module in wrapped_modules(model):
+        if hasattr(module, "peft_config") and callable(getattr(module, "disable_adapter", None)):
+            return module.disable_adapter
     return None
 
 
