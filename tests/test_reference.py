@@ -114,6 +114,24 @@ def test_the_guard_and_the_scorer_see_through_the_same_wrappers():
     assert unwrap_causal_lm(Wrapper(plain, "module")) is plain and adapter_switch(Wrapper(plain, "module")) is None
 
 
+def test_cache_keys_and_decision_log_ids_share_one_scheme():
+    """The guard's cache key is the decision log's id scheme (core/keys.py) over the same tokens,
+    plus the trainable positions the cached NLL belongs to."""
+    from qtuning_plugin.core.keys import content_key
+    from qtuning_plugin.decision_log import sample_id
+
+    batch = padded_batch([9, 5, 7], [3, 2, 4], padding_side="left")
+    trainable = trainable_positions(batch["labels"], attention_mask=batch["attention_mask"])
+    keys = row_keys(batch, trainable)
+    for row, key in enumerate(keys):
+        cols = batch["attention_mask"][row].nonzero().squeeze(1)
+        tokens = batch["input_ids"][row, cols].tolist()
+        positions = (trainable[row].nonzero().squeeze(1) - int(cols[0])).tolist()
+        assert key == content_key(tokens, positions)
+        assert sample_id(tokens) == content_key(tokens) != key
+    assert sample_id([1, 2, 3]) == "e2353910701f1c2a"  # the ids of logs already written stay
+
+
 def test_no_adapter_no_reference():
     assert adapter_switch(tiny_model()) is None
     model, _ = lora_model()

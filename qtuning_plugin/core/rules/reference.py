@@ -17,9 +17,9 @@ wrong label and not kept (:func:`rising_samples`). docs/options.md has the evide
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequence
 
+from ..keys import content_key
 from ..options import Option
 from . import Pool, Rule, StepContext, torch
 
@@ -41,8 +41,9 @@ def adapter_switch(model: nn.Module) -> Callable[[], ContextManager] | None:
 
 
 def row_keys(batch: Mapping[str, torch.Tensor], trainable: torch.Tensor) -> list[str]:
-    """A content key per row: BLAKE2b of its non-padding token ids and its trainable positions
-    (relative to the first token), so that a sample has one key however it is padded."""
+    """A content key per row (:func:`~qtuning_plugin.core.keys.content_key`): its non-padding token
+    ids and its trainable positions (relative to the first token: the positions whose NLL the
+    cache holds), so that a sample has one key however it is padded; "" for an empty row."""
     ids = batch["input_ids"].cpu()
     mask = batch.get("attention_mask")
     mask = (mask.cpu() != 0) if mask is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -54,10 +55,7 @@ def row_keys(batch: Mapping[str, torch.Tensor], trainable: torch.Tensor) -> list
             keys.append("")
             continue
         start = int(cols[0])
-        tokens = ids[row, cols].tolist()
-        positions = (trainable[row].nonzero().squeeze(1) - start).tolist()
-        data = (",".join(map(str, tokens)) + "|" + ",".join(map(str, positions))).encode()
-        keys.append(hashlib.blake2b(data, digest_size=12).hexdigest())
+        keys.append(content_key(ids[row, cols].tolist(), (trainable[row].nonzero().squeeze(1) - start).tolist()))
     return keys
 
 
