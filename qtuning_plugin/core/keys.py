@@ -4,7 +4,7 @@ and the reference guard's cache keys are both :func:`content_key`. Pure Python."
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def content_key(tokens: Iterable[int], positions: Iterable[int] | None = None) -> str:
