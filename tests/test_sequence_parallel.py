@@ -11,7 +11,11 @@ import types
 import pytest
 
 import qtuning_plugin
-from qtuning_plugin.support import PARALLELISM_CONFIG_KEYS, SEQUENCE_PARALLEL_KEYS, refuse_sequence_parallelism
+from qtuning_plugin.support import (
+    PARALLELISM_CONFIG_KEYS,
+    SEQUENCE_PARALLEL_KEYS,
+    refuse_sequence_parallelism,
+)
 
 MESSAGE = "sequence / context parallelism ({key}: {value}) is not supported: each rank would see only a shard"
 
