@@ -11,6 +11,7 @@ from .config import OPTIONS
 
 # The config's declarations check the arguments of the same meaning (one message for one range).
 _OPTION = {o.name: o for o in OPTIONS if o.name in ("token_ratio", "neighbor_lambda", "keep_tokens")}
+
 # exp(700) ~ 1e304: three of them still sum below float64's max. Beyond nll = 700 (p < 1e-304)
 # scores saturate and ties go to the earlier position (the spec allows clamping before exp).
 _MAX_NLL = 700.0
