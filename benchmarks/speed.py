@@ -274,8 +274,7 @@ def _peak_above(fn, cuda: bool) -> int:
 def scoring_benchmark(args) -> dict:
     import torch
 
-    from qtuning_plugin.core import score_batch, scoring_mode
-    from qtuning_plugin.core import scoring as scoring_module
+    from qtuning_plugin.core import choose_scoring_path, score_batch, scoring_mode
     from qtuning_plugin.core.packing import packed_layout, score_packed, unpack
 
     torch.manual_seed(0)
@@ -317,7 +316,6 @@ def scoring_benchmark(args) -> dict:
     padded = {k: v.to(device) for k, v in padded.items()}
     layout = packed_layout(packed)
     unpacked_batch = unpack(packed, layout).batch
-    lm = scoring_module.unwrap_causal_lm(model)
 
     fused = False
     try:
@@ -330,7 +328,7 @@ def scoring_benchmark(args) -> dict:
 
     def on_path(path, fn):
         def run():
-            scoring_module._PATH[lm] = path
+            choose_scoring_path(model, path=path)
             return fn()
         return run
 

@@ -29,6 +29,7 @@ from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .core.config import OPTIONS, PRESETS, QTuningConfig
+from .support import refuse_sequence_parallelism
 
 
 def block_config(block: Any) -> QTuningConfig:
@@ -81,11 +82,7 @@ def check_axolotl_config(cfg) -> None:
     if _get(cfg, "rl"):
         raise ValueError(f"qtuning: Q-Tuning prunes supervised fine-tuning batches; this is an RL / "
                          f"preference run (rl: {_get(cfg, 'rl')}). Remove the qtuning: block.")
-    for key in ("sequence_parallel_degree", "context_parallel_size"):
-        value = _get(cfg, key)
-        if isinstance(value, int) and value > 1:
-            raise ValueError(f"qtuning: sequence / context parallelism ({key}: {value}) is not "
-                             "supported: each rank would see only a shard of every sample.")
+    refuse_sequence_parallelism(cfg, who="qtuning")
 
 
 class QTuningPlugin(BasePlugin):

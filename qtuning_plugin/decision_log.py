@@ -24,7 +24,6 @@ decisions.jsonl`` draws them together.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -32,14 +31,16 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from .core.keys import content_key
+
 FIELDS = ("step", "rank", "id", "ppl", "entropy", "quadrant", "kept", "kept_tokens", "n_tokens")
 
 
 def sample_id(tokens: Sequence[int]) -> str:
-    """A stable id of a tokenised sample: the first 16 hex digits of BLAKE2b over its token ids
-    (padding excluded). The same tokens give the same id in any process, run or machine."""
-    data = ",".join(str(int(t)) for t in tokens).encode()
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+    """A stable id of a tokenised sample (padding excluded): its
+    :func:`~qtuning_plugin.core.keys.content_key`, 16 hex digits of BLAKE2b over its token ids. The
+    same tokens give the same id in any process, run or machine."""
+    return content_key(tokens)
 
 
 def finite_or_none(x: float) -> float | None:

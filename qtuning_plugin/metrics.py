@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .core import median_quadrants
+from .core import median_quadrants, scored_mask
 from .core.step import StepResult
 from .decision_log import DecisionLog, sample_id
 
@@ -55,7 +55,7 @@ class StepMetrics:
         ppl, ent, n_tokens = d.host.ppl, d.host.entropy, d.host.n_tokens
         kept = torch.cat(d.keep)
         quadrant = median_quadrants(ppl, ent)
-        scored = ~(torch.isnan(ppl) | torch.isnan(ent))  # rows without a label token are no samples
+        scored = scored_mask(ppl, ent)  # rows without a label token are no samples
         n, k = int(scored.sum()), int(kept.sum())
         label_tokens, kept_tokens = int(n_tokens.sum()), int(d.kept_tokens)
         m = self._interval

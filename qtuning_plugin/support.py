@@ -7,14 +7,14 @@ with a ``ValueError`` that says what to change, never half-applied."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import Trainer
 
 from .core import scoring_mode
 from .core.config import QTuningConfig
-from .core.scoring import unwrap_causal_lm
+from .core.wrappers import unwrap_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +70,32 @@ def refuse_unsupported(trainer: Trainer, config: QTuningConfig, rules: Sequence 
 
 
 def _refuse_sequence_parallelism(trainer: Trainer) -> None:
-    for owner in (trainer.args, getattr(trainer, "accelerator", None)):
-        pc = getattr(owner, "parallelism_config", None)
-        if pc is not None and any((getattr(pc, name, 1) or 1) > 1 for name in ("cp_size", "sp_size")):
-            raise ValueError(
-                "QTuning does not support sequence / context parallelism (parallelism_config with "
-                "cp_size or sp_size > 1): each rank would see only a shard of every sample."
-            )
-    for name in ("sequence_parallel_degree", "context_parallel_size", "sequence_parallel_size"):
-        if (getattr(trainer.args, name, 1) or 1) > 1:
-            raise ValueError(f"QTuning does not support sequence / context parallelism ({name} > 1).")
+    refuse_sequence_parallelism(trainer.args, getattr(trainer, "accelerator", None))
+
+
+# What splits every sample across ranks (sequence / context parallelism): settings of the
+# TrainingArguments (TRL, Axolotl's trainer) or of an Axolotl config, and the fields of
+# Accelerate's ``parallelism_config`` (on the arguments or the accelerator).
+SEQUENCE_PARALLEL_KEYS = ("sequence_parallel_degree", "context_parallel_size", "sequence_parallel_size")
+PARALLELISM_CONFIG_KEYS = ("cp_size", "sp_size")
+
+
+def refuse_sequence_parallelism(*owners: Any, who: str = "QTuning") -> None:
+    """Raise ``ValueError`` (prefixed ``who``) when one of ``owners`` (TrainingArguments, an
+    accelerator, an Axolotl config: objects or mappings; None is skipped) sets sequence / context
+    parallelism: each rank would then see only a shard of every sample."""
+    def get(owner, key):
+        return owner.get(key) if isinstance(owner, Mapping) else getattr(owner, key, None)
+
+    for owner in (o for o in owners if o is not None):
+        settings = [(key, get(owner, key)) for key in SEQUENCE_PARALLEL_KEYS]
+        pc = get(owner, "parallelism_config")
+        if pc is not None:
+            settings += [(f"parallelism_config.{key}", get(pc, key)) for key in PARALLELISM_CONFIG_KEYS]
+        for key, value in settings:
+            if isinstance(value, int) and value > 1:
+                raise ValueError(f"{who}: sequence / context parallelism ({key}: {value}) is not supported: "
+                                 "each rank would see only a shard of every sample.")
 
 
 def loss_uses_num_items(model: torch.nn.Module) -> bool:

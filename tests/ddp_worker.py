@@ -101,6 +101,11 @@ def main(out: str, mode: str) -> None:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    guard = next((r for r in cb.rules if hasattr(r, "cache")), None)  # reference: base
+    reference_forwards = []  # one per reference forward (ReferenceCache.fill)
+    if guard is not None:
+        fill = guard.cache.fill
+        guard.cache.fill = lambda *a, **k: (reference_forwards.append(1), fill(*a, **k))[1]
     forwards = TrainingForwards(model)
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), data_collator=collator,
                       callbacks=[grads, cb, forwards])
@@ -133,9 +138,8 @@ def main(out: str, mode: str) -> None:
     from qtuning_plugin.core import scoring
 
     record["full_logits"] = scoring.scoring_path(model) == "logits"
-    guard = next((r for r in cb.rules if hasattr(r, "cache")), None)  # reference: base
     if guard is not None:
-        record["reference"] = {"forwards": guard.cache.forwards, "cached": len(guard.cache),
+        record["reference"] = {"forwards": len(reference_forwards), "cached": len(guard.cache),
                                "keys": sorted(guard.cache.nll), "suspected": cb.totals["suspected_samples"]}
     torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")
     # Leave the process group before the interpreter exits (the Trainer does not destroy it).

@@ -9,7 +9,8 @@ import torch
 from trl.trainer.utils import add_fused_lm_head
 
 from qtuning_plugin.core import score_batch, scoring_mode
-from qtuning_plugin.core import heads as scoring_module
+from qtuning_plugin.core import heads
+from qtuning_plugin.core.fused import fused_head_installed
 from test_scoring import LENGTHS, PROMPTS, naive_reference
 from tiny import padded_batch, tiny_model
 
@@ -26,19 +27,20 @@ def assert_matches(scores, ref):
 
 
 def scores_on(path, model, batch):
-    lm = scoring_module.unwrap_causal_lm(model)
-    saved = scoring_module._PATH.get(lm)
-    scoring_module._PATH[lm] = path
+    """``model``'s scores on ``path``, forced; the path chosen before is restored."""
+    saved = heads.scoring_path(model)
+    assert saved is not None
+    heads.choose_scoring_path(model, path=path)
     try:
         return score_batch(model, batch)
     finally:
-        scoring_module._PATH[lm] = saved
+        heads.choose_scoring_path(model, path=saved)
 
 
 @pytest.fixture
 def compact(monkeypatch):
     """As on a CUDA device with Triton, where TRL's kernel projects only the labelled positions."""
-    monkeypatch.setattr(scoring_module, "fused_head_is_compact", lambda device: True)
+    monkeypatch.setattr(heads, "fused_head_is_compact", lambda device: True)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2", "granite"])  # plain, softcapped, scaled logits
@@ -50,7 +52,7 @@ def test_fused_head_is_chosen_where_compact_and_equals_our_head(kind, padding_si
     calls = []
     model.get_output_embeddings().register_forward_hook(lambda m, a, out: calls.append(tuple(out.shape)))
     with scoring_mode(model):
-        assert scoring_module.choose_scoring_path(model) == "fused"
+        assert heads.choose_scoring_path(model) == "fused"
         calls.clear()
         fused = score_batch(model, batch)
         assert calls == []  # TRL's kernel projects the weight itself: no logits from the head module
@@ -84,8 +86,8 @@ def test_on_cpu_our_head_is_chosen_unless_only_the_fused_head_reproduces_the_log
     add_fused_lm_head(multiplied, outputs=OUTPUTS)
     batch = padded_batch(LENGTHS, PROMPTS)
     with scoring_mode(plain), scoring_mode(multiplied):
-        assert scoring_module.choose_scoring_path(plain) == "head"
-        assert scoring_module.choose_scoring_path(multiplied) == "fused"
+        assert heads.choose_scoring_path(plain) == "head"
+        assert heads.choose_scoring_path(multiplied) == "fused"
         assert_matches(score_batch(multiplied, batch), naive_reference(multiplied, batch))
 
 
@@ -97,7 +99,7 @@ def test_fused_head_through_peft_as_sft_trainer_installs_it(compact):
                                                          init_lora_weights=False, lora_dropout=0.0))
     batch = padded_batch(LENGTHS, PROMPTS)
     with scoring_mode(wrapped):
-        assert scoring_module.choose_scoring_path(wrapped) == "fused"
+        assert heads.choose_scoring_path(wrapped) == "fused"
         fused = score_batch(wrapped, batch)
         assert_matches(fused, naive_reference(wrapped, batch))  # adapters active
         with wrapped.disable_adapter():
@@ -110,7 +112,7 @@ def test_a_fused_head_without_entropy_is_not_used(compact):
     add_fused_lm_head(model, outputs=("log_probs",))
     batch = padded_batch(LENGTHS, PROMPTS)
     with scoring_mode(model), pytest.warns(UserWarning, match="fused LM head could not score"):
-        assert scoring_module.choose_scoring_path(model) == "head"
+        assert heads.choose_scoring_path(model) == "head"
     with scoring_mode(model):
         assert_matches(score_batch(model, batch), naive_reference(model, batch))
 
@@ -129,8 +131,8 @@ def test_sft_trainer_installs_it_and_qtuning_scores_through_it_where_compact(tmp
                      use_cpu=True, logging_steps=1, save_strategy="no")
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(arithmetic_dataset(8)), processing_class=tok,
                          callbacks=[QTuning(sample_ratio=0.5, token_ratio=0.5)])
-    assert scoring_module.fused_head_installed(model)
+    assert fused_head_installed(model)
     if where == "compact":
-        monkeypatch.setattr(scoring_module, "fused_head_is_compact", lambda device: True)
+        monkeypatch.setattr(heads, "fused_head_is_compact", lambda device: True)
     trainer.train()
-    assert scoring_module.scoring_path(model) == ("fused" if where == "compact" else "head")
+    assert heads.scoring_path(model) == ("fused" if where == "compact" else "head")

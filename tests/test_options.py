@@ -149,6 +149,47 @@ def test_the_config_refuses_through_the_option(option):
             QTuningConfig.from_dict({option.name: bad})
 
 
+def core_call(function, argument, value):
+    """Call a core function with one argument set to ``value`` (the rest valid)."""
+    import torch
+
+    from qtuning_plugin.core import pooled_token_keep_mask, token_keep_mask, triage
+
+    nll, trainable = torch.ones(1, 4), torch.ones(1, 4, dtype=torch.bool)
+    if function == "triage":
+        return triage(torch.ones(2), torch.ones(2), value)
+    args = {"token_ratio": 0.5, "neighbor_lambda": 0.5, "keep": "lowest", argument: value}
+    if function == "token_keep_mask":
+        return token_keep_mask(nll, trainable, **args)
+    del args["token_ratio"]
+    return pooled_token_keep_mask([nll], [trainable], 1, **args)
+
+
+@pytest.mark.parametrize("function, argument, field", [
+    ("triage", "sample_ratio", "sample_ratio"),
+    ("token_keep_mask", "token_ratio", "token_ratio"),
+    ("token_keep_mask", "neighbor_lambda", "neighbor_lambda"),
+    ("token_keep_mask", "keep", "keep_tokens"),
+    ("pooled_token_keep_mask", "neighbor_lambda", "neighbor_lambda"),
+    ("pooled_token_keep_mask", "keep", "keep_tokens"),
+])
+@pytest.mark.parametrize("bad", [0.0, 1.5, -1, math.nan, "top"])
+def test_core_functions_refuse_their_arguments_as_the_config_does(function, argument, field, bad):
+    """A core function's argument of the same meaning as a config field is checked by that field's
+    Option: the same range, the same words, the function and the argument named."""
+    option = next(o for o in OPTIONS if o.name == field)
+    try:
+        option.check(bad)
+    except ValueError as err:
+        want = str(err).replace(f"QTuningConfig.{field}", f"{function}: {argument}")
+    else:
+        core_call(function, argument, bad)  # accepted by the option: accepted by the function
+        return
+    with pytest.raises(ValueError) as info:
+        core_call(function, argument, bad)
+    assert str(info.value) == want
+
+
 def test_the_options_table_has_one_row_per_option():
     table = options_table().splitlines()
     rows = [line for line in table if line.startswith("| `")]

@@ -39,3 +39,33 @@ def test_console_script():
     assert qtuning_plugin.__version__ != "0+unknown"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "usage: qtuning" in out.stdout and "Q-Tuning" in out.stdout
+
+
+def test_core_exports_are_what_they_promise_and_submodules_are_modules():
+    """``core.triage`` is the function and ``core.sample_stage`` its module, however they are
+    imported and in whichever order; no submodule shares a name with an exported function (the
+    import system would bind the module over it on the package)."""
+    import importlib
+    import inspect
+    import pkgutil
+    import types
+
+    code = ("import qtuning_plugin.core.sample_stage as m, qtuning_plugin.core as core, types; "
+            "from qtuning_plugin.core import triage; "
+            "assert isinstance(m, types.ModuleType) and m.triage is triage is core.triage, (m, triage)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from qtuning_plugin import core
+
+    submodules = [info.name for info in pkgutil.walk_packages(core.__path__, "qtuning_plugin.core.")]
+    for name in submodules:
+        assert isinstance(importlib.import_module(name), types.ModuleType), name
+    assert {name.split(".")[2] for name in submodules} & set(core.__all__) == set()
+    assert isinstance(importlib.import_module("qtuning_plugin.core.sample_stage"), types.ModuleType)
+    for name in core.__all__:
+        value = getattr(core, name)
+        assert not isinstance(value, types.ModuleType), name
+        assert getattr(value, "__module__", "qtuning_plugin.core").startswith("qtuning_plugin.core"), name
+    assert inspect.isfunction(core.triage) and core.triage.__module__ == "qtuning_plugin.core.sample_stage"
+    import qtuning_plugin
+
+    assert qtuning_plugin.triage is core.triage

@@ -318,6 +318,7 @@ def test_the_guard_scores_packed_rows_with_the_adapters_off_as_they_come(layout)
     peft = pytest.importorskip("peft")
     from qtuning_plugin.core import build_rules, select_step
     from qtuning_plugin.core.rules.reference import row_keys
+    from test_reference import count_fills
 
     exs = skewed_examples([200] + [12 + i for i in range(0, 14, 2)], seed=7)
     batch = packed_axolotl(exs, rows=2)[0] if layout == "axolotl" else packed_trl(exs)
@@ -332,13 +333,14 @@ def test_the_guard_scores_packed_rows_with_the_adapters_off_as_they_come(layout)
     config = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, reference="base")
     rules = build_rules(config)
     cache = rules[0].cache
+    forwards = count_fills(cache)
     result = select_step(model, [batch], config, rules=rules)
     packed_tokens = batch["input_ids"].numel()
     # after the 8-token probes that choose the scoring path (once per model): the scoring forward,
     # then the base's, both over the packed rows
     assert seen[-2:] == [(packed_tokens, True), (packed_tokens, False)]
     assert all(n == 8 for n, _ in seen[:-2])
-    assert cache.forwards == 1 and len(cache) == len(exs)
+    assert len(forwards) == 1 and len(cache) == len(exs)
     unpacked = result.scored[0]
     assert unpacked["input_ids"].numel() > 3 * packed_tokens  # what a padded base forward would have cost
     with scoring_mode(model), model.disable_adapter():
@@ -346,3 +348,32 @@ def test_the_guard_scores_packed_rows_with_the_adapters_off_as_they_come(layout)
     for row, key in enumerate(row_keys(unpacked, padded_base.trainable)):
         expected = padded_base.nll[row][padded_base.trainable[row]]
         torch.testing.assert_close(cache.nll[key], expected.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["position_ids", "segment_ids"])
+def test_repack_kept_falls_back_to_masking_the_fetched_batches(layout, monkeypatch):
+    """When first-fit would need more micro-batches than were fetched, the fetched ones come back
+    with only their labels masked: each kept segment's kept tokens, nothing else."""
+    from qtuning_plugin.core import packing
+
+    exs = examples(6)
+    batches = [packed_trl(exs[:3]), packed_trl(exs[3:])] if layout == "position_ids" else \
+        [packed_axolotl(exs[:4])[0], packed_axolotl(exs[4:], rows=1)[0]]
+    unpacked = [unpack(b, layout) for b in batches]
+    g = torch.Generator().manual_seed(0)
+    keep = [torch.rand(len(u.rows), generator=g) < 0.6 for u in unpacked]
+    token_keep = [(torch.rand(u.batch["labels"].shape, generator=g) < 0.5) & (u.batch["labels"] != -100)
+                  for u in unpacked]
+    monkeypatch.setattr(packing, "repack", lambda *a, **k: [None] * (len(batches) + 1))
+    out = packing.repack_kept(batches, unpacked, keep, token_keep, layout)
+    assert len(out) == len(batches)
+    for b, o, u, k, t in zip(batches, out, unpacked, keep, token_keep):
+        want = torch.full_like(b["labels"], -100)
+        for i in range(len(u.rows)):
+            for c in range(u.lengths[i]):
+                if k[i] and t[i, c]:
+                    want[u.rows[i], u.starts[i] + c] = u.batch["labels"][i, c]
+        assert torch.equal(o["labels"], want)
+        assert all(torch.equal(o[key], b[key]) if isinstance(b[key], torch.Tensor) else o[key] == b[key]
+                   for key in b if key != "labels")
+    assert any(bool(k.any()) for k in keep) and any(not bool(k.all()) for k in keep)

@@ -56,6 +56,19 @@ def guard_of(callback):
     return guard
 
 
+def count_fills(cache):
+    """A list that grows by one at each reference forward ``cache`` runs from now on (each
+    :meth:`ReferenceCache.fill` is one forward over one micro-batch)."""
+    calls, fill = [], cache.fill
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fill(*args, **kwargs)
+
+    cache.fill = counted
+    return calls
+
+
 def test_row_keys_depend_on_content_not_padding():
     right = padded_batch([7, 5, 9], [2, 2, 3], padding_side="right")
     left = padded_batch([7, 5, 9], [2, 2, 3], padding_side="left")
@@ -78,6 +91,7 @@ def test_the_cache_holds_the_base_models_nll_and_scores_each_sample_once():
         trained = score_batch(model, batch)
         keys = row_keys(batch, trained.trainable)
         cache = ReferenceCache()
+        forwards = count_fills(cache)
         assert cache.missing(keys)
         cache.fill(model, batch, keys, chunk_size=256)
     want = score_batch(base, batch)
@@ -86,11 +100,50 @@ def test_the_cache_holds_the_base_models_nll_and_scores_each_sample_once():
     assert torch.allclose(got[t], want.nll[t], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(trained.nll[t], want.nll[t], atol=1e-3)  # the adapters do change the NLL
     assert torch.isnan(got[~t]).all()
-    assert not cache.missing(keys) and len(cache) == 4 and cache.forwards == 1
+    assert not cache.missing(keys) and len(cache) == 4 and len(forwards) == 1
     # the adapters are back on after the reference forward
     with scoring_mode(model):
         again = score_batch(model, batch)
     assert torch.equal(again.nll, trained.nll)
+
+
+def test_the_guard_and_the_scorer_see_through_the_same_wrappers():
+    """One walk over the wrappers (core/wrappers.py): through DDP / DeepSpeed's ``.module`` and
+    torch.compile's ``._orig_mod`` the guard finds the PEFT model's adapter switch and the scorer
+    its causal LM."""
+    from qtuning_plugin.core.wrappers import unwrap_causal_lm, wrapped_modules
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner, attribute):
+            super().__init__()
+            setattr(self, attribute, inner)
+
+    peft_model, _ = lora_model()
+    outer = Wrapper(Wrapper(peft_model, "_orig_mod"), "module")
+    chain = list(wrapped_modules(outer))
+    assert chain[:3] == [outer, outer.module, peft_model]
+    assert unwrap_causal_lm(outer) is chain[-1] is peft_model.get_base_model()
+    assert adapter_switch(outer) == peft_model.disable_adapter
+    plain = tiny_model()
+    assert unwrap_causal_lm(Wrapper(plain, "module")) is plain and adapter_switch(Wrapper(plain, "module")) is None
+
+
+def test_cache_keys_and_decision_log_ids_share_one_scheme():
+    """The guard's cache key is the decision log's id scheme (core/keys.py) over the same tokens,
+    plus the trainable positions the cached NLL belongs to."""
+    from qtuning_plugin.core.keys import content_key
+    from qtuning_plugin.decision_log import sample_id
+
+    batch = padded_batch([9, 5, 7], [3, 2, 4], padding_side="left")
+    trainable = trainable_positions(batch["labels"], attention_mask=batch["attention_mask"])
+    keys = row_keys(batch, trainable)
+    for row, key in enumerate(keys):
+        cols = batch["attention_mask"][row].nonzero().squeeze(1)
+        tokens = batch["input_ids"][row, cols].tolist()
+        positions = (trainable[row].nonzero().squeeze(1) - int(cols[0])).tolist()
+        assert key == content_key(tokens, positions)
+        assert sample_id(tokens) == content_key(tokens) != key
+    assert sample_id([1, 2, 3]) == "e2353910701f1c2a"  # the ids of logs already written stay
 
 
 def test_no_adapter_no_reference():
@@ -202,10 +255,11 @@ def test_reference_forwards_only_at_first_sight_over_epochs(tmp_path):
     model, _ = lora_model(vocab_size=len(tok))
     callback = QTuning(sample_ratio=0.25, token_ratio=0.5, reference="base", log_decisions=str(tmp_path / "d.jsonl"))
     trainer = sft_trainer([callback], model, steps=4)  # 4 steps x 8 rows = 2 epochs of 16 samples
+    forwards = count_fills(guard_of(callback).cache)
     trainer.train()
     cache = guard_of(callback).cache
     assert len(cache) == 16
-    assert cache.forwards == 4  # the 4 micro-batches of the first epoch; none in the second
+    assert len(forwards) == 4  # the 4 micro-batches of the first epoch; none in the second
     logged = [h for h in trainer.state.log_history if "qtuning/suspected_samples" in h]
     assert len(logged) == 4
     assert callback.totals["suspected_samples"] == sum(h["qtuning/suspected_samples"] for h in logged)
@@ -233,8 +287,10 @@ def test_every_rank_runs_the_reference_forwards_any_rank_needs(monkeypatch):
     tok = tiny_tokenizer()
     model, _ = lora_model(vocab_size=len(tok))
     callback = QTuning(sample_ratio=0.25, token_ratio=0.5, reference="base")
-    sft_trainer([callback], model, steps=4).train()
-    assert guard_of(callback).cache.forwards == 8
+    trainer = sft_trainer([callback], model, steps=4)
+    forwards = count_fills(guard_of(callback).cache)
+    trainer.train()
+    assert len(forwards) == 8
     assert [c for c in calls if len(c) == 2 and c != [1, 1]]  # this process alone needed fewer
 
 

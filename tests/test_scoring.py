@@ -1,12 +1,13 @@
 """score_batch against a naive full-vocabulary reference, on several architectures."""
 
+import uuid
 import warnings
 
 import pytest
 import torch
 
 from qtuning_plugin.core import score_batch, scoring_mode, trainable_positions
-from qtuning_plugin.core import heads as scoring_module
+from qtuning_plugin.core import heads
 from tiny import padded_batch, tiny_model
 
 LENGTHS, PROMPTS = [12, 7, 20, 3], [4, 2, 5, 3]  # the last row has no trainable token
@@ -47,7 +48,7 @@ def test_matches_full_logits_reference(kind, padding_side):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the known post-processing must not need the fallback
         scores = score_batch(model, batch, chunk_size=5)  # several chunks, one partial
-    assert scoring_module.scoring_path(model) == "head"
+    assert heads.scoring_path(model) == "head"
     assert_matches(scores, naive_reference(model, batch))
     assert torch.equal(scores.trainable, trainable_positions(batch["labels"]))
     assert scores.n_tokens.tolist() == [8, 5, 15, 0]
@@ -68,23 +69,44 @@ def test_postprocessing_matters_for_these_models():
 def test_unknown_postprocessing_falls_back_to_the_models_logits_with_one_warning():
     import transformers
 
-    class TemperatureLlama(transformers.LlamaForCausalLM):
-        def forward(self, *args, **kwargs):
-            out = super().forward(*args, **kwargs)
-            out.logits = out.logits / 0.3
-            return out
+    def forward(self, *args, **kwargs):
+        out = transformers.LlamaForCausalLM.forward(self, *args, **kwargs)
+        out.logits = out.logits / 0.3
+        return out
 
+    # the warning is once per class name: a name no earlier test (or rerun) has used
+    name = f"TemperatureLlama{uuid.uuid4().hex[:8]}"
     base = tiny_model("llama")
-    model = TemperatureLlama(base.config).eval()
+    model = type(name, (transformers.LlamaForCausalLM,), {"forward": forward})(base.config).eval()
     model.load_state_dict(base.state_dict())
     batch = padded_batch(LENGTHS, PROMPTS)
-    scoring_module._WARNED.discard("TemperatureLlama")
-    with pytest.warns(UserWarning, match="TemperatureLlama's forward post-processes its logits"):
+    with pytest.warns(UserWarning, match=f"{name}'s forward post-processes its logits"):
         scores = score_batch(model, batch)
     assert_matches(scores, naive_reference(model, batch))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert_matches(score_batch(model, batch), naive_reference(model, batch))
+
+
+def test_a_scoring_path_can_be_forced_and_is_checked():
+    """choose_scoring_path(path=...) is the public way for benchmarks and tests to pick a path: no
+    probe, validated; on a model both paths reproduce, they give the same scores."""
+    model = tiny_model("llama")
+    batch = padded_batch(LENGTHS, PROMPTS)
+    with scoring_mode(model):
+        assert heads.choose_scoring_path(model) == "head"
+        chosen = score_batch(model, batch)
+        assert heads.choose_scoring_path(model, path="logits") == "logits"
+        assert heads.scoring_path(model) == "logits"
+        forced = score_batch(model, batch)
+        with pytest.raises(ValueError, match=r"path must be one of \['fused', 'head', 'logits'\], got 'Head'"):
+            heads.choose_scoring_path(model, path="Head")
+        with pytest.raises(ValueError, match="path='fused' needs TRL's fused LM head"):
+            heads.choose_scoring_path(model, path="fused")
+        assert heads.scoring_path(model) == "logits"  # a refused path changes nothing
+    assert_matches(forced, naive_reference(model, batch))
+    for a, b in ((chosen.ppl, forced.ppl), (chosen.entropy, forced.entropy), (chosen.nll, forced.nll)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_peft_wrapped_model_scores_with_adapters_active():
@@ -133,7 +155,7 @@ def test_bf16_autocast_runs_and_is_close():
     ref = naive_reference(model, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = score_batch(model, batch)
-    assert scoring_module.scoring_path(model) == "head"
+    assert heads.scoring_path(model) == "head"
     torch.testing.assert_close(scores.entropy[:3], ref["entropy"][:3], rtol=5e-2, atol=5e-2)
 
 
@@ -198,6 +220,6 @@ def test_a_forward_wrapped_in_autocast_like_accelerate_does_is_scored_in_its_pre
         warnings.simplefilter("error")
         scores = score_batch(model, batch)
     hook.remove()
-    assert scoring_module.scoring_path(model) == "head"
+    assert heads.scoring_path(model) == "head"
     assert seen and all(d == torch.bfloat16 for d in seen)  # the scorer's head ran in bf16 too
     torch.testing.assert_close(scores.entropy[:3], ref["entropy"][:3], rtol=5e-2, atol=5e-2)

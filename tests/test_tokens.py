@@ -152,7 +152,7 @@ def test_pooled_keep_highest_drops_the_lowest():
     trainable = [torch.tensor([[True, True, True, True]])]
     assert pooled_token_keep_mask(nll, trainable, 2, 0.0, keep="highest")[0].tolist() == [[False, True, False, True]]
     assert pooled_token_keep_mask(nll, trainable, 2, 0.0)[0].tolist() == [[True, False, True, False]]
-    with pytest.raises(ValueError, match="keep must be 'lowest' or 'highest'"):
+    with pytest.raises(ValueError, match=r"token_keep_mask: keep must be one of \['lowest', 'highest'\], got 'top'"):
         token_keep_mask(nll[0], trainable[0], 0.5, keep="top")
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qtuning_plugin.core import kept_count, median_quadrants, triage
-from qtuning_plugin.core.triage import Triage, ascending_ranks, share_of
+from qtuning_plugin.core.sample_stage import Triage, ascending_ranks, share_of
 
 INF, NAN = math.inf, math.nan
 
@@ -98,7 +98,7 @@ def test_a_pool_without_any_scored_sample_keeps_nothing():
 
 def test_one_huge_score_does_not_flatten_the_others_in_the_top_up():
     """Min-max over the finite values only: an infinite PPL no longer maps every finite PPL to 0."""
-    from qtuning_plugin.core.triage import _minmax
+    from qtuning_plugin.core.sample_stage import _minmax
 
     x = t(1.0, 3.0, INF, 2.0)
     assert _minmax(x).tolist() == [0.0, 1.0, 1.0, 0.5]
@@ -113,7 +113,7 @@ def test_sample_ratio_one_keeps_everything():
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, -1])
 def test_bad_ratio(bad):
-    with pytest.raises(ValueError, match="sample_ratio"):
+    with pytest.raises(ValueError, match=rf"triage: sample_ratio must be a number in \(0, 1\], got {bad!r}"):
         triage(t(1.0, 2.0), t(1.0, 2.0), bad)
 
 

@@ -602,7 +602,9 @@ def test_a_model_whose_forward_bypasses_its_backbone_module_is_scored_from_its_l
     trainer = sft_trainer([cb], ga=2, bs=4, steps=2, model=model)
     counter = TrainingRows(model)
     trainer.add_callback(counter)
-    if scoring.fused_head_installed(model):  # TRL >= 1.16: its fused head calls the backbone's wrapper itself
+    from qtuning_plugin.core.fused import fused_head_installed
+
+    if fused_head_installed(model):  # TRL >= 1.16: its fused head calls the backbone's wrapper itself
         trainer.train()
         assert scoring.scoring_path(model) == "fused"
     else:

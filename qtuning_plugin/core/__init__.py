@@ -1,7 +1,7 @@
 """Q-Tuning's algorithm in pure torch (no TRL, no Axolotl): score, triage, prune tokens, apply.
 
 Read top to bottom: :mod:`.config` (the settings, declared once), :mod:`.scoring` (the
-Error-Uncertainty plane), :mod:`.triage` (sample stage), :mod:`.tokens` (token stage),
+Error-Uncertainty plane), :mod:`.sample_stage` (the triage), :mod:`.tokens` (token stage),
 :mod:`.decision` (both stages on a pool), :mod:`.batch` and :mod:`.packing` (applying a decision
 to padded and packed batches), :mod:`.step` (one optimizer step for any training loop:
 :func:`select_step`). :mod:`.rules` holds the behaviours beyond the paper, one module each;
@@ -9,11 +9,10 @@ to padded and packed batches), :mod:`.step` (one optimizer step for any training
 """
 
 import importlib
-import sys
-import types
 
 # Loaded on first use (PEP 562), so that `qtuning --help` and `from .core.config import ...` do
-# not import torch: name -> the submodule that defines it.
+# not import torch: name -> the submodule that defines it. No submodule is named like a name
+# exported here: importing a submodule binds it on the package under its own name.
 _HOMES = {
     "apply_decision": "batch",
     "QTuningConfig": "config",
@@ -27,8 +26,8 @@ _HOMES = {
     "StepDecision": "step", "StepResult": "step", "decide_step": "step", "select_step": "step",
     "label_tokens": "step",
     "context_scores": "tokens", "pooled_token_keep_mask": "tokens", "token_keep_mask": "tokens",
-    "QUADRANT_NAMES": "triage", "Triage": "triage", "kept_count": "triage", "median_quadrants": "triage",
-    "triage": "triage",
+    "QUADRANT_NAMES": "sample_stage", "Triage": "sample_stage", "kept_count": "sample_stage",
+    "median_quadrants": "sample_stage", "scored_mask": "sample_stage", "triage": "sample_stage",
 }
 
 __all__ = [
@@ -43,6 +42,7 @@ __all__ = [
     "kept_count",
     "median_quadrants",
     "QUADRANT_NAMES",
+    "scored_mask",
     "token_keep_mask",
     "pooled_token_keep_mask",
     "context_scores",
@@ -62,18 +62,6 @@ __all__ = [
     "build_rules",
     "ReferenceCache",
 ]
-
-
-class _Core(types.ModuleType):
-    def __setattr__(self, name, value):
-        # The import system binds a submodule on its package once it is loaded; here `triage` is
-        # the function (as exported from the start), not its module `core.triage`.
-        if name == "triage" and isinstance(value, types.ModuleType):
-            value = value.triage
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Core
 
 
 def __getattr__(name: str):

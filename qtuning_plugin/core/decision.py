@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import torch
 
 from .config import QTuningConfig
+from .sample_stage import Triage, scored_mask, triage
 from .scoring import Scores
 from .tokens import pooled_token_keep_mask, token_keep_mask, tokens_to_keep
-from .triage import Triage, triage
 
 
 @dataclass
@@ -137,8 +137,7 @@ def _token_stage(scores, config, host, result, keep, prune):
         kept = whole_rows + int(tokens_to_keep(pruned_rows, config.token_ratio).sum())
     else:  # "batch": the authors' code drop, one budget round(r_s r_t N) over the pool's N tokens
         # (of its samples: rows without a score, e.g. without any label token, are not in the pool)
-        scored = ~(torch.isnan(host.ppl) | torch.isnan(host.entropy))
-        pool_tokens = int(host.input_tokens[scored].sum())
+        pool_tokens = int(host.input_tokens[scored_mask(host.ppl, host.entropy)].sum())
         kept_inputs = int(host.input_tokens[result.keep].sum())
         n_drop = max(0, kept_inputs - round(config.sample_ratio * config.token_ratio * pool_tokens))
         n_candidates = int(pruned_rows.sum())

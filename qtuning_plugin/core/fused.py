@@ -25,7 +25,9 @@ def fused_head_installed(lm: nn.Module) -> bool:
     return False
 
 
-def _score_fused(model, inputs, labels, trainable, at: tuple[torch.Tensor, torch.Tensor]):
+def score_fused(model, inputs, labels, trainable, at: tuple[torch.Tensor, torch.Tensor]):
+    """nll and entropy (float32, flat) at the positions ``at`` (see :mod:`.heads`), from one forward
+    through TRL's fused head (``trainable`` [B, T]: the labels it is given, the rest masked)."""
     out = model(**inputs, labels=labels.masked_fill(~trainable, IGNORE_INDEX), fused_lm_head=True, use_cache=False)
     if getattr(out, "log_probs", None) is None or getattr(out, "entropy", None) is None:
         raise RuntimeError("score_batch: TRL's fused LM head returned no entropy (installed without "

@@ -22,23 +22,10 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from .fused import _score_fused, fused_head_installed, fused_head_is_compact  # noqa: F401
+from .fused import fused_head_installed, fused_head_is_compact, score_fused
+from .wrappers import unwrap_causal_lm
 
 Positions = tuple[torch.Tensor, torch.Tensor]
-
-def unwrap_causal_lm(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` module inside DDP / DeepSpeed (``.module``) and PEFT wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, DeepSpeed engine
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-    return model
-
 
 def _backbone_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
@@ -170,9 +157,7 @@ def _forward_kwargs(lm: nn.Module, inputs: Mapping, logits_to_keep: int) -> dict
     return kwargs
 
 
-
-
-def _forward_with_head(model, lm, inputs, at: Positions, targets, chunk_size):
+def forward_with_head(model, lm, inputs, at: Positions, targets, chunk_size):
     """One forward of ``model`` (logits for the last position only) in which our head computes the
     statistics at ``trainable``: ((nll, entropy), whether the head ran in half precision), or None when the forward did not run the backbone and head modules (e.g. ``BartForCausalLM``
     calls ``model.decoder`` directly)."""
@@ -233,13 +218,13 @@ def _verdict(model, lm) -> tuple[str, str | None]:
         return "head", None  # nothing to compare with: trust the head
     truth = _token_stats(lambda s, e: logits[0, :-1][s:e], targets.numel(), targets, 8)
     low = logits.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(param.device.type)
-    got = _forward_with_head(model, lm, inputs, at, targets, 8)
+    got = forward_with_head(model, lm, inputs, at, targets, 8)
     low = low or (got is not None and got[1])
     head_ok = got is not None and all(_close(a, b, low) for a, b in zip(got[0], truth))
     fused_ok = False
     if fused_head_installed(lm):
         try:
-            fused = _score_fused(model, inputs, ids, trainable, at)
+            fused = score_fused(model, inputs, ids, trainable, at)
         except (RuntimeError, TypeError) as err:  # an older or foreign patch: not used
             warnings.warn(f"qtuning: TRL's fused LM head could not score ({err}); not using it", stacklevel=4)
         else:
@@ -270,14 +255,24 @@ def _set_path(lm: nn.Module, path: str, why_not: str | None) -> None:
 
 
 @torch.no_grad()
-def choose_scoring_path(model: nn.Module, agree: Callable[[bool], bool] | None = None) -> str:
+def choose_scoring_path(model: nn.Module, agree: Callable[[bool], bool] | None = None, path: str | None = None) -> str:
     """Decide once, before training, how :func:`~.scoring.score_batch` scores ``model`` (one of
     :data:`PATHS`), by probe forwards on 8 tokens compared with the model's own full logits.
     ``agree`` turns "this process would not need the full logits" into the answer every process
     uses (the callback passes an all-reduce, so that no rank runs other forwards than the rest).
-    Call it in :func:`scoring_mode`, through the wrapper training uses."""
+    Call it in :func:`scoring_mode`, through the wrapper training uses.
+
+    ``path`` (one of :data:`PATHS`) forces that path without a probe, for benchmarks and tests that
+    compare the paths on one model; the scores are then only as right as that path is for it."""
     lm = unwrap_causal_lm(model)
     _backbone_and_head(lm)  # refuse a model that is no causal LM before any forward
+    if path is not None:
+        if path not in PATHS:
+            raise ValueError(f"choose_scoring_path: path must be one of {list(PATHS)}, got {path!r}")
+        if path == "fused" and not fused_head_installed(lm):
+            raise ValueError("choose_scoring_path: path='fused' needs TRL's fused LM head installed on the model")
+        _PATH[lm] = path
+        return path
     path, why_not = _verdict(model, lm)
     if agree is not None:
         fused_everywhere = agree(path == "fused")
@@ -289,7 +284,8 @@ def choose_scoring_path(model: nn.Module, agree: Callable[[bool], bool] | None =
     return path
 
 
-def _score_from_logits(model, lm, inputs, at: Positions, targets, chunk_size):
+def score_from_logits(model, lm, inputs, at: Positions, targets, chunk_size):
+    """nll and entropy (float32, flat) at ``at`` from the model's full logits (one forward)."""
     logits = model(**_forward_kwargs(lm, inputs, logits_to_keep=0)).logits
     rows, cols = at
     return _token_stats(lambda s, e: logits[rows[s:e], cols[s:e]], targets.numel(), targets, chunk_size)

@@ -1,7 +1,8 @@
 """One option of :class:`~qtuning_plugin.core.config.QTuningConfig`: its default, its help line and
 the values it accepts, checked in one place (:meth:`Option.check`). The config's dataclass fields,
 the Axolotl ``qtuning:`` schema, the ``qtuning demo`` flags and README's options table are all
-derived from these declarations. Pure Python (no torch)."""
+derived from these declarations, and the core functions check their arguments with them (one
+message for one range). Pure Python (no torch)."""
 
 from __future__ import annotations
 
@@ -52,12 +53,13 @@ class Option:
             text = "a file path"
         return f"null (off) or {text}" if self.optional else text
 
-    def check(self, value: Any) -> Any:
+    def check(self, value: Any, label: str | None = None) -> Any:
         """``value`` normalised (ints to floats for numbers), or ``ValueError`` naming the field and
-        what it accepts."""
+        what it accepts. ``label``: how the error names the value (``QTuningConfig.<name>`` unless
+        given; a core function checking its argument passes ``"<function>: <argument>"``)."""
         if value is None and self.optional:
             return None
-        bad = ValueError(f"QTuningConfig.{self.name} must be {self.allowed()}, got {value!r}")
+        bad = ValueError(f"{label or f'QTuningConfig.{self.name}'} must be {self.allowed()}, got {value!r}")
         if self.kind == "choice":
             if not isinstance(value, str) or value not in self.choices:
                 raise bad

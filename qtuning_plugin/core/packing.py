@@ -26,7 +26,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .scoring import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Scores, assemble, forward_inputs, score_positions
+from .fused import IGNORE_INDEX
+from .heads import forward_inputs
+from .scoring import DEFAULT_CHUNK_SIZE, Scores, assemble, score_positions, trainable_positions
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +115,9 @@ def unpack(batch: Mapping[str, Any], layout: str, pad_id: int = 0) -> Unpacked:
     ids, labels = batch["input_ids"], batch["labels"]
     t = ids.shape[1]
     segment_table = _segment_table(batch, layout)
-    table = segment_table[0]
-    kept = [(f, n) for f, n, k in table.tolist() if k > 0]
-    width = max((n for _, n in kept), default=1)
-    device = ids.device
-    heads = torch.tensor([f for f, _ in kept], dtype=torch.long, device=device)
-    lengths = torch.tensor([n for _, n in kept], dtype=torch.long, device=device)
-    col = torch.arange(width, device=device)
+    kept = [(f, n) for f, n, k in segment_table[0].tolist() if k > 0]
+    heads, lengths = torch.tensor(kept, dtype=torch.long, device=ids.device).view(-1, 2).unbind(1)
+    col = torch.arange(max((n for _, n in kept), default=1), device=ids.device)
     inside = col[None] < lengths[:, None]
     at = (heads[:, None] + col[None]).clamp(max=max(ids.numel() - 1, 0))
     out = {"input_ids": ids.flatten()[at].masked_fill(~inside, pad_id),
@@ -152,9 +150,7 @@ def score_packed(model, batch: Mapping[str, Any], layout: str, unpacked: Unpacke
     if layout == "position_ids" and "attention_mask" not in batch:  # TRL's rows: its varlen metadata as made
         inputs.update({k: v for k, v in forward_inputs(batch).items() if k not in ("input_ids", "position_ids")})
     nll, ent = score_positions(model, inputs, labels, trainable, chunk_size)
-    u_labels = unpacked.batch["labels"]
-    u_trainable = u_labels != IGNORE_INDEX
-    u_trainable[:, 0] = False
+    u_trainable = trainable_positions(unpacked.batch["labels"])
     lengths = torch.tensor(unpacked.lengths, dtype=torch.long, device=ids.device)
     return assemble(nll, ent, u_trainable, lengths)
 
@@ -202,24 +198,16 @@ def repack(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: str, tem
             at = 0
             for seg, i in enumerate(b, 1):
                 x, y = pieces[i]
-                ids[r, at:at + x.numel()] = x
-                labels[r, at:at + x.numel()] = y
-                mask[r, at:at + x.numel()] = seg if layout == "segment_ids" else 1
-                pos[r, at:at + x.numel()] = torch.arange(x.numel(), device=device)
+                span = slice(at, at + x.numel())
+                ids[r, span], labels[r, span], pos[r, span] = x, y, torch.arange(x.numel(), device=device)
+                mask[r, span] = seg if layout == "segment_ids" else 1
                 at += x.numel()
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if "position_ids" in template:
             batch["position_ids"] = pos.to(template["position_ids"].dtype)
         if "cu_seq_lens_q" in template:  # varlen metadata over the flattened rows, as Axolotl computes it
-            flat = batch["position_ids"].flatten() if "position_ids" in batch else pos.flatten()
-            starts = (flat == 0).nonzero().squeeze(1)
-            cu = torch.cat([starts, torch.tensor([flat.numel()], device=device)])
-            for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
-                if key in template:
-                    batch[key] = cu.to(template[key].dtype)
-            for key in ("max_length_q", "max_length_k"):
-                if key in template:
-                    batch[key] = int(cu.diff().max())
+            starts = (pos.flatten() == 0).nonzero().squeeze(1)
+            batch.update(_varlen(template, torch.cat([starts, torch.tensor([pos.numel()], device=device)])))
         batches.append({**batch, **extras})
     return batches
 
@@ -231,17 +219,17 @@ def _one_row(pieces, template, device) -> dict[str, Any]:
     pos = torch.cat([torch.arange(int(n), device=device) for n in lengths])[None]
     out = {"input_ids": ids, "labels": labels,
            "position_ids": pos.to(template["position_ids"].dtype) if "position_ids" in template else pos}
-    cu = torch.cat([torch.zeros(1, dtype=torch.long, device=device), lengths.cumsum(0)])
-    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
-        if key in template:
-            out[key] = cu.to(template[key].dtype)
-    for key in ("max_length_q", "max_length_k"):
-        if key in template:
-            out[key] = int(lengths.max())
+    out.update(_varlen(template, torch.cat([torch.zeros(1, dtype=torch.long, device=device), lengths.cumsum(0)])))
     if "seq_idx" in template:
         out["seq_idx"] = torch.repeat_interleave(torch.arange(lengths.numel(), device=device),
                                                  lengths)[None].to(template["seq_idx"].dtype)
     return out
+
+
+def _varlen(template: Mapping[str, Any], cu: torch.Tensor) -> dict[str, Any]:
+    """The varlen keys ``template`` has, rebuilt from ``cu``: the flattened rows' segment offsets."""
+    out = {key: cu.to(template[key].dtype) for key in ("cu_seq_lens_q", "cu_seq_lens_k") if key in template}
+    return {**out, **{key: int(cu.diff().max()) for key in ("max_length_q", "max_length_k") if key in template}}
 
 
 def first_segment(batch: Mapping[str, Any], layout: str) -> Unpacked:
@@ -261,25 +249,19 @@ def repack_kept(batches: Sequence[Mapping[str, Any]], unpacked: Sequence[Unpacke
     than the fetched ones (so the dropped segments cost nothing). If first-fit needs more
     micro-batches than were fetched (it never did in the tests), the fetched batches are returned
     with only their labels masked: exact, but without the saving."""
-    pieces = []
-    for u, k, t in zip(unpacked, keep, token_keep):
-        for i in k.nonzero().squeeze(1).tolist():
-            n = u.lengths[i]
-            labels = torch.where(t[i, :n], u.batch["labels"][i, :n], IGNORE_INDEX)
-            pieces.append((u.batch["input_ids"][i, :n], labels))
+    kept = [(j, u, i) for j, (u, k) in enumerate(zip(unpacked, keep)) for i in k.nonzero().squeeze(1).tolist()]
+    labels = [torch.where(token_keep[j][i, :u.lengths[i]], u.batch["labels"][i, :u.lengths[i]], IGNORE_INDEX)
+              for j, u, i in kept]
+    pieces = [(u.batch["input_ids"][i, :u.lengths[i]], y) for (_, u, i), y in zip(kept, labels)]
     out = repack(pieces, layout, batches[-1], row_capacity=max(b["input_ids"].shape[1] for b in batches),
                  rows_per_batch=max(b["input_ids"].shape[0] for b in batches), pad_id=pad_id)
     if len(out) <= len(batches):
         return out
     logger.warning("QTuning: the kept segments did not re-pack into %d micro-batches; masking labels instead",
                    len(batches))
-    masked = []
-    for b, u, k, t in zip(batches, unpacked, keep, token_keep):
-        labels = torch.full_like(b["labels"], IGNORE_INDEX)
-        for i in k.nonzero().squeeze(1).tolist():
-            r, s, n = u.rows[i], u.starts[i], u.lengths[i]
-            labels[r, s:s + n] = torch.where(t[i, :n], u.batch["labels"][i, :n], IGNORE_INDEX)
-        masked.append({**b, "labels": labels})
+    masked = [{**b, "labels": torch.full_like(b["labels"], IGNORE_INDEX)} for b in batches]
+    for (j, u, i), y in zip(kept, labels):
+        masked[j]["labels"][u.rows[i], u.starts[i]:u.starts[i] + u.lengths[i]] = y
     return masked
 
 

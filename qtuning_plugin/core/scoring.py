@@ -18,10 +18,10 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from .fused import IGNORE_INDEX
-from .heads import (_PATH, PATHS, Positions, _forward_with_head, _score_fused, _score_from_logits,  # noqa: F401
-                    choose_scoring_path, forward_inputs, fused_head_installed, fused_head_is_compact, scoring_path,
-                    unwrap_causal_lm)
+from .fused import IGNORE_INDEX, score_fused
+from .heads import (Positions, choose_scoring_path, forward_inputs, forward_with_head, score_from_logits,
+                    scoring_path)
+from .wrappers import unwrap_causal_lm
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -139,17 +139,15 @@ def score_positions(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels
     ``model(**inputs)`` on the model's scoring path (see :func:`score_batch`). ``at``: those
     positions minus one, as (rows, cols) on the device (found from ``trainable`` otherwise)."""
     lm = unwrap_causal_lm(model)
-    if lm not in _PATH:
-        choose_scoring_path(model)
-    path = _PATH[lm]
+    path = scoring_path(lm) or choose_scoring_path(model)
     if at is None:
         at = trainable[:, 1:].nonzero(as_tuple=True)
     targets = labels[at[0], at[1] + 1]
     if path == "fused":
-        return _score_fused(model, inputs, labels, trainable, at)
+        return score_fused(model, inputs, labels, trainable, at)
     if path == "logits":
-        return _score_from_logits(model, lm, inputs, at, targets, chunk_size)
-    got = _forward_with_head(model, lm, inputs, at, targets, chunk_size)
+        return score_from_logits(model, lm, inputs, at, targets, chunk_size)
+    got = forward_with_head(model, lm, inputs, at, targets, chunk_size)
     if got is None:
         raise RuntimeError(f"score_batch: {type(lm).__name__}'s forward no longer ran its backbone and head modules")
     return got[0]

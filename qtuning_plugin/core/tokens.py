@@ -7,6 +7,11 @@ from typing import Sequence
 
 import torch
 
+from .config import OPTIONS
+
+# The config's declarations check the arguments of the same meaning (one message for one range).
+_OPTION = {o.name: o for o in OPTIONS if o.name in ("token_ratio", "neighbor_lambda", "keep_tokens")}
+
 # exp(700) ~ 1e304: three of them still sum below float64's max. Beyond nll = 700 (p < 1e-304)
 # scores saturate and ties go to the earlier position (the spec allows clamping before exp).
 _MAX_NLL = 700.0
@@ -56,7 +61,7 @@ def token_keep_mask(
     (``keep="highest"``: the highest; ties to the earlier position either way); non-trainable
     positions and rows without trainable tokens are all False.
     """
-    _check_token_args(nll, trainable, token_ratio, neighbor_lambda, keep)
+    _check_token_args("token_keep_mask", nll, trainable, token_ratio, neighbor_lambda, keep)
     trainable = trainable.bool()
     scores = _oriented(context_scores(nll, trainable, neighbor_lambda), keep)
     return _keep_lowest(scores, trainable, tokens_to_keep(trainable.sum(1), token_ratio))
@@ -80,7 +85,7 @@ def pooled_token_keep_mask(
     """
     flat_scores, flat_trainable = [], []
     for x, m in zip(nll, trainable, strict=True):
-        _check_token_args(x, m, 1.0, neighbor_lambda, keep)
+        _check_token_args("pooled_token_keep_mask", x, m, None, neighbor_lambda, keep)
         flat_scores.append(_oriented(context_scores(x, m.bool(), neighbor_lambda), keep).reshape(-1))
         flat_trainable.append(m.bool().reshape(-1))
     scores, mask = torch.cat(flat_scores)[None], torch.cat(flat_trainable)[None]
@@ -95,13 +100,11 @@ def _oriented(scores: torch.Tensor, keep: str) -> torch.Tensor:
     return scores if keep == "lowest" else -scores
 
 
-def _check_token_args(nll, trainable, token_ratio, neighbor_lambda, keep="lowest"):
-    if keep not in ("lowest", "highest"):
-        raise ValueError(f"keep must be 'lowest' or 'highest', got {keep!r}")
+def _check_token_args(where, nll, trainable, token_ratio, neighbor_lambda, keep="lowest"):
+    _OPTION["keep_tokens"].check(keep, label=f"{where}: keep")
     if nll.ndim != 2 or nll.shape != trainable.shape:
-        raise ValueError(f"nll and trainable must both be [B, T], got {tuple(nll.shape)} and "
+        raise ValueError(f"{where}: nll and trainable must both be [B, T], got {tuple(nll.shape)} and "
                          f"{tuple(trainable.shape)}")
-    if not 0.0 < token_ratio <= 1.0:
-        raise ValueError(f"token_ratio must be in (0, 1], got {token_ratio!r}")
-    if not 0.0 <= neighbor_lambda <= 1.0:
-        raise ValueError(f"neighbor_lambda must be in [0, 1], got {neighbor_lambda!r}")
+    if token_ratio is not None:
+        _OPTION["token_ratio"].check(token_ratio, label=f"{where}: token_ratio")
+    _OPTION["neighbor_lambda"].check(neighbor_lambda, label=f"{where}: neighbor_lambda")

@@ -1,6 +1,6 @@
 """Rules beyond the paper: small pieces that keep samples out of the triage.
 
-The paper's Algorithm 1 is the spine (:mod:`..triage`, :mod:`..tokens`). A *rule* adds one
+The paper's Algorithm 1 is the spine (:mod:`..sample_stage`, :mod:`..tokens`). A *rule* adds one
 behaviour to it without touching it: it marks samples of a pool that are not eligible; the
 triage runs on the others while K still counts every scored sample, so their slots go to other
 samples. Each rule is one module of this package and owns:
@@ -58,7 +58,9 @@ class Pool:
     @property
     def scored(self) -> torch.Tensor:
         """bool [n]: samples with a score (a label token and no NaN)."""
-        return ~(torch.isnan(self.ppl) | torch.isnan(self.entropy))
+        from ..sample_stage import scored_mask
+
+        return scored_mask(self.ppl, self.entropy)
 
     def subset(self, index: torch.Tensor) -> "Pool":
         return Pool(self.ppl[index], self.entropy[index], {k: v[index] for k, v in self.features.items()})

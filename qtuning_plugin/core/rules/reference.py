@@ -17,9 +17,9 @@ wrong label and not kept (:func:`rising_samples`). docs/options.md has the evide
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping, Sequence
 
+from ..keys import content_key
 from ..options import Option
 from . import Pool, Rule, StepContext, torch
 
@@ -32,21 +32,18 @@ if TYPE_CHECKING:
 def adapter_switch(model: nn.Module) -> Callable[[], ContextManager] | None:
     """The PEFT model's ``disable_adapter`` context inside DDP / DeepSpeed / compile wrappers, or
     None when the model is not a PEFT model with adapters (full fine-tuning has no free base)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "peft_config") and callable(getattr(model, "disable_adapter", None)):
-            return model.disable_adapter
-        if isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
+    from ..wrappers import wrapped_modules
+
+    for module in wrapped_modules(model):
+        if hasattr(module, "peft_config") and callable(getattr(module, "disable_adapter", None)):
+            return module.disable_adapter
     return None
 
 
 def row_keys(batch: Mapping[str, torch.Tensor], trainable: torch.Tensor) -> list[str]:
-    """A content key per row: BLAKE2b of its non-padding token ids and its trainable positions
-    (relative to the first token), so that a sample has one key however it is padded."""
+    """A content key per row (:func:`~qtuning_plugin.core.keys.content_key`): its non-padding token
+    ids and its trainable positions (relative to the first token: the positions whose NLL the
+    cache holds), so that a sample has one key however it is padded; "" for an empty row."""
     ids = batch["input_ids"].cpu()
     mask = batch.get("attention_mask")
     mask = (mask.cpu() != 0) if mask is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -58,10 +55,7 @@ def row_keys(batch: Mapping[str, torch.Tensor], trainable: torch.Tensor) -> list
             keys.append("")
             continue
         start = int(cols[0])
-        tokens = ids[row, cols].tolist()
-        positions = (trainable[row].nonzero().squeeze(1) - start).tolist()
-        data = (",".join(map(str, tokens)) + "|" + ",".join(map(str, positions))).encode()
-        keys.append(hashlib.blake2b(data, digest_size=12).hexdigest())
+        keys.append(content_key(ids[row, cols].tolist(), (trainable[row].nonzero().squeeze(1) - start).tolist()))
     return keys
 
 
@@ -71,7 +65,6 @@ class ReferenceCache:
 
     def __init__(self) -> None:
         self.nll: dict[str, torch.Tensor] = {}
-        self.forwards = 0  # reference forwards run (each over one micro-batch)
 
     def __len__(self) -> int:
         return len(self.nll)
@@ -95,7 +88,6 @@ class ReferenceCache:
                              "model with its adapters switched off")
         with torch.no_grad(), switch():
             ref = score() if score is not None else score_batch(model, batch, chunk_size=chunk_size, host=host)
-        self.forwards += 1
         nll = ref.nll.float().cpu()  # (one copy per micro-batch holding a sample seen for the first time)
         trainable = ref.trainable.cpu() if host is None else trainable_positions(
             host["labels"], attention_mask=host.get("attention_mask"))

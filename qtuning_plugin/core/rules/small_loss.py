@@ -25,7 +25,7 @@ class DropHighestPPL(Rule):
         return config.drop_highest_ppl > 0
 
     def exclude(self, pool: Pool) -> torch.Tensor:
-        from ..triage import ascending_ranks, share_of
+        from ..sample_stage import ascending_ranks, share_of
 
         scored = pool.scored
         excluded = torch.zeros_like(scored)

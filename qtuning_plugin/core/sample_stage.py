@@ -23,8 +23,11 @@ from fractions import Fraction
 
 import torch
 
+from .config import OPTIONS
+
 Q1, Q2, Q3, Q4 = 1, 2, 3, 4
 QUADRANT_NAMES = {Q1: "harmful noise", Q2: "misconception", Q3: "redundant", Q4: "calibration"}
+_SAMPLE_RATIO = next(o for o in OPTIONS if o.name == "sample_ratio")  # checks the argument as the config does
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class Triage:
     @property
     def k(self) -> int:
         return int(self.keep.sum())
+
+
+def scored_mask(ppl: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """bool [n]: the samples of a pool that have a score (neither PPL nor Ent is NaN). A row without
+    one (no trainable token, or a numerically broken forward) is no sample: never kept, not
+    counted in K."""
+    return ~(torch.isnan(ppl) | torch.isnan(entropy))
 
 
 def share_of(n: int, ratio: float) -> int:
@@ -115,15 +125,14 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     n = ppl.numel()
     if n == 0:
         raise ValueError("triage: the pool is empty")
-    if not 0.0 < sample_ratio <= 1.0:
-        raise ValueError(f"triage: sample_ratio must be in (0, 1], got {sample_ratio!r}")
+    _SAMPLE_RATIO.check(sample_ratio, label="triage: sample_ratio")
     if groups is None:
         groups = torch.zeros(n, dtype=torch.long, device=ppl.device)
     elif groups.shape != ppl.shape or groups.dtype != torch.long or int(groups.min()) < 0:
         raise ValueError("triage: groups must be a long tensor of group ids >= 0, one per sample")
     if eligible is not None and (eligible.shape != ppl.shape or eligible.dtype != torch.bool):
         raise ValueError("triage: eligible must be a bool tensor, one entry per sample")
-    scored = ~(torch.isnan(ppl) | torch.isnan(entropy))
+    scored = scored_mask(ppl, entropy)
     none = torch.zeros(n, dtype=torch.bool, device=ppl.device)
     # K_g over each group's scored samples, ineligible ones included (their slots stay).
     counts = torch.bincount(groups[scored], minlength=int(groups.max()) + 1)
