@@ -71,7 +71,6 @@ class ReferenceCache:
 
     def __init__(self) -> None:
         self.nll: dict[str, torch.Tensor] = {}
-        self.forwards = 0  # reference forwards run (each over one micro-batch)
 
     def __len__(self) -> int:
         return len(self.nll)
@@ -95,7 +94,6 @@ class ReferenceCache:
                              "model with its adapters switched off")
         with torch.no_grad(), switch():
             ref = score() if score is not None else score_batch(model, batch, chunk_size=chunk_size, host=host)
-        self.forwards += 1
         nll = ref.nll.float().cpu()  # (one copy per micro-batch holding a sample seen for the first time)
         trainable = ref.trainable.cpu() if host is None else trainable_positions(
             host["labels"], attention_mask=host.get("attention_mask"))
