@@ -59,8 +59,9 @@ class QTuning(TrainerCallback, ExportableState):
 
     :meth:`attach` hands it the trainer. Passed only in ``callbacks=[...]`` (a bare
     ``SFTTrainer(callbacks=[QTuning()])``), it finds the trainer when training begins, in the call
-    stack (the fallback: callback events are not given the trainer). :meth:`decide` is the one
-    method meant to be overridden. Metrics (``qtuning/*``, averaged over each logging interval) are
+    stack (the fallback: callback events are not given the trainer). ``trainer.remove_callback``
+    gives the trainer its own methods back. :meth:`decide` is the one method meant to be
+    overridden. Metrics (``qtuning/*``, averaged over each logging interval) are
     listed in :mod:`qtuning_plugin.metrics` and README.
     """
 
@@ -124,8 +125,9 @@ class QTuning(TrainerCallback, ExportableState):
         if others:
             raise ValueError("QTuning: this trainer already has another QTuning callback; use one")
         previous = self.trainer
-        if previous is not None and previous is not trainer:
-            detach(previous)  # one QTuning handed to a second trainer moves there, counting afresh
+        if previous is not None and previous is not trainer:  # it moves there, counting afresh
+            if previous.__dict__.get("_qtuning_callback") is self:
+                detach(previous)
             self._reset()
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
