@@ -422,12 +422,15 @@ def test_trl_trainers_are_told_apart_by_class_not_by_name():
     """SFTTrainer passes whatever its base classes are called (before: a renamed base class refused
     SFTTrainer itself), a user's own subclass of it passes, and TRL's distillation trainers that
     subclass SFTTrainer (GKD) are refused."""
-    base = trl.SFTTrainer.__mro__[1]
-    name, base.__name__ = base.__name__, "RenamedBaseTrainer"
+    bases = [c for c in trl.SFTTrainer.__mro__[1:] if c.__module__.split(".")[0] == "trl"]  # (none in older TRL)
+    names = [c.__name__ for c in bases]
     try:
+        for c in bases:
+            c.__name__ = "RenamedBaseTrainer"
         QTuning().attach(sft_trainer([], steps=1))
     finally:
-        base.__name__ = name
+        for c, name in zip(bases, names):
+            c.__name__ = name
     mine = sft_trainer([], steps=1)
     mine.__class__ = type("MySFTTrainer", (trl.SFTTrainer,), {})
     QTuning().attach(mine)
