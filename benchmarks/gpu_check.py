@@ -165,9 +165,10 @@ def check_exactness(model, args, device: str, vocab: int, bf16: bool) -> dict:
     class Recording(QTuning):
         step = None
 
-        def _record(self, result):
-            super()._record(result)
-            if self.step is None:
+        def on_step_end(self, args_, state, control, **kw):
+            super().on_step_end(args_, state, control, **kw)
+            result = self.last_step
+            if self.step is None and result is not None:
                 self.step = ([{k: v.detach().clone() for k, v in b.items()} for b in result.scored],
                              [k.clone() for k in result.decision.keep],
                              [t.clone() for t in result.decision.token_keep])

@@ -73,7 +73,7 @@ sys.path.insert(0, str(HERE))
 from tasks import NAMES, ITEMS  # noqa: E402
 
 from qtuning_plugin import QTuning  # noqa: E402
-from qtuning_plugin.core import StepDecision, score_batch, scoring_mode  # noqa: E402
+from qtuning_plugin.core import StepDecision, host_stats, score_batch, scoring_mode  # noqa: E402
 from qtuning_plugin.core.tokens import tokens_to_keep  # noqa: E402
 from qtuning_plugin.decision_log import sample_id  # noqa: E402
 from qtuning_plugin.metrics import row_tokens  # noqa: E402
@@ -220,14 +220,20 @@ def answer_key(text: str) -> str:
 
 class Recording(QTuning):
     """Q-Tuning that also records, per step, each pool sample's kind, quadrant and fate (and, with
-    ``reference: base``, its largest and mean NLL rise over the base model and the guard's flag)."""
+    ``reference: base``, its largest and mean NLL rise over the base model and the guard's flag),
+    from ``QTuning.last_step`` after each step."""
 
     def __init__(self, *a, kinds: dict[str, str], tokenizer, **kw):
         super().__init__(*a, **kw)
         self.kinds, self.tokenizer, self.steps = kinds, tokenizer, []
+        self._recorded = None
 
-    def _record(self, result):
-        super()._record(result)
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        result = self.last_step
+        if result is None or result is self._recorded:
+            return
+        self._recorded = result
         kinds = []
         for b in result.scored:
             for row in b["labels"]:
@@ -261,19 +267,22 @@ class RandomPruning(Recording):
         super().__init__(*a, **kw)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _decide(self, scores, inputs):
+    def decide(self, scores, inputs):
         n = sum(s.ppl.numel() for s in scores)
         k = max(1, int(self.config.sample_ratio * n))
         chosen = torch.zeros(n, dtype=torch.bool)
         chosen[torch.randperm(n, generator=self.generator)[:k]] = True
         keep = list(chosen.split([s.ppl.numel() for s in scores]))
-        token_keep = []
+        token_keep, kept_tokens = [], 0
         for s, kk in zip(scores, keep):
-            noise = torch.rand(s.trainable.shape, generator=self.generator).masked_fill(~s.trainable.cpu(), 2.0)
+            trainable = s.trainable.cpu()
+            noise = torch.rand(trainable.shape, generator=self.generator).masked_fill(~trainable, 2.0)
             rank = noise.argsort(1).argsort(1)
-            budget = tokens_to_keep(s.trainable.sum(1).cpu(), self.config.token_ratio)
-            token_keep.append(((rank < budget[:, None]) & s.trainable.cpu() & kk[:, None]).to(s.trainable.device))
-        return StepDecision(keep, [kk.clone() for kk in keep], token_keep, [0.0])
+            budget = tokens_to_keep(trainable.sum(1), self.config.token_ratio)
+            mask = (rank < budget[:, None]) & trainable & kk[:, None]
+            token_keep.append(mask.to(s.trainable.device))
+            kept_tokens += int(mask.sum())
+        return StepDecision(keep, [kk.clone() for kk in keep], token_keep, [0.0], kept_tokens, host_stats(scores))
 
 
 # ---------------------------------------------------------------------- evaluation

@@ -1,24 +1,25 @@
-"""Q-Tuning for transformers' Trainer and TRL's SFTTrainer: ``callbacks=[QTuning()]``. Trainer glue only.
+"""Q-Tuning for transformers' Trainer and TRL's SFTTrainer: ``QTuning(...).attach(trainer)``. Trainer glue only.
 
 A Trainer *extension*: besides its events, it replaces three methods on the trainer instance
 (:meth:`QTuning.attach`). The Trainer fetches all micro-batches of a step at once with
-``get_batch_samples`` and counts their label tokens before any forward; the replacement hands the
-step to ``core.select_step`` (score, decide, re-batch: docs/method.md §5) and returns the kept
-micro-batches with the count recomputed by the Trainer: the loss is exactly the mean cross-entropy
-over the kept tokens of the kept samples. The list keeps its length (the Trainer counts
-micro-batches to step the optimizer): those no longer needed are replaced, at the front, by
-stand-ins that ``training_step`` (also replaced) skips without a forward or backward; the last is
-always real, so DDP's all-reduce still happens. ``log`` is replaced to add the ``qtuning/*``
-metrics (:mod:`qtuning_plugin.metrics`) before the reporters see them; every ``plot_every`` steps
-the EU plane goes to the trackers (:mod:`qtuning_plugin.live`). A step that did not go through
-the hook stops training with an error before its optimizer step.
+``get_batch_samples`` and counts their label tokens before any forward; the replacement scores
+the step (``core.score_step``), decides (:meth:`QTuning.decide`) and re-batches
+(``core.train_kept``; docs/method.md §5), and returns the kept micro-batches with the count
+recomputed by the Trainer: the loss is exactly the mean cross-entropy over the kept tokens of the
+kept samples. The list keeps its length (the Trainer counts micro-batches to step the optimizer):
+those no longer needed are replaced, at the front, by stand-ins that ``training_step`` (also
+replaced) skips without a forward or backward; the last is always real, so DDP's all-reduce still
+happens. ``log`` is replaced to add the ``qtuning/*`` metrics (:mod:`qtuning_plugin.metrics`)
+before the reporters see them; every ``plot_every`` steps the EU plane goes to the trackers
+(:mod:`qtuning_plugin.live`). A step that did not go through the hook stops training with an error
+before its optimizer step. The trainer gets its own methods back at the end of ``train()`` and as
+soon as the callback is no longer among its callbacks (``trainer.remove_callback``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import weakref
 from typing import Any, Mapping
 
@@ -26,11 +27,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .attach import SkippedMicroBatch, detach, find_trainer, replace_methods
 from .core import QTuningConfig, choose_scoring_path, scoring_mode
-from .core.config import without_retired_defaults
 from .core.distributed import Collectives, all_agree
 from .core.rules import build_rules
-from .core.step import StepDecision, decide_step, select_step
+from .core.step import StepDecision, StepResult, decide_step, score_step, train_kept
 from .decision_log import DecisionLog
 from .live import LivePlot
 from .metrics import StepMetrics
@@ -38,17 +39,9 @@ from .support import refuse_unsupported
 
 logger = logging.getLogger(__name__)
 
-_ATTACHED: "weakref.WeakSet[Trainer]" = weakref.WeakSet()
-
-
-class SkippedMicroBatch(dict):
-    """Stands in for a micro-batch whose samples were all pruned. ``training_step`` returns a zero
-    loss for it without running the model; it exists only so that the Trainer's micro-batch
-    counter (which decides when the optimizer steps) stays right."""
-
 
 class QTuning(TrainerCallback, ExportableState):
-    """Q-Tuning as a Trainer callback.
+    """Q-Tuning as a Trainer callback: ``QTuning(...).attach(trainer)`` before ``trainer.train()``.
 
     Args:
         config: a :class:`~qtuning_plugin.core.QTuningConfig`, or a mapping of its fields (a
@@ -57,15 +50,24 @@ class QTuning(TrainerCallback, ExportableState):
             ``help(QTuningConfig)`` / README's options table list them (``chunk_size`` and
             ``log_decisions`` among them).
 
-    Pass it in ``callbacks=[...]`` (it attaches itself when training begins) or call
-    :meth:`attach` with the trainer. Metrics (``qtuning/*``, averaged over each logging interval)
-    are listed in :mod:`qtuning_plugin.metrics` and README.
+    Attributes:
+        last_step: the latest scored step's :class:`~qtuning_plugin.core.StepResult` (its
+            ``scored`` micro-batches, ``scores``, ``decision`` and what was trained); None before
+            the first. Read it from any callback event, e.g. ``on_step_end``.
+        totals: run totals of the metrics (saved with checkpoints).
+        trainer: the trainer it is attached to (None before).
+
+    :meth:`attach` hands it the trainer. Passed only in ``callbacks=[...]`` (a bare
+    ``SFTTrainer(callbacks=[QTuning()])``), it finds the trainer when training begins, in the call
+    stack (the fallback: callback events are not given the trainer). ``trainer.remove_callback``
+    gives the trainer its own methods back. :meth:`decide` is the one method meant to be
+    overridden. Metrics (``qtuning/*``, averaged over each logging interval) are
+    listed in :mod:`qtuning_plugin.metrics` and README.
     """
 
     def __init__(self, config: QTuningConfig | Mapping[str, Any] | None = None, **fields: Any) -> None:
         if isinstance(fields.get("log_decisions"), os.PathLike):
             fields["log_decisions"] = os.fspath(fields["log_decisions"])
-        fields = without_retired_defaults(fields)  # (a checkpoint of an earlier version: every field)
         if isinstance(config, QTuningConfig):
             if fields:
                 raise ValueError("QTuning: pass either a QTuningConfig or its fields, not both")
@@ -88,6 +90,7 @@ class QTuning(TrainerCallback, ExportableState):
         self.rules = build_rules(self.config)
         self.metrics = StepMetrics(self.rules)
         self.live = LivePlot(self.config.plot_every)  # the EU plane in the trackers
+        self.last_step: StepResult | None = None
         self._fetched = False  # did this optimizer step's batches go through the hook?
 
     @property
@@ -97,16 +100,6 @@ class QTuning(TrainerCallback, ExportableState):
     @totals.setter
     def totals(self, value: Mapping[str, float]) -> None:  # (the Trainer restores saved attributes so)
         self.metrics.totals.update(value)
-
-    @property
-    def rule_states(self) -> dict[str, dict]:
-        """Each active rule's state across steps, by class name (saved with checkpoints)."""
-        return {type(r).__name__: r.state_dict() for r in self.rules if r.state_dict()}
-
-    @rule_states.setter
-    def rule_states(self, value: Mapping[str, Mapping]) -> None:
-        for rule in self.rules:
-            rule.load_state_dict((value or {}).get(type(rule).__name__) or {})
 
     @property
     def last_pool(self) -> dict[str, torch.Tensor] | None:
@@ -119,7 +112,8 @@ class QTuning(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ attaching
 
     def attach(self, trainer: Trainer) -> "QTuning":
-        """Hook into ``trainer`` (a ``transformers.Trainer`` or TRL ``SFTTrainer``) before ``train()``.
+        """Hook into ``trainer`` (a ``transformers.Trainer`` or TRL ``SFTTrainer``) before ``train()``,
+        adding this callback to its callbacks.
 
         Refuses, with a ``ValueError`` saying what to change, what Q-Tuning cannot do exactly
         (:func:`~qtuning_plugin.support.refuse_unsupported`). Attaching to a second trainer moves
@@ -131,36 +125,26 @@ class QTuning(TrainerCallback, ExportableState):
         if others:
             raise ValueError("QTuning: this trainer already has another QTuning callback; use one")
         previous = self.trainer
-        if previous is not None and previous is not trainer:
-            _detach(previous)  # one QTuning handed to a second trainer moves there, counting afresh
+        if previous is not None and previous is not trainer:  # it moves there, counting afresh
+            if previous.__dict__.get("_qtuning_callback") is self:
+                detach(previous)
             self._reset()
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
-        originals = trainer.__dict__.setdefault("_qtuning_originals", {
-            "get_batch_samples": trainer.get_batch_samples,
-            "training_step": trainer.training_step,
-            "log": trainer.log,
-        })
-        me = weakref.proxy(self)
-        trainer.get_batch_samples = lambda it, n, device: me._get_batch_samples(trainer, it, n, device)
-        trainer.training_step = lambda model, inputs, *a, **kw: (
-            torch.zeros((), device=trainer.args.device) if isinstance(inputs, SkippedMicroBatch)
-            else originals["training_step"](model, inputs, *a, **kw))
-        trainer.log = lambda logs, *a, **kw: originals["log"](me.metrics.with_metrics(logs), *a, **kw)
-        trainer._qtuning_callback = self
+        replace_methods(trainer, self)
         self._trainer_ref = weakref.ref(trainer)
-        _ATTACHED.add(trainer)
         self._handed_over = True
         return self
 
     def on_train_begin(self, args, state, control, **kwargs):
-        trainer = _find_trainer(self)
+        trainer = find_trainer(self)
         if trainer is None:
             raise RuntimeError("QTuning could not find its trainer: call QTuning(...).attach(trainer) before "
                                "trainer.train()")
-        if getattr(trainer, "_qtuning_callback", None) is not self or self.trainer is not trainer:
+        if trainer.__dict__.get("_qtuning_callback") is not self:  # found, or detached at the last train end
+            handed = self._handed_over and self.trainer is trainer
             self.attach(trainer)
-            self._handed_over = False  # found, not handed over: look again at the next train()
+            self._handed_over = handed  # found, not handed over: look again at the next train()
         else:  # attached before train(): check again, the arguments may have changed since
             refuse_unsupported(trainer, self.config, self.rules)
         if not self.config.prunes_nothing:
@@ -186,14 +170,17 @@ class QTuning(TrainerCallback, ExportableState):
         title = f"step {state.global_step}: the pool on the Error-Uncertainty plane (filled: kept)"
         self.live.step_end(self.trainer, state.global_step, self.last_pool, title)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer is not None and trainer.__dict__.get("_qtuning_callback") is self:
+            detach(trainer)  # the trainer as it was; the next train() attaches again (on_train_begin)
+
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
         """Saved in checkpoints. ``args`` are every field: with
         ``restore_callback_states_from_checkpoint=True`` the Trainer rebuilds the callback from them."""
-        rules = self.rule_states
-        return {"args": self.config.to_dict(),
-                "attributes": {"totals": dict(self.totals), **({"rule_states": rules} if rules else {})}}
+        return {"args": self.config.to_dict(), "attributes": {"totals": dict(self.totals)}}
 
     def _restore_from(self, state) -> None:
         saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
@@ -202,11 +189,9 @@ class QTuning(TrainerCallback, ExportableState):
         attributes = saved.get("attributes") or {}
         if isinstance(attributes.get("totals"), dict):
             self.totals = attributes["totals"]
-        if isinstance(attributes.get("rule_states"), dict):
-            self.rule_states = attributes["rule_states"]
         saved_args = saved.get("args") or {}
-        try:  # a checkpoint of an older version may hold retired fields, or lack newer ones
-            same = QTuningConfig.from_dict(without_retired_defaults(saved_args)).decisions() == self.config.decisions()
+        try:  # fields this version does not take (or refuses) are other settings
+            same = QTuningConfig.from_dict(saved_args).decisions() == self.config.decisions()
         except ValueError:
             same = False
         if saved_args and not same:
@@ -237,11 +222,11 @@ class QTuning(TrainerCallback, ExportableState):
         tok = getattr(trainer, "processing_class", None)
         tok = getattr(tok, "tokenizer", tok)
         model = getattr(trainer, "model_wrapped", None) or trainer.model
-        result = select_step(model, batches, self.config, rules=self.rules, step=trainer.state.global_step,
-                             pad_id=getattr(tok, "pad_token_id", None),
-                             padding_side=getattr(tok, "padding_side", None), collectives=Collectives(device),
-                             decide_fn=self._decide)
-        self._record(result)
+        scored = score_step(model, batches, self.config, rules=self.rules, pad_id=getattr(tok, "pad_token_id", None),
+                            padding_side=getattr(tok, "padding_side", None), collectives=Collectives(device))
+        result = train_kept(scored, self.decide(scored.scores, scored.inputs), step=trainer.state.global_step)
+        self.last_step = result
+        self.metrics.record(result, trainer.state.global_step + 1)
         if not result.pruned:
             return batches, num_items
         real = result.micro_batches
@@ -250,53 +235,12 @@ class QTuning(TrainerCallback, ExportableState):
         num_items = trainer._get_num_items_in_batch(real, device)  # collective under DDP: every rank
         return stand_ins + real, num_items
 
-    def _record(self, result) -> None:
-        """Metrics, totals and the decision log of one scored step; subclasses may extend it (the
-        benchmarks record each sample's kind)."""
-        trainer = self.trainer
-        self.metrics.record(result, (trainer.state.global_step if trainer is not None else 0) + 1)
-
-    def _decide(self, scores, inputs) -> StepDecision:
-        """The step's decision from its scores (``core.decide_step`` with this run's rules);
-        subclasses may replace it (the benchmarks' random-pruning baseline does)."""
+    def decide(self, scores, inputs) -> StepDecision:
+        """The step's decision from its ``scores`` (one :class:`~qtuning_plugin.core.Scores` per
+        scored micro-batch; ``inputs``: what the rules prepared): ``core.decide_step`` with this
+        run's config and rules. Override it to decide otherwise on the same scores (the benchmarks'
+        random-pruning baseline does); return a complete ``StepDecision`` (``host`` statistics and
+        ``kept_tokens`` filled: ``core.step.train_kept``), the same on every rank where it syncs."""
         trainer = self.trainer
         device = trainer.args.device if trainer is not None else None
         return decide_step(scores, self.config, collectives=Collectives(device), rules=self.rules, inputs=inputs)
-
-
-# ---------------------------------------------------------------------- finding and leaving the trainer
-
-def _detach(trainer: Trainer) -> None:
-    """Give ``trainer`` its own methods back (its QTuning callback moved to another trainer)."""
-    for name, method in trainer.__dict__.pop("_qtuning_originals", {}).items():
-        trainer.__dict__.pop(name, None)
-        if getattr(trainer, name) != method:  # it was wrapped on the instance before QTuning came
-            setattr(trainer, name, method)
-    trainer.__dict__.pop("_qtuning_callback", None)
-    _ATTACHED.discard(trainer)
-
-
-def _find_trainer(callback: QTuning) -> Trainer | None:
-    """The trainer running ``callback`` now. Where it was handed over (``attach``, called by the user
-    or by Axolotl's ``add_callbacks_post_trainer``), that one. Otherwise (a bare
-    ``SFTTrainer(callbacks=[QTuning()])`` hands nothing over; TrainerCallback events never receive
-    the trainer): the ``self`` of a caller frame (the Trainer calling ``on_train_begin``), else the
-    one live trainer it was attached to (the Trainer may have recreated it from a checkpoint)."""
-    handed = callback.trainer
-    if handed is not None and callback._handed_over and callback in handed.callback_handler.callbacks:
-        return handed
-    holders = [t for t in list(_ATTACHED) if callback in t.callback_handler.callbacks]
-    frame = sys._getframe(1)
-    for _ in range(16):
-        if frame is None:
-            break
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
-            return candidate
-        frame = frame.f_back
-    if len(holders) == 1:
-        return holders[0]
-    if len(holders) > 1:
-        raise RuntimeError("QTuning is in the callbacks of several trainers and could not tell which one "
-                           "is training: call QTuning(...).attach(trainer) on the one you train")
-    return handed

@@ -186,9 +186,9 @@ def run_demo(args) -> int:
 
 
 class _ComparedWithThePaper(QTuning):
-    """QTuning that also takes, on every pool it decides, the paper's decision from the same scores
-    (the same config without its rules, :meth:`QTuningConfig.paper`), so the summary can set the
-    two side by side."""
+    """QTuning that also takes, after every step, the paper's decision from the same scores
+    (:attr:`QTuning.last_step`; the same config without its rules, :meth:`QTuningConfig.paper`), so
+    the summary can set the two side by side."""
 
     def __init__(self, config: QTuningConfig, **kw):
         super().__init__(config, **kw)
@@ -196,13 +196,11 @@ class _ComparedWithThePaper(QTuning):
         self._paper = None if paper == config else paper
         self.paper_keep: dict[int, list[bool]] = {}  # step -> keep over the pool, in decision-log order
 
-    def _decide(self, scores, inputs):
-        result = super()._decide(scores, inputs)  # a StepDecision
-        if self._paper is not None:
-            trainer = self.trainer
-            step = (trainer.state.global_step if trainer is not None else len(self.paper_keep)) + 1
-            self.paper_keep[step] = torch.cat(decide_step(scores, self._paper, rules=[]).keep).tolist()
-        return result
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if self._paper is not None and self.last_step is not None:
+            paper = decide_step(self.last_step.scores, self._paper, rules=[])
+            self.paper_keep[state.global_step] = torch.cat(paper.keep).tolist()
 
 
 def _tensorboard(folder: Path, plot_every: int) -> list:

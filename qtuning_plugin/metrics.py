@@ -29,7 +29,6 @@ class StepMetrics:
                                          "kept_label_tokens": 0, "score_seconds": 0.0,
                                          **{rule.metric: 0 for rule in self.rules}}
         self.last_pool: dict[str, torch.Tensor] | None = None  # the latest pool's scores, for plots
-        self.last_global_pool = None  # pool: global, the latest step's whole pool
         self.log: DecisionLog | None = None
         self._interval: dict[str, list[float]] = defaultdict(list)
         self._step_seconds = 0.0
@@ -50,8 +49,6 @@ class StepMetrics:
     def record(self, result: StepResult, step: int) -> None:
         """Metrics and totals of one scored step (``step``: the optimizer step, 1-based)."""
         d = result.decision
-        if d.global_pool is not None:
-            self.last_global_pool = d.global_pool
         ppl, ent, n_tokens = d.host.ppl, d.host.entropy, d.host.n_tokens
         kept = torch.cat(d.keep)
         quadrant = median_quadrants(ppl, ent)

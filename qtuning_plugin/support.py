@@ -18,20 +18,11 @@ from .core.wrappers import unwrap_causal_lm
 
 logger = logging.getLogger(__name__)
 
-# Trainers of TRL whose batches are not SFT samples with labels (RL, preference, distillation).
-_SFT_TRAINERS = {"SFTTrainer", "_BaseTrainer"}
-
 
 def refuse_unsupported(trainer: Trainer, config: QTuningConfig, rules: Sequence = ()) -> None:
     """Raise ``ValueError`` for a setup Q-Tuning cannot prune exactly (see the module's doc);
     ``rules``: the active rules, each of which may check the model (``check_model``)."""
-    trl_classes = [c.__name__ for c in type(trainer).__mro__
-                   if c.__module__.split(".")[0] == "trl" and c.__name__ not in _SFT_TRAINERS]
-    if trl_classes:
-        raise ValueError(
-            f"QTuning prunes supervised fine-tuning batches; {trl_classes[0]} is an RL / preference / "
-            "distillation trainer whose batches are not SFT samples. Use it without QTuning."
-        )
+    _refuse_trl_trainers_but_sft(trainer)
     _refuse_sequence_parallelism(trainer)
     if getattr(trainer.args, "torch_compile", False) or any(
             type(m).__name__ == "OptimizedModule" for m in (trainer.model, getattr(trainer, "model_wrapped", None))):
@@ -122,3 +113,25 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
     backbone = getattr(model, getattr(model, "base_model_prefix", "") or "_", None)
     return (named_causal and not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
             and isinstance(backbone, torch.nn.Module) and model.get_output_embeddings() is not None)
+
+
+def _refuse_trl_trainers_but_sft(trainer: Trainer) -> None:
+    """TRL's trainers other than SFTTrainer (RL, preference, distillation: DPO, GRPO, KTO, Reward,
+    GKD...) train batches that are not SFT samples with labels: refuse any class of TRL in the
+    trainer's lineage that is not SFTTrainer or one of its bases (GKD subclasses SFTTrainer, and is
+    refused; a user's own subclass of SFTTrainer is not TRL's, and passes)."""
+    trl_classes = [c for c in type(trainer).__mro__ if c.__module__.split(".")[0] == "trl"]
+    if not trl_classes:
+        return
+    try:  # (loaded already: the trainer's class comes from it)
+        from trl import SFTTrainer
+
+        sft_lineage = set(SFTTrainer.__mro__)
+    except ImportError:
+        sft_lineage = set()
+    others = [c.__name__ for c in trl_classes if c not in sft_lineage]
+    if others:
+        raise ValueError(
+            f"QTuning prunes supervised fine-tuning batches; {others[0]} is an RL / preference / "
+            "distillation trainer whose batches are not SFT samples. Use it without QTuning."
+        )

@@ -101,12 +101,12 @@ def main(out: str, mode: str) -> None:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    guard = next((r for r in cb.rules if hasattr(r, "cache")), None)  # reference: base
-    reference_forwards = []  # one per reference forward (ReferenceCache.fill)
-    if guard is not None:
-        fill = guard.cache.fill
-        guard.cache.fill = lambda *a, **k: (reference_forwards.append(1), fill(*a, **k))[1]
     forwards = TrainingForwards(model)
+    base_forwards = []  # forwards with the adapters off: the reference guard's (mode guard)
+    lora = next((m for m in model.modules() if hasattr(m, "lora_A")), None)
+    if lora is not None:
+        model.get_input_embeddings().register_forward_pre_hook(
+            lambda module, args: base_forwards.append(1) if lora.disable_adapters else None)
     trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), data_collator=collator,
                       callbacks=[grads, cb, forwards])
     cb.attach(trainer)
@@ -123,7 +123,7 @@ def main(out: str, mode: str) -> None:
         record["trained"].append([{k: v.cpu() for k, v in b.items()} for b in batches
                                   if not isinstance(b, SkippedMicroBatch)])
         record["num_items"].append(int(num))
-        gp = cb.metrics.last_global_pool
+        gp = cb.last_step.decision.global_pool if cb.last_step is not None else None
         record["global"].append(None if gp is None else (gp.ppl.clone(), gp.entropy.clone(), gp.groups.clone()))
         return batches, num
 
@@ -138,8 +138,9 @@ def main(out: str, mode: str) -> None:
     from qtuning_plugin.core import scoring
 
     record["full_logits"] = scoring.scoring_path(model) == "logits"
+    guard = next((r for r in cb.rules if hasattr(r, "cache")), None)  # reference: base
     if guard is not None:
-        record["reference"] = {"forwards": len(reference_forwards), "cached": len(guard.cache),
+        record["reference"] = {"forwards": len(base_forwards), "cached": len(guard.cache),
                                "keys": sorted(guard.cache.nll), "suspected": cb.totals["suspected_samples"]}
     torch.save(record, Path(out) / f"rank{trainer.args.process_index}.pt")
     # Leave the process group before the interpreter exits (the Trainer does not destroy it).

@@ -62,8 +62,9 @@ def test_custom_loop_trains_what_the_callback_trains(fields):
     seen = {}
 
     class Recording(QTuning):
-        def _record(self, result):
-            super()._record(result)
+        def on_step_end(self, args, state, control, **kwargs):
+            super().on_step_end(args, state, control, **kwargs)
+            result = self.last_step
             seen["fetched"] = [{k: v.clone() for k, v in b.items()} for b in result.scored]
             seen["trained"] = result.micro_batches
             seen["excluded"] = result.decision.excluded
@@ -111,3 +112,63 @@ def test_select_step_asks_for_what_it_needs():
     whole = select_step(model, [batch], QTuningConfig(sample_ratio=1, token_ratio=1))
     assert not whole.pruned and whole.micro_batches == [batch] and whole.scores is None
     assert whole.num_label_tokens == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_select_step_is_score_decide_train_and_train_kept_wants_a_whole_decision():
+    """select_step = score_step + decide_step + train_kept, the parts usable apart; train_kept
+    refuses a decision without its host statistics, its kept-token count or one entry per
+    micro-batch (before: select_step filled them in behind a decide_fn that left them out)."""
+    import dataclasses
+
+    from qtuning_plugin.core.step import decide_step, score_step, train_kept
+
+    tok = tiny_tokenizer()
+    collate = __import__("transformers").DataCollatorForSeq2Seq(tok, padding=True)
+    data = rows(tok, 8)
+    batches = [collate(data[:4]), collate(data[4:])]
+    model = tiny_model("llama", vocab_size=len(tok))
+    config = QTuningConfig(sample_ratio=0.5)
+    whole = select_step(model, batches, config)
+    scored = score_step(model, batches, config)
+    decision = decide_step(scored.scores, config, inputs=scored.inputs)
+    parts = train_kept(scored, decision)
+    assert parts.num_label_tokens == whole.num_label_tokens == decision.kept_tokens
+    for a, b in zip(parts.micro_batches, whole.micro_batches, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    for incomplete in (dataclasses.replace(decision, host=None), dataclasses.replace(decision, kept_tokens=None),
+                       dataclasses.replace(decision, keep=decision.keep[:1])):
+        with pytest.raises(ValueError, match="train_kept: the decision needs"):
+            train_kept(scored, incomplete)
+
+
+def test_a_subclass_decides_through_decide_and_reads_last_step():
+    """``QTuning.decide`` is the hook a subclass overrides (here: the first sample of each
+    micro-batch, all its tokens) and ``QTuning.last_step`` shows the step after it."""
+    from test_trl import TrainingRows, sft_trainer
+
+    from qtuning_plugin.core import StepDecision, host_stats
+
+    class FirstOfEach(QTuning):
+        def decide(self, scores, inputs):
+            keep = [torch.arange(s.ppl.numel()) == 0 for s in scores]
+            token_keep = [s.trainable & k[:, None].to(s.trainable.device) for s, k in zip(scores, keep)]
+            return StepDecision(keep, [torch.zeros_like(k) for k in keep], token_keep, [0.0],
+                                int(sum(int(t.sum()) for t in token_keep)), host_stats(scores))
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(cb.last_step)
+
+    cb = FirstOfEach(sample_ratio=0.5)
+    trainer = sft_trainer([cb, Watch()], ga=2, bs=4, steps=2)
+    counter = TrainingRows(trainer.model)
+    trainer.add_callback(counter)
+    trainer.train()
+    assert counter.per_step == [2, 2] and len(seen) == 2 and seen[0] is not seen[1]
+    for step in seen:
+        assert [k.tolist() for k in step.decision.keep] == [[True, False, False, False]] * 2
+        firsts = [b["input_ids"][0][b["attention_mask"][0].bool()] for b in step.scored]
+        trained = [r[m.bool()] for b in step.micro_batches for r, m in zip(b["input_ids"], b["attention_mask"])]
+        assert sorted(map(tuple, (t.tolist() for t in trained))) == sorted(map(tuple, (f.tolist() for f in firsts)))

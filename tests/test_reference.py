@@ -50,23 +50,20 @@ def flagged(scores, references, margin):
     return rising_samples(*excess(scores, references), margin)
 
 
+def base_forwards(model):
+    """A list that grows by one at every forward of ``model`` run with its adapters off (the
+    reference guard's), seen at the input embedding (whichever scoring path runs)."""
+    lora = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    calls = []
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: calls.append(1) if lora.disable_adapters else None)
+    return calls
+
+
 def guard_of(callback):
     """The reference guard among a callback's rules (it holds the cache of base NLLs)."""
     (guard,) = [r for r in callback.rules if isinstance(r, ReferenceGuard)]
     return guard
-
-
-def count_fills(cache):
-    """A list that grows by one at each reference forward ``cache`` runs from now on (each
-    :meth:`ReferenceCache.fill` is one forward over one micro-batch)."""
-    calls, fill = [], cache.fill
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return fill(*args, **kwargs)
-
-    cache.fill = counted
-    return calls
 
 
 def test_row_keys_depend_on_content_not_padding():
@@ -86,12 +83,12 @@ def test_row_keys_depend_on_content_not_padding():
 
 def test_the_cache_holds_the_base_models_nll_and_scores_each_sample_once():
     model, base = lora_model()
+    forwards = base_forwards(model)
     batch = padded_batch([9, 6, 8, 7], [3, 2, 4, 3], seed=3)
     with scoring_mode(model):
         trained = score_batch(model, batch)
         keys = row_keys(batch, trained.trainable)
         cache = ReferenceCache()
-        forwards = count_fills(cache)
         assert cache.missing(keys)
         cache.fill(model, batch, keys, chunk_size=256)
     want = score_batch(base, batch)
@@ -231,7 +228,7 @@ def test_callback_does_not_keep_a_rising_sample():
     reference = scores[0].nll + 1.0  # the pool fell by one nat per token...
     row = scores[0].trainable[victim].nonzero()[-1]
     reference[victim, row] = scores[0].nll[victim, row] - 1.5  # ...but one token of the victim rose
-    decision = callback._decide(scores, {"reference": [reference.masked_fill(~scores[0].trainable, float("nan"))]})
+    decision = callback.decide(scores, {"reference": [reference.masked_fill(~scores[0].trainable, float("nan"))]})
     keep = decision.keep[0]
     assert int(keep.sum()) == int(plain_keep.sum()) == 4
     assert not keep[victim]
@@ -255,7 +252,7 @@ def test_reference_forwards_only_at_first_sight_over_epochs(tmp_path):
     model, _ = lora_model(vocab_size=len(tok))
     callback = QTuning(sample_ratio=0.25, token_ratio=0.5, reference="base", log_decisions=str(tmp_path / "d.jsonl"))
     trainer = sft_trainer([callback], model, steps=4)  # 4 steps x 8 rows = 2 epochs of 16 samples
-    forwards = count_fills(guard_of(callback).cache)
+    forwards = base_forwards(model)
     trainer.train()
     cache = guard_of(callback).cache
     assert len(cache) == 16
@@ -287,9 +284,8 @@ def test_every_rank_runs_the_reference_forwards_any_rank_needs(monkeypatch):
     tok = tiny_tokenizer()
     model, _ = lora_model(vocab_size=len(tok))
     callback = QTuning(sample_ratio=0.25, token_ratio=0.5, reference="base")
-    trainer = sft_trainer([callback], model, steps=4)
-    forwards = count_fills(guard_of(callback).cache)
-    trainer.train()
+    forwards = base_forwards(model)
+    sft_trainer([callback], model, steps=4).train()
     assert len(forwards) == 8
     assert [c for c in calls if len(c) == 2 and c != [1, 1]]  # this process alone needed fewer
 

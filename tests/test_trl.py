@@ -4,10 +4,13 @@ Run against both the newest trl/transformers and the versions the latest Axolotl
 (tests/run.sh runs this file in both environments).
 """
 
+import importlib
+import json
 import logging
 import math
 import tempfile
 import types
+import warnings
 
 import datasets
 import pytest
@@ -322,6 +325,48 @@ def test_explicit_attach_and_missing_trainer_message():
         lost.on_train_begin(trainer.args, trainer.state, trainer.control)
 
 
+@pytest.mark.parametrize("when,how", [("after train", "remove"), ("before train", "remove"),
+                                      ("before train", "pop")])
+def test_removing_the_callback_gives_the_trainer_its_methods_back(when, how):
+    """Removed with trainer.remove_callback / pop_callback (after a train(), or attached and removed
+    before any), QTuning lets go: the next train() trains every row and logs no qtuning/* metric
+    (before: the replaced methods stayed and went on pruning, unseen)."""
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    trainer = sft_trainer([cb] if when == "after train" else [], ga=2, bs=4, steps=2)
+    if when == "after train":
+        trainer.train()
+        assert any(k.startswith("qtuning/") for k in trainer.state.log_history[0])
+    else:
+        cb.attach(trainer)
+    if how == "remove":
+        trainer.remove_callback(cb)
+    else:
+        assert trainer.pop_callback(QTuning) is cb
+    counter = TrainingRows(trainer.model)
+    trainer.add_callback(counter)
+    trainer.train()
+    assert counter.per_step == [8, 8]  # 2 steps x 2 micro-batches x 4 rows: every row
+    assert not [k for h in trainer.state.log_history for k in h if k.startswith("qtuning/")]
+    assert not {"get_batch_samples", "training_step", "log", "_qtuning_callback"} & trainer.__dict__.keys()
+
+
+@pytest.mark.parametrize("how", ["callbacks", "attach"])
+def test_each_train_call_prunes_and_the_trainer_is_its_own_in_between(how):
+    """The trainer gets its own methods back at the end of train(); a second train() with the
+    callback still there attaches again and prunes again."""
+    cb = QTuning(sample_ratio=0.25, token_ratio=0.5)
+    trainer = sft_trainer([cb] if how == "callbacks" else [], ga=2, bs=4, steps=2)
+    if how == "attach":
+        cb.attach(trainer)
+    counter = TrainingRows(trainer.model)
+    trainer.add_callback(counter)
+    trainer.train()
+    assert not {"get_batch_samples", "training_step", "log"} & trainer.__dict__.keys()
+    trainer.train()
+    assert counter.per_step == [2, 2, 2, 2] and cb.totals["steps"] == 4 and cb.trainer is trainer
+    assert all(h["qtuning/kept_samples"] == 2 for h in trainer.state.log_history if "loss" in h)
+
+
 def test_constructor_validates():
     with pytest.raises(ValueError, match=r"sample_ratio must be a number in \(0, 1\]"):
         QTuning(sample_ratio=0)
@@ -358,6 +403,40 @@ def test_rl_trainers_are_refused():
     dpo = trl.DPOTrainer.__new__(trl.DPOTrainer)
     with pytest.raises(ValueError, match="DPOTrainer is an RL / preference / distillation trainer"):
         QTuning().attach(dpo)
+
+
+def _gkd_trainer_class():
+    """TRL's GKDTrainer (distillation, a subclass of SFTTrainer), or a stand-in declared in TRL's
+    namespace where this TRL has none."""
+    for module in ("trl.experimental.gkd", "trl"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return importlib.import_module(module).GKDTrainer
+        except (ImportError, AttributeError):
+            pass
+    return type("GKDTrainer", (trl.SFTTrainer,), {"__module__": "trl.trainer.gkd_trainer"})
+
+
+def test_trl_trainers_are_told_apart_by_class_not_by_name():
+    """SFTTrainer passes whatever its base classes are called (before: a renamed base class refused
+    SFTTrainer itself), a user's own subclass of it passes, and TRL's distillation trainers that
+    subclass SFTTrainer (GKD) are refused."""
+    bases = [c for c in trl.SFTTrainer.__mro__[1:] if c.__module__.split(".")[0] == "trl"]  # (none in older TRL)
+    names = [c.__name__ for c in bases]
+    try:
+        for c in bases:
+            c.__name__ = "RenamedBaseTrainer"
+        QTuning().attach(sft_trainer([], steps=1))
+    finally:
+        for c, name in zip(bases, names):
+            c.__name__ = name
+    mine = sft_trainer([], steps=1)
+    mine.__class__ = type("MySFTTrainer", (trl.SFTTrainer,), {})
+    QTuning().attach(mine)
+    gkd = _gkd_trainer_class()
+    with pytest.raises(ValueError, match="GKDTrainer is an RL / preference / distillation trainer"):
+        QTuning().attach(gkd.__new__(gkd))
 
 
 def test_sequence_parallelism_is_refused():
@@ -614,16 +693,22 @@ def test_a_model_whose_forward_bypasses_its_backbone_module_is_scored_from_its_l
     assert counter.per_step == [2, 2]
 
 
-def test_a_checkpoint_of_the_previous_version_restores(tmp_path):
-    """A checkpoint saved before issue 28 holds every field of its time, the retired ones at their
-    defaults (which decided as today) and none of the newer ones (plot_every): the Trainer rebuilds
-    the callback from them. Set otherwise, a retired field is refused with what replaced it."""
-    old_args = {**QTuningConfig(sample_ratio=0.5).decisions(), "top_up": "minmax", "warmup_steps": 0,
-                "reference_spread": 0.0, "reference_sticky": False, "reference_tokens": False,
-                "chunk_size": 7, "log_decisions": None}
-    cb = QTuning(**old_args)
-    assert cb.config.sample_ratio == 0.5 and cb.config.chunk_size == 7 and cb.config.plot_every == 50
-    with pytest.raises(ValueError, match="QTuningConfig.warmup_steps was removed"):
-        QTuning(**{**old_args, "warmup_steps": 2})
+def test_a_checkpoint_holding_a_retired_field_reads_as_other_settings(tmp_path, caplog):
+    """Saved arguments this version refuses (here a retired field) are settings other than the
+    run's: the usual warning, and training resumes. A retired field in the user's own call is
+    refused with what replaced it."""
+    first = sft_trainer([QTuning(sample_ratio=0.5)], ga=2, bs=2, steps=2, save_strategy="steps", save_steps=2,
+                        output_dir=str(tmp_path))
+    first.train()
+    state_file = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["stateful_callbacks"]["QTuning"]["args"]["top_up"] = "minmax"
+    state_file.write_text(json.dumps(state))
+    cb = QTuning(sample_ratio=0.5)
+    resumed = sft_trainer([cb], ga=2, bs=2, steps=4, output_dir=str(tmp_path), save_strategy="no")
+    with caplog.at_level(logging.WARNING, logger="qtuning_plugin.callback"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "the checkpoint was trained with" in caplog.text and "'top_up': 'minmax'" in caplog.text
+    assert cb.totals["steps"] == 4 and resumed.state.global_step == 4
     with pytest.raises(ValueError, match="QTuningConfig.top_up was removed"):
-        QTuning(sample_ratio=0.5, top_up="minmax")  # a user's own call: refused, even at the old default
+        QTuning(sample_ratio=0.5, top_up="minmax")

@@ -67,22 +67,6 @@ RETIRED = {
     "reference_tokens": "removed: the reference guard flags samples, not tokens",
 }
 RETIRED_PRESETS = {"robust": "retired: small-loss beat it; use preset: small-loss, or reference: base by hand"}
-# Their defaults: a checkpoint of an earlier version saved every field, these at their defaults
-# unless set (see ``without_retired_defaults``).
-RETIRED_DEFAULTS = {"top_up": "minmax", "warmup_steps": 0, "reference_spread": 0.0, "reference_sticky": False,
-                    "reference_tokens": False}
-
-
-def without_retired_defaults(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """``fields`` without the retired options left at their defaults, where ``fields`` is a whole
-    configuration as a checkpoint of the previous version saved it (every retired option present):
-    such a run decided as this version does. A retired option set otherwise is kept (and refused)."""
-    fields = dict(fields)
-    if all(name in fields for name in RETIRED_DEFAULTS):
-        for name, default in RETIRED_DEFAULTS.items():
-            if name in fields and fields[name] == default and type(fields[name]) is type(default):
-                del fields[name]
-    return fields
 
 
 def _declare(cls):

@@ -6,13 +6,16 @@ pool (:func:`decide_step`: the paper, plus the rules the config turns on), and r
 to train: the kept rows, their pruned tokens' labels masked, re-batched (or, for packed batches,
 re-packed) into as few micro-batches as the batch size allows, with their exact label-token count.
 Train those micro-batches and divide the summed cross-entropy by that count (summed over ranks):
-the loss is the mean over the kept tokens of the kept samples.
+the loss is the mean over the kept tokens of the kept samples. ``select_step`` is three calls,
+usable apart (to decide otherwise on the same scores): :func:`score_step`, :func:`decide_step`,
+:func:`train_kept`.
 
 Several processes: every rank must run the same forwards and collectives, so each branch that
 changes them is decided by all ranks together through ``collectives``
-(:class:`~qtuning_plugin.core.distributed.Collectives`): which extra forwards a rule runs, how many micro-batches each rank trains (the most any rank needs; a rank that needs
-fewer splits its rows or adds micro-batches whose labels are all masked) and whether any rank
-kept a label token at all; ``pool: global`` gathers every rank's scores. Pure torch: no Trainer.
+(:class:`~qtuning_plugin.core.distributed.Collectives`): which extra forwards a rule runs, how
+many micro-batches each rank trains (the most any rank needs; a rank that needs fewer splits its
+rows or adds micro-batches whose labels are all masked) and whether any rank kept a label token
+at all; ``pool: global`` gathers every rank's scores. Pure torch: no Trainer.
 """
 
 from __future__ import annotations
@@ -20,59 +23,26 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from .batch import fill_to_count, host_copies, infer_pad_id, infer_padding_side, rebatch
 from .config import QTuningConfig
-from .decision import GlobalPool, HostStats, decide, gather_pool, host_stats
 from .distributed import Collectives
 from .packing import (first_segment, masked_segment, packed_layout, repack_kept, score_packed, split_to_count,
                       unpack)
-from .rules import Pool, Rule, StepContext, build_rules
+from .rules import Rule, StepContext, build_rules
 from .scoring import IGNORE_INDEX, Scores, score_batch, scoring_mode
+from .step_decision import StepDecision, decide_step
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StepDecision:
-    """Algorithm 1 over every pool of a step, per scored micro-batch: ``keep`` bool [B] and
-    ``prune`` bool [B] on the host (rows whose tokens are pruned: Q2), ``token_keep`` bool [B, T]
-    on the device (the label positions that stay in the loss); ``levels``: each pool's quantile
-    level; ``kept_tokens``: label tokens left in the loss (counted on the host).
-
-    ``host``: the step's per-sample statistics, on the host (:class:`~.decision.HostStats`, the
-    rules' features included). ``flags``: per active rule, its decision-log field -> bool [n] over
-    the step, the samples it kept out. ``global_pool``: ``pool: global``'s gathered pool (None
-    otherwise or in one process)."""
-
-    keep: list[torch.Tensor]
-    prune: list[torch.Tensor]
-    token_keep: list[torch.Tensor]
-    levels: list[float]
-    kept_tokens: int | None = None
-    host: HostStats | None = None
-    flags: dict[str, torch.Tensor] = field(default_factory=dict)
-    global_pool: GlobalPool | None = None
-
-    @property
-    def excluded(self) -> torch.Tensor | None:
-        """``drop_highest_ppl`` / ``drop_ppl_outliers``: the samples kept out (None when neither is on)."""
-        return self.flags.get("excluded")
-
-    @property
-    def suspects(self) -> torch.Tensor | None:
-        """``reference: base``: the samples suspected of a wrong label (None when it is off)."""
-        return self.flags.get("suspect")
-
-
-@dataclass
 class StepResult:
-    """What :func:`select_step` returns.
+    """What :func:`select_step` (and :func:`train_kept`) returns.
 
     - ``micro_batches``: what to train, in order. At most as many as were fetched, and the same
       number on every rank. Equal to the fetched list when ``pruned`` is False.
@@ -82,7 +52,7 @@ class StepResult:
       when nothing is pruned (both ratios 1): then the step is trained as fetched.
     - ``scored``: the micro-batches as scored (packed ones unpacked: one row per segment), with
       ``scores`` and ``decision`` per scored micro-batch; None when nothing was scored.
-    - ``seconds``: wall time of scoring and deciding.
+    - ``seconds``: wall time of scoring, deciding and re-batching.
     """
 
     micro_batches: list[dict[str, Any]]
@@ -111,88 +81,6 @@ def check_batch(batch: Mapping[str, Any]) -> None:
         raise ValueError("QTuning: batches with shift_labels (sequence parallelism) are not supported.")
 
 
-def decide_step(scores: Sequence[Scores], config: QTuningConfig, references: Sequence[torch.Tensor] | None = None,
-                collectives: Collectives | None = None, *, rules: Sequence[Rule] | None = None,
-                inputs: Mapping[str, Any] | None = None) -> StepDecision:
-    """Algorithm 1 on each pool of a step (``pool``: the whole step, each micro-batch, or every
-    rank's step), per scored micro-batch, with the ``rules`` the config turns on (default: fresh
-    ones from :func:`~.rules.build_rules`). ``inputs``: what the rules' ``prepare`` returned
-    (``references``: the base NLL of each micro-batch, the reference guard's input).
-
-    The per-sample statistics and the rules' features go to the host in one copy; the rules and
-    the triage run there; only the token stage runs on the device."""
-    rules = build_rules(config) if rules is None else list(rules)
-    inputs = dict(inputs or {})
-    if references is not None:
-        inputs["reference"] = references
-    features: dict[str, torch.Tensor] = {}
-    for rule in rules:
-        features.update(rule.features(scores, inputs))
-    host = host_stats(scores, features)  # the step's one device-to-host copy
-    sizes = [s.ppl.numel() for s in scores]
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    pools = [[i] for i in range(len(scores))] if config.pool == "micro_batch" else [list(range(len(scores)))]
-    spans = [slice(bounds[p[0]], bounds[p[-1] + 1]) for p in pools]
-    collectives = collectives or Collectives()
-    across_ranks = config.pool == "global" and collectives.world_size > 1  # else "global" is the step
-    flags = {rule.log_field: torch.zeros(bounds[-1], dtype=torch.bool) for rule in rules}
-    eligible = torch.ones(bounds[-1], dtype=torch.bool)
-    for rule in (r for r in rules if r.local or not across_ranks):
-        for span in spans:  # each pool's own verdict
-            out = rule.exclude(_pool(host.subset(span)))
-            flags[rule.log_field][span] |= out
-            eligible[span] &= ~out
-    global_pool = None
-    if across_ranks:
-        global_pool, whole = gather_pool(host, collectives, eligible)
-        own = global_pool.groups == global_pool.rank
-        for rule in (r for r in rules if not r.local):
-            out = rule.exclude(_pool(whole))
-            flags[rule.log_field] |= out[own]
-            global_pool.eligible &= ~out
-        if rules and _kept_out_every_sample(whole, global_pool.eligible):  # (the same on every rank)
-            global_pool.eligible[:] = True
-            eligible[:] = True
-            for mask in flags.values():
-                mask[:] = False
-    elif rules:
-        for span in spans:
-            if _kept_out_every_sample(host.subset(span), eligible[span]):
-                eligible[span] = True
-                for mask in flags.values():
-                    mask[span] = False
-    keep, prune, token_keep = [None] * len(scores), [None] * len(scores), [None] * len(scores)
-    levels, kept_tokens = [], 0
-    for pool, span in zip(pools, spans):
-        decision = decide([scores[i] for i in pool], config, global_pool, eligible=eligible[span],
-                          host=host.subset(span))
-        levels.append(decision.triage.level)
-        kept_tokens += decision.kept_tokens
-        prune_split = decision.triage.prune_tokens.split([sizes[i] for i in pool])
-        for i, k, p, t in zip(pool, decision.keep, prune_split, decision.token_keep):
-            keep[i], prune[i], token_keep[i] = k, p, t
-    return StepDecision(keep, prune, token_keep, levels, kept_tokens, host, flags, global_pool)
-
-
-def _kept_out_every_sample(stats: HostStats, eligible: torch.Tensor) -> bool:
-    """Whether the rules kept out every scored sample of a pool. Then the pool is decided by the
-    paper's triage alone (the rules' flags cleared), with a warning: a step that trains nothing is
-    not one the Trainer can take, and training the whole pool as fetched would undo the pruning."""
-    scored = _pool(stats).scored
-    if not scored.any() or (eligible & scored).any():
-        return False
-    logger.warning("QTuning: the rules beyond the paper kept out all %d scored samples of a pool; this pool is "
-                   "decided by the paper's triage alone", int(scored.sum()))
-    return True
-
-
-def _pool(stats: HostStats) -> Pool:
-    return Pool(stats.ppl, stats.entropy, stats.features)
-
-
-Decide = Callable[[Sequence[Scores], Mapping[str, Any]], StepDecision]
-
-
 def select_step(
     model: nn.Module,
     micro_batches: Sequence[Mapping[str, Any]],
@@ -203,9 +91,9 @@ def select_step(
     pad_id: int | None = None,
     padding_side: str | None = None,
     collectives: Collectives | None = None,
-    decide_fn: Decide | None = None,
 ) -> StepResult:
-    """Score, decide and re-batch one optimizer step's ``micro_batches`` (see the module's doc).
+    """Score, decide and re-batch one optimizer step's ``micro_batches`` (see the module's doc):
+    :func:`score_step`, :func:`decide_step`, :func:`train_kept`.
 
     - ``model``: the model being trained, as the training loop calls it (a DDP / FSDP / PEFT
       wrapper is fine); it is put in eval mode without gradients for the scoring forward only.
@@ -219,40 +107,29 @@ def select_step(
       otherwise); pass the tokenizer's.
     - ``collectives``: see :class:`~qtuning_plugin.core.distributed.Collectives` (default:
       ``torch.distributed``, local in one process).
-    - ``decide_fn(scores, inputs) -> StepDecision``: another decision rule on the same scores (a
-      random-pruning baseline, say); ``inputs`` is what the rules prepared. Default
-      :func:`decide_step` with ``config`` and ``rules``.
     """
-    if not micro_batches:
-        raise ValueError("select_step: no micro-batches")
-    if rules is None:
-        rules = build_rules(config)
-        stateful = [r.name for r in rules if r.stateful]
-        if stateful:
-            raise ValueError(f"select_step: {', '.join(stateful)} keeps state across steps: pass "
-                             "rules=build_rules(config), created once and passed at every step")
-    fetched = list(micro_batches)
+    rules = _rules_for(config, rules, micro_batches, "select_step")
     if config.prunes_nothing:
+        fetched = list(micro_batches)
         return StepResult(fetched, label_tokens(fetched), pruned=False)
-    started = time.perf_counter()
-    host = host_copies(fetched)  # the step's layout on the host: sync 1 of 2 (padded batches)
-    for batch in host:
-        check_batch(batch)
-    collectives = collectives or Collectives(fetched[0]["input_ids"].device)
-    layout = _Layout(packed_layout(host[0]), infer_pad_id(host, pad_id), infer_padding_side(host, padding_side))
-    scored, unpacked, scores, inputs = _score(model, fetched, host, layout, config, rules, collectives)
-    if decide_fn is not None:
-        decision = decide_fn(scores, inputs)
-    else:
-        decision = decide_step(scores, config, collectives=collectives, rules=rules, inputs=inputs)  # sync 2 of 2
-    if decision.host is None:  # a decide_fn that did not copy the statistics
-        decision.host = host_stats(scores)
-    if decision.kept_tokens is None:  # a decide_fn that did not count them
-        decision.kept_tokens = int(sum(t.sum() for t in decision.token_keep))
-    result = StepResult(fetched, 0, pruned=False, scored=scored, scores=scores, decision=decision)
-    _train_what_was_kept(result, host, unpacked, layout, collectives, step)
-    result.seconds = time.perf_counter() - started
-    return result
+    scored = score_step(model, micro_batches, config, rules=rules, pad_id=pad_id, padding_side=padding_side,
+                        collectives=collectives)
+    decision = decide_step(scored.scores, config, collectives=scored.collectives, rules=rules,
+                           inputs=scored.inputs)  # sync 2 of 2
+    return train_kept(scored, decision, step=step)
+
+
+def _rules_for(config: QTuningConfig, rules: Sequence[Rule] | None, micro_batches, caller: str) -> Sequence[Rule]:
+    if not micro_batches:
+        raise ValueError(f"{caller}: no micro-batches")
+    if rules is not None:
+        return rules
+    rules = build_rules(config)
+    stateful = [r.name for r in rules if r.stateful]
+    if stateful:
+        raise ValueError(f"{caller}: {', '.join(stateful)} keeps state across steps: pass "
+                         "rules=build_rules(config), created once and passed at every step")
+    return rules
 
 
 @dataclass
@@ -260,6 +137,56 @@ class _Layout:
     packed: str | None  # packing.LAYOUTS, or None for padded batches
     pad_id: int
     side: str
+
+
+@dataclass
+class ScoredStep:
+    """One step scored, not yet decided (:func:`score_step`): ``scores`` (one
+    :class:`~.scoring.Scores` per scored micro-batch) and ``inputs`` (what the rules' ``prepare``
+    returned) are what a decision takes (:func:`decide_step`); ``scored``: the micro-batches as
+    scored (packed ones unpacked: one row per segment). The rest is for :func:`train_kept`."""
+
+    fetched: list[dict[str, Any]]
+    scored: list[dict[str, Any]]
+    scores: list[Scores]
+    inputs: dict[str, Any]
+    collectives: Collectives
+    host: list  # the fetched batches' layout on the host (padded batches)
+    unpacked: list | None
+    layout: _Layout
+    started: float  # time.perf_counter() when scoring began
+
+
+def score_step(model: nn.Module, micro_batches: Sequence[Mapping[str, Any]], config: QTuningConfig, *,
+               rules: Sequence[Rule] | None = None, pad_id: int | None = None, padding_side: str | None = None,
+               collectives: Collectives | None = None) -> ScoredStep:
+    """The first part of :func:`select_step` (same arguments): score every sample of the step,
+    one no-grad forward per micro-batch plus any a rule asks for (``Rule.prepare``)."""
+    rules = _rules_for(config, rules, micro_batches, "score_step")
+    fetched = list(micro_batches)
+    started = time.perf_counter()
+    host = host_copies(fetched)  # the step's layout on the host: sync 1 of 2 (padded batches)
+    for batch in host:
+        check_batch(batch)
+    collectives = collectives or Collectives(fetched[0]["input_ids"].device)
+    layout = _Layout(packed_layout(host[0]), infer_pad_id(host, pad_id), infer_padding_side(host, padding_side))
+    scored, unpacked, scores, inputs = _score(model, fetched, host, layout, config, rules, collectives)
+    return ScoredStep(fetched, scored, scores, inputs, collectives, host, unpacked, layout, started)
+
+
+def train_kept(scored: ScoredStep, decision: StepDecision, *, step: int | None = None) -> StepResult:
+    """The last part of :func:`select_step`: re-batch (or re-pack) what ``decision`` keeps of
+    ``scored`` into as few micro-batches as the batch size allows, as many on every rank.
+    ``decision`` is complete (:class:`StepDecision`: ``host`` and ``kept_tokens`` filled), one
+    entry per scored micro-batch."""
+    if decision.host is None or decision.kept_tokens is None or len(decision.keep) != len(scored.scores):
+        raise ValueError("train_kept: the decision needs one keep / token_keep per scored micro-batch, its "
+                         "host statistics (core.decision.host_stats) and its kept_tokens count")
+    result = StepResult(scored.fetched, 0, pruned=False, scored=scored.scored, scores=scored.scores,
+                        decision=decision)
+    _train_what_was_kept(result, scored.host, scored.unpacked, scored.layout, scored.collectives, step)
+    result.seconds = time.perf_counter() - scored.started
+    return result
 
 
 def _score(model, fetched, host, layout: _Layout, config, rules, collectives):

@@ -11,7 +11,7 @@ samples. Each rule is one module of this package and owns:
   with the pool's statistics, in the step's one copy) and any extra forward (:meth:`Rule.prepare`);
 - the mask it contributes (:meth:`Rule.exclude`, on the host);
 - its metric (``qtuning/<metric>``: samples it kept out per step) and its decision-log field;
-- any state it keeps across steps (:meth:`Rule.state_dict`, saved with checkpoints).
+- whether it keeps state across steps within a run (``stateful``: a cache, say; not checkpointed).
 
 Adding a rule is adding a module here that defines a :class:`Rule` subclass (found by
 :func:`rule_classes`), plus its tests. Rules never import the modules above them (config, step).
@@ -78,7 +78,8 @@ class Rule:
     # True: the rule decides on this process's own pool even under ``pool: global`` (its features
     # are per-rank, e.g. per-token statistics); its verdict is gathered with the scores.
     local: ClassVar[bool] = False
-    # True: the rule keeps state across steps (a cache, say); callers create it once per run.
+    # True: the rule keeps state across steps (a cache, say); callers create it once per run. A
+    # checkpoint does not carry it: a resumed run starts it afresh.
     stateful: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
@@ -106,13 +107,6 @@ class Rule:
     def exclude(self, pool: Pool) -> torch.Tensor:
         """bool [n] on the host: the samples of ``pool`` this rule keeps out of the triage."""
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        """State kept across steps that a checkpoint must carry (JSON-serialisable)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
 
 
 @dataclass
