@@ -3,8 +3,9 @@
 Read top to bottom: :mod:`.config` (the settings, declared once), :mod:`.scoring` (the
 Error-Uncertainty plane), :mod:`.sample_stage` (the triage), :mod:`.tokens` (token stage),
 :mod:`.decision` (both stages on a pool), :mod:`.batch` and :mod:`.packing` (applying a decision
-to padded and packed batches), :mod:`.step` (one optimizer step for any training loop:
-:func:`select_step`). :mod:`.rules` holds the behaviours beyond the paper, one module each;
+to padded and packed batches), :mod:`.step_decision` (both stages on a step's pools, with the
+rules) and :mod:`.step` (one optimizer step for any training loop: :func:`select_step` =
+:func:`score_step` + :func:`decide_step` + :func:`train_kept`). :mod:`.rules` holds the behaviours beyond the paper, one module each;
 :mod:`.distributed` the collectives a step needs.
 """
 
@@ -23,8 +24,9 @@ _HOMES = {
     "ReferenceCache": "rules.reference",
     "Scores": "scoring", "choose_scoring_path": "scoring", "score_batch": "scoring", "scoring_mode": "scoring",
     "trainable_positions": "scoring",
-    "StepDecision": "step", "StepResult": "step", "decide_step": "step", "select_step": "step",
+    "StepResult": "step", "ScoredStep": "step", "select_step": "step", "score_step": "step", "train_kept": "step",
     "label_tokens": "step",
+    "StepDecision": "step_decision", "decide_step": "step_decision",
     "context_scores": "tokens", "pooled_token_keep_mask": "tokens", "token_keep_mask": "tokens",
     "QUADRANT_NAMES": "sample_stage", "Triage": "sample_stage", "kept_count": "sample_stage",
     "median_quadrants": "sample_stage", "scored_mask": "sample_stage", "triage": "sample_stage",
@@ -53,6 +55,9 @@ __all__ = [
     "host_stats",
     "apply_decision",
     "select_step",
+    "score_step",
+    "train_kept",
+    "ScoredStep",
     "StepResult",
     "StepDecision",
     "decide_step",
