@@ -131,7 +131,8 @@ def run_demo(args) -> int:
         # a warning about a library's internals that the demo's reader can do nothing about.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tok, peft_config=lora, callbacks=[qtuning, *reporters])
+                             processing_class=tok, peft_config=lora, callbacks=reporters)
+    qtuning.attach(trainer)  # the documented path (README): refusals at once, the trainer handed over
 
     class Progress(ProgressCallback):  # the usual bar, with one readable line per step instead of a dict
         def on_log(self, args_, state, control, logs=None, **kwargs):

@@ -116,10 +116,11 @@ def main(argv=None):
     )
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    callbacks = [] if args.no_qtuning else [QTuning(sample_ratio=args.sample_ratio, token_ratio=args.token_ratio,
-                                                   neighbor_lambda=args.neighbor_lambda, pool=args.pool)]
     trainer = SFTTrainer(model=model, args=config, train_dataset=load_dataset(args.dataset, args.split),
-                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
+                         processing_class=tokenizer, peft_config=lora)
+    if not args.no_qtuning:
+        QTuning(sample_ratio=args.sample_ratio, token_ratio=args.token_ratio, neighbor_lambda=args.neighbor_lambda,
+                pool=args.pool).attach(trainer)
     trainer.train()
     trainer.save_model(args.output_dir)
     with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
