@@ -23,13 +23,16 @@ Arms (``ARMS``; batch 8 x GA 2 = a pool of 16 per step, 40 steps):
 - candidates: one ``ARMS`` entry each, ``name: ("qtuning", sample ratio, token ratio, {QTuningConfig
   options})``, e.g. ``qtuning-auto-tr1-25x100`` (auto with ``token_ratio: 1``).
 
-Metrics on ``--n-test`` held-out test problems (the same per seed in every arm), teacher-forced in
-fp32: ``nll`` (per token of the reference solution, end of turn included), ``answer_nll`` (per token
-of N after ``#### ``, given the reference solution before it), ``answer_accuracy`` (every token of N
-is the argmax); and on the first ``--n-generate`` of them ``accuracy``: greedy exact match (generate
-up to ``--max-new-tokens``, under bf16 autocast where training used it; parse the number after
-``####``). Per run: training, teacher-forced and generation seconds, the load average, and what a
-pruning arm kept, by kind.
+Metrics on ``--n-test`` held-out test problems (the same per seed in every arm), teacher-forced:
+``nll`` (per token of the reference solution, end of turn included), ``answer_nll`` (per token of N
+after ``#### ``, given the reference solution before it), ``answer_accuracy`` (every token of N is
+the argmax); and on the first ``--n-generate`` of them ``accuracy``: greedy exact match (generate up
+to ``--max-new-tokens``, parse the number after ``####``). At ``--precision`` bf16 (auto, on a CPU
+with native bf16) the model runs under bf16 autocast in evaluation as in training, the output layer
+of the teacher-forced metrics in fp32 (fp32 throughout costs about twice the time). Per run:
+training, teacher-forced and generation seconds, the load average, and what a pruning arm kept, by
+kind. On a CPU shared with other jobs, ``OMP_NUM_THREADS=1`` can be several times faster than
+threads that wait for each other.
 
 Resumable: every finished run is appended to ``<out>.runs.jsonl``; the same command skips what is done
 and adds what is missing; ``--report-only`` rebuilds the report. The rows carry ``accuracy`` and
@@ -80,6 +83,8 @@ METRICS = (("nll", "NLL solution", "{:.3f}", 1), ("answer_nll", "NLL final answe
            ("answer_accuracy", "final answer argmax", "{:.1f} %", 100), ("accuracy", "greedy exact match",
                                                                            "{:.1f} %", 100))
 HIGHER_IS_BETTER = {"accuracy", "answer_accuracy"}
+# sized so that one 25 % arm costs a few minutes on a 2-core CPU with native bf16 (the pilot, docs/results.md)
+DEFAULTS = {"steps": 40, "n_test": 100, "n_generate": 32, "max_new_tokens": 160}
 SETTINGS = ("steps", "batch", "grad_accum", "lr", "n_test", "n_generate", "max_new_tokens", "quick", "data_id")
 
 
@@ -104,10 +109,12 @@ def encode_reference(tok, question: str, solution: str) -> dict:
 
 
 @torch.no_grad()
-def teacher_forced(model, tok, test, batch: int = 8) -> dict:
+def teacher_forced(model, tok, test, bf16: bool = False, batch: int = 8) -> dict:
     """Token-pooled NLL of the reference solutions and of their final answers, and the share of final
-    answers whose every token is the argmax."""
+    answers whose every token is the argmax. With ``bf16``, the transformer runs under bf16 autocast
+    (as in training) and the output layer in fp32, at the solutions' positions only."""
     model.eval()
+    head = model.get_output_embeddings()
     sums = Counter()
     encoded = [encode_reference(tok, t["question"], t["answer"]) for t in test]
     for i in range(0, len(encoded), batch):
@@ -115,10 +122,14 @@ def teacher_forced(model, tok, test, batch: int = 8) -> dict:
         t = max(len(e["ids"]) for e in chunk)
         ids = torch.tensor([e["ids"] + [tok.pad_token_id] * (t - len(e["ids"])) for e in chunk])
         mask = torch.tensor([[1] * len(e["ids"]) + [0] * (t - len(e["ids"])) for e in chunk])
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                           logits_to_keep=1).hidden_states[-1]
         for b, e in enumerate(chunk):
             pos = torch.tensor(e["labels"])
-            logp = torch.log_softmax(logits[b, pos - 1], -1)
+            logits = torch.nn.functional.linear(hidden[b, pos - 1].float(), head.weight.float(),
+                                                None if head.bias is None else head.bias.float())
+            logp = torch.log_softmax(logits, -1)
             nll = -logp.gather(1, ids[b, pos][:, None])[:, 0]
             hit = logp.argmax(-1) == ids[b, pos]
             in_span = torch.tensor([p in set(e["span"]) for p in e["labels"]])
@@ -208,7 +219,7 @@ def run(regime: str, arm: str, seed: int, args, rows) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    metrics = teacher_forced(trainer.model, tok, test)
+    metrics = teacher_forced(trainer.model, tok, test, bf16)
     eval_seconds = time.perf_counter() - t
     t = time.perf_counter()
     metrics.update(exact_match(trainer.model, tok, test[:args.n_generate], args.max_new_tokens, bf16))
@@ -219,7 +230,7 @@ def run(regime: str, arm: str, seed: int, args, rows) -> dict:
             "train_samples": len(train), "samples_seen": args.steps * batch * grad_accum,
             "pool_share_corrupted": sum(r["kind"] in quality.CORRUPTED for r in train) / len(train),
             "precision": "bf16 autocast" if bf16 else "fp32", "machine": machine(),
-            "load": [load_start, os.getloadavg()[0]], "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "load": [load_start, os.getloadavg()[0]], "threads": torch.get_num_threads(), "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "generate_seconds": generate_seconds, "wall_seconds": time.perf_counter() - start,
             "kept_tokens_ratio": cb.totals["kept_label_tokens"] / cb.totals["label_tokens"] if cb else 1.0,
             **metrics, "decisions": getattr(cb, "steps", None)}
@@ -302,9 +313,10 @@ def report(results, args) -> str:
                       "|---" * (1 + len(gsm8k_data.KINDS)) + "|", *kept_lines]
         machines = Counter(r["machine"] for r in rows)
         loads = [x for r in rows for x in r.get("load", [])]
+        threads = sorted({r["threads"] for r in rows if "threads" in r})
         lines += ["", "Machines: " + "; ".join(f"{m}: {n} run{'s' if n > 1 else ''}" for m, n in machines.items()) +
                   (f". Load average (1 min) at the runs' start and end: {min(loads):.1f} to {max(loads):.1f}"
-                   if loads else "") + ".", ""]
+                   if loads else "") + (f"; torch threads: {', '.join(map(str, threads))}" if threads else "") + ".", ""]
     return "\n".join(lines)
 
 
@@ -317,13 +329,14 @@ def parse_args(argv=None):
     p.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=["gsm8k-clean-1ep", "gsm8k-20-1ep"])
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-test", type=int, default=200, help="test problems, teacher-forced")
-    p.add_argument("--n-generate", type=int, default=40, help="the first N of them also decoded greedily")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=DEFAULTS["n_test"], help="test problems, teacher-forced")
+    p.add_argument("--n-generate", type=int, default=DEFAULTS["n_generate"],
+                   help="the first N of them also decoded greedily")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
     p.add_argument("--quick", action="store_true", help="a tiny random model on the fixture, 2 steps of a pool of 8, "
                    "1 seed: checks the pipeline in seconds")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -356,7 +369,7 @@ def canonical_command(args) -> str:
     if args.quick:
         parts.append("--quick")
     else:
-        for flag, default in (("steps", 40), ("n_test", 200), ("n_generate", 40), ("max_new_tokens", 200)):
+        for flag, default in DEFAULTS.items():
             if getattr(args, flag) != default:
                 parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.precision != "auto":

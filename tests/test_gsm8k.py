@@ -166,3 +166,12 @@ def test_quick_pipeline_pairs_and_resumes(tmp_path, capsys):
     again = run_quick(out, capsys)
     assert "seed 0" not in again.out and len(runs_file.read_text().splitlines()) == 3
     assert "3 runs already recorded" in again.out
+    # benchmarks/preset_table.py reads the runs, on the final-answer metrics too
+    preset_table = importlib.import_module("preset_table")
+    assert preset_table.main([str(runs_file), "--arm", "qtuning-auto-25x50", "--metrics", "answer_accuracy",
+                              "answer_nll"]) == 0
+    table = capsys.readouterr().out
+    auto = next(r for r in runs if r["arm"] == "qtuning-auto-25x50")
+    assert f"| gsm8k-20-1ep (1 seeds) | {100 * auto['answer_accuracy']:.1f} ± 0.0 % | {auto['answer_nll']:.3f} ± 0.000 |" \
+        in table
+    assert "Exact match: the runs' answer_accuracy; NLL: their answer_nll." in table
