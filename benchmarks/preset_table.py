@@ -9,6 +9,8 @@ rules). No training: seconds.
 
     python benchmarks/preset_table.py benchmarks/results/quality-3ep.runs.jsonl --precision fp32 \\
         --out benchmarks/results/preset-auto-3ep.md     # preset auto (issue 29)
+    python benchmarks/preset_table.py benchmarks/results/gsm8k.runs.jsonl --metrics answer_accuracy answer_nll
+        # benchmarks/gsm8k.py's runs (its arms too), on the final answer instead of exact match and solution NLL
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gsm8k import ARMS as GSM8K_ARMS
 from quality import ARMS, corrupted_share, mean_sd, paired, spec_of
 
 from qtuning_plugin.core import QTuningConfig
@@ -37,7 +40,7 @@ def useful_kept_out(runs, arm: str) -> float | None:
     (as in a training step: a pool whose every scored sample they keep out is decided by the
     paper's triage, nothing kept out). None for an arm without rules or pools, or whose rules need
     features the pools did not log."""
-    spec = spec_of(arm)
+    spec = GSM8K_ARMS[arm] if arm in GSM8K_ARMS else spec_of(arm)
     if spec is None or spec[0] != "qtuning":
         return None
     rules = build_rules(QTuningConfig(sample_ratio=spec[1], token_ratio=spec[2], **(spec[3] if len(spec) > 3 else {})))
@@ -96,17 +99,24 @@ def table(rows, arm: str, regimes=None) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="<out>.runs.jsonl files of benchmarks/quality.py")
-    p.add_argument("--arm", default="qtuning-auto-25x50", choices=list(ARMS))
+    p.add_argument("runs", nargs="+", help="<out>.runs.jsonl files of benchmarks/quality.py or gsm8k.py")
+    p.add_argument("--arm", default="qtuning-auto-25x50", choices=list({**ARMS, **GSM8K_ARMS}))
     p.add_argument("--precision", choices=["fp32", "bf16 autocast"], help="only runs at this precision")
     p.add_argument("--regimes", nargs="+", help="these regimes, in this order (default: every regime the arm ran)")
     p.add_argument("--out", help="write the tables to this .md (default: print them)")
+    p.add_argument("--metrics", nargs=2, metavar=("ACCURACY", "NLL"), default=["accuracy", "nll"],
+                   help="the run keys reported as exact match (higher is better) and NLL (lower is better); "
+                        "benchmarks/gsm8k.py's runs also have answer_accuracy and answer_nll")
     args = p.parse_args(argv)
     rows = []
     for path in args.runs:
         with open(path, encoding="utf-8") as f:
             rows += [r for r in map(json.loads, filter(str.strip, f))
                      if not args.precision or r.get("precision", args.precision) == args.precision]
+    missing = sorted({k for r in rows for k in args.metrics if k not in r})
+    if missing:
+        p.error(f"--metrics: the runs have no {', '.join(missing)}")
+    rows = [{**r, "accuracy": r[args.metrics[0]], "nll": r[args.metrics[1]]} for r in rows]
     ran = {r["regime"] for r in rows if r["arm"] == args.arm}
     if not ran or not set(args.regimes or ()) <= ran:
         p.error(f"no run of arm {args.arm!r} in {sorted(set(args.regimes or ()) - ran) or 'any regime'} of {args.runs}"
@@ -114,11 +124,14 @@ def main(argv=None) -> int:
     command = " ".join(["python", "benchmarks/preset_table.py", *args.runs, "--arm", args.arm,
                         *(["--precision", repr(args.precision) if " " in args.precision else args.precision]
                           if args.precision else []), *(["--regimes", *args.regimes] if args.regimes else []),
+                        *(["--metrics", *args.metrics] if args.metrics != ["accuracy", "nll"] else []),
                         *(["--out", args.out] if args.out else [])])
     legend = ("Paired by seed: the mean difference, and the seeds won (higher exact match, lower NLL) / tied of "
               "those both arms ran. Corrupted = wrong + swapped + garbled, mean over seeds of its share of the pools "
               "and of what the arm kept. Useful kept out: the share of the useful samples its rules kept out, "
               "replayed on its logged pools.")
+    if args.metrics != ["accuracy", "nll"]:
+        legend += f" Exact match: the runs' {args.metrics[0]}; NLL: their {args.metrics[1]}."
     text = "\n".join([f"`{command}`", "", legend, "", *table(rows, args.arm, args.regimes)]) + "\n"
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")

@@ -1,0 +1,177 @@
+"""The GSM8K benchmark (benchmarks/gsm8k.py): its wrong labels, its pairing, its metrics' token span,
+and the pipeline end to end on the fixture (tests/fixtures/gsm8k) with a tiny random model."""
+
+import importlib
+import json
+import math
+import pathlib
+import sys
+from collections import Counter
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "gsm8k"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+gsm8k_data = importlib.import_module("gsm8k_data")
+gsm8k = importlib.import_module("gsm8k")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    train, test, _ = gsm8k_data.load(str(FIXTURE))
+    return train, test
+
+
+def body_and_final(solution):
+    body, _, last = solution.rstrip().rpartition("\n")
+    return body, gsm8k_data.value(gsm8k_data.final_answer(last))
+
+
+def last_number(text):
+    return gsm8k_data.value(list(gsm8k_data.NUMBER.finditer(text))[-1].group())
+
+
+def test_fixture_rows_are_gsm8k_with_annotations_stripped(rows):
+    train, test = rows
+    assert (len(train), len(test)) == (48, 16)
+    raw = json.loads((FIXTURE / "train.jsonl").read_text().splitlines()[0])["answer"]
+    assert "<<" in raw and train[0]["answer"] == gsm8k_data.strip_annotations(raw)
+    assert not any("<<" in r["answer"] for r in train + test)
+    assert "MIT License" in (FIXTURE / "LICENSE").read_text()
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1, 0.2, 0.3])
+def test_injection_rates_are_exact(rows, noise):
+    train, _ = gsm8k_data.build(*rows, noise=noise, n_train=40, n_test=8, seed=3)
+    counts = Counter(r["kind"] for r in train)
+    expected = {k: round(40 * s) for k, s in gsm8k_data.mix(noise).items()}
+    if noise:
+        expected["swapped"] = round(40 * noise) - expected["wrong"] - expected["garbled"]
+        assert abs(expected["wrong"] - expected["swapped"]) <= 1  # half and half
+    assert {k: v for k, v in counts.items() if k != "useful"} == {k: v for k, v in expected.items() if v}
+    assert counts["useful"] == 40 - round(40 * noise)
+    for r in train:
+        assert (r["answer"] == r["reference"]) == (r["kind"] == "useful")
+
+
+def test_wrong_labels_are_self_consistent_and_wrong(rows):
+    train, _ = gsm8k_data.build(*rows, noise=0.3, n_train=40, n_test=8, seed=0)
+    wrong = [r for r in train if r["kind"] == "wrong"]
+    assert wrong
+    for r in wrong:
+        body, final = body_and_final(r["answer"])
+        ref_body, truth = body_and_final(r["reference"])
+        assert last_number(body) == final != truth  # the last computation and #### agree, and are wrong
+        assert 0 < abs(final - truth) <= 10
+        # only the last computation's line changed
+        assert body.rpartition("\n")[0] == ref_body.rpartition("\n")[0]
+    # thousands separators and decimals kept as written
+    text = "A costs 2 * $600.00 = $1,200.00 each.\nSo 1,200 in total\n#### 1200"
+    import random
+
+    out = gsm8k_data.wrong_solution(text, random.Random(0))
+    body, final = body_and_final(out)
+    assert body.startswith("A costs 2 * $600.00 = $1,200.00 each.\nSo ") and last_number(body) == final != 1200
+    assert f"So {int(final):,} in total" in out
+    assert gsm8k_data.wrong_solution("It is 3 + 4 = 7, times 2\n#### 14", random.Random(0)) is None
+
+
+def test_swapped_is_another_problems_solution_and_garbled_its_own_words(rows):
+    train_rows, _ = rows
+    train, _ = gsm8k_data.build(*rows, noise=0.3, n_train=30, n_test=8, seed=1)
+    solutions = {r["answer"]: r["question"] for r in train_rows}
+    own = {r["reference"] for r in train}
+    for r in train:
+        if r["kind"] == "swapped":
+            assert r["answer"] in solutions and solutions[r["answer"]] != r["question"]
+            assert r["answer"] not in own  # no training sample has it as its own solution
+            assert body_and_final(r["answer"])[1] != body_and_final(r["reference"])[1]
+        if r["kind"] == "garbled":
+            assert sorted(r["answer"].split()) == sorted(r["reference"].split()) and r["answer"] != r["reference"]
+    assert Counter(r["kind"] for r in train)["swapped"] > 0
+
+
+def test_pairing_same_data_per_seed(rows):
+    a = gsm8k_data.build(*rows, noise=0.2, n_train=24, n_test=8, seed=0)
+    assert gsm8k_data.build(*rows, noise=0.2, n_train=24, n_test=8, seed=0) == a
+    b = gsm8k_data.build(*rows, noise=0.2, n_train=24, n_test=8, seed=1)
+    assert [r["question"] for r in a[0]] != [r["question"] for r in b[0]]
+    # the same rows and test problems at every noise rate of a seed; three epochs: the first third
+    clean = gsm8k_data.build(*rows, noise=0.0, n_train=24, n_test=8, seed=0)
+    third = gsm8k_data.build(*rows, noise=0.2, n_train=8, n_test=8, seed=0)
+    assert [r["question"] for r in clean[0]] == [r["question"] for r in a[0]]
+    assert [r["question"] for r in third[0]] == [r["question"] for r in a[0][:8]]
+    assert clean[1] == a[1] == third[1] and a[1] != b[1]
+
+
+def test_final_answer_span_is_exactly_n(rows):
+    from qtuning_plugin.models import tiny
+
+    _, tok = tiny()
+    _, test = gsm8k_data.build(*rows, noise=0.0, n_train=8, n_test=16, seed=0)
+    for t in test:
+        e = gsm8k.encode_reference(tok, t["question"], t["answer"])
+        offsets = tok(e["text"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        span = e["span"]
+        assert span == list(range(span[0], span[-1] + 1)) and set(span) <= set(e["labels"])
+        assert e["text"][offsets[span[0]][0]:offsets[span[-1]][1]] == t["target"]  # N's characters, no more
+        assert e["text"][:offsets[span[0]][0]].endswith("#### ")
+        assert not e["text"][offsets[span[-1]][1]:].lstrip("</s>").strip()  # then only the end of turn
+    # a number with a thousands separator, tokenized by its own span
+    e = gsm8k.encode_reference(tok, "How many?", "2 * 600 = 1,200\n#### 1200")
+    assert "".join(tok.decode([e["ids"][i] for i in e["span"]]).split()) == "1200"
+
+
+def test_parse_final():
+    assert gsm8k.parse_final("so 3 + 4 = 7\n#### 7") == 7
+    assert gsm8k.parse_final("#### $1,200.") == 1200
+    assert gsm8k.parse_final("The answer is 7") is None
+
+
+def run_quick(out, capsys):
+    gsm8k.main(["--quick", "--out", str(out), "--regimes", "gsm8k-20-1ep", "--arms", "random-25x100",
+                "qtuning-auto-25x50", "full-equal-compute"])
+    return capsys.readouterr()
+
+
+def test_quick_pipeline_pairs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "gsm8k"
+    first = run_quick(out, capsys)
+    runs_file = tmp_path / "gsm8k.runs.jsonl"
+    runs = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    assert sorted(r["arm"] for r in runs) == ["full-equal-compute", "qtuning-auto-25x50", "random-25x100"]
+    assert first.out.count("seed 0 gsm8k-20-1ep") == 3
+    for r in runs:
+        for key in ("nll", "answer_nll", "answer_accuracy", "accuracy", "train_seconds", "eval_seconds",
+                    "generate_seconds"):
+            assert math.isfinite(r[key]) and r[key] >= 0, key
+        assert r["nll"] > 0 and r["answer_nll"] > 0 and 0 <= r["answer_accuracy"] <= 1 and 0 <= r["accuracy"] <= 1
+        assert r["precision"] == "fp32" and len(r["load"]) == 2
+    # paired: the same training set in every arm of the seed
+    assert len({(r["train_samples"], r["pool_share_corrupted"]) for r in runs}) == 1
+    pruned = [r for r in runs if r["arm"] != "full-equal-compute"]
+    for r in pruned:
+        assert len(r["decisions"]) == 2 and all(sum(s["keep"]) == 2 for s in r["decisions"])  # 25 % of 8
+        assert all("?" not in s["kind"] for s in r["decisions"])  # every pool sample's kind found
+    # the same pools, in the same order, in both pruning arms
+    assert pruned[0]["decisions"][0]["kind"] == pruned[1]["decisions"][0]["kind"]
+    eq = next(r for r in runs if r["arm"] == "full-equal-compute")
+    assert (eq["batch"], eq["grad_accum"], eq["samples_seen"], eq["decisions"]) == (2, 1, 4, None)
+    report = out.with_suffix(".md").read_text()
+    assert report.startswith("`python benchmarks/gsm8k.py --regimes gsm8k-20-1ep --arms random-25x100 ")
+    row = next(line for line in report.splitlines() if line.startswith("| qtuning-auto-25x50 | 1 |"))
+    assert row.count(" of 1)") == 4  # paired with random-25x100 on the four metrics
+    # a second invocation runs nothing
+    again = run_quick(out, capsys)
+    assert "seed 0" not in again.out and len(runs_file.read_text().splitlines()) == 3
+    assert "3 runs already recorded" in again.out
+    # benchmarks/preset_table.py reads the runs, on the final-answer metrics too
+    preset_table = importlib.import_module("preset_table")
+    assert preset_table.main([str(runs_file), "--arm", "qtuning-auto-25x50", "--metrics", "answer_accuracy",
+                              "answer_nll"]) == 0
+    table = capsys.readouterr().out
+    auto = next(r for r in runs if r["arm"] == "qtuning-auto-25x50")
+    assert f"| gsm8k-20-1ep (1 seeds) | {100 * auto['answer_accuracy']:.1f} ± 0.0 % | {auto['answer_nll']:.3f} ± 0.000 |" \
+        in table
+    assert "Exact match: the runs' answer_accuracy; NLL: their answer_nll." in table
