@@ -238,19 +238,6 @@ def run(regime: str, arm: str, seed: int, args, rows) -> dict:
 
 # ---------------------------------------------------------------------- report
 
-def paired(rows, arm: str, baseline: str, key: str):
-    """Per-seed differences arm - baseline of ``key``: (mean, wins, ties, n), a win being the better
-    value (higher for accuracies, lower for NLLs)."""
-    a = {r["seed"]: r[key] for r in rows if r["arm"] == arm}
-    b = {r["seed"]: r[key] for r in rows if r["arm"] == baseline}
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    diffs = [a[s] - b[s] for s in seeds]
-    wins = sum((d > 0) if key in HIGHER_IS_BETTER else (d < 0) for d in diffs)
-    return statistics.mean(diffs), wins, sum(d == 0 for d in diffs), len(seeds)
-
-
 def kind_shares(runs) -> tuple[Counter, Counter]:
     seen, kept = Counter(), Counter()
     for r in runs:
@@ -289,10 +276,10 @@ def report(results, args) -> str:
                 m, sd = mean_sd(scale * r[key] for r in rs)
                 cells.append(f"{fmt.format(m)} ± {fmt.format(sd).rstrip(' %')}")
             for key, _, fmt, scale in METRICS:
-                d = paired(rows, arm, BASELINE, key) if arm != BASELINE else None
+                d = quality.paired(rows, arm, BASELINE, key, HIGHER_IS_BETTER) if arm != BASELINE else None
                 cells.append("" if d is None else
                              f"{'+' if d[0] >= 0 else '-'}{fmt.format(scale * abs(d[0])).replace(' %', ' pp')} "
-                             f"({d[1]} / {d[2]} of {d[3]})")
+                             f"({d[2]} / {d[3]} of {d[4]})")
             shares = [quality.corrupted_share(r) for r in rs]
             secs = "{:.0f} / {:.0f} / {:.0f}".format(*(statistics.mean(r[k] for r in rs) for k in
                                                       ("train_seconds", "eval_seconds", "generate_seconds")))
@@ -350,14 +337,7 @@ def parse_args(argv=None):
         args.steps, args.batch, args.grad_accum, args.n_test, args.n_generate, args.max_new_tokens = 2, 4, 2, 6, 3, 8
     if args.data is None:
         args.data = str(FIXTURE) if args.quick else (str(SHARED) if SHARED.exists() else None)
-    if args.quick or args.precision == "fp32":
-        args.precision_used = "fp32"
-    elif args.precision == "bf16":
-        args.precision_used = "bf16 autocast"
-    else:
-        from qtuning_plugin.precision import native_bf16
-
-        args.precision_used = "bf16 autocast" if native_bf16("cpu") else "fp32"
+    args.precision_used = quality.precision_used(args.precision, args.quick)
     return args
 
 

@@ -471,16 +471,16 @@ def equal_compute_baseline_of(arm: str) -> str | None:
     return f"random-{round(100 * spec[1])}x100"
 
 
-def paired(rows, arm, baseline, key):
-    """Per-seed differences arm - baseline of ``key`` (seeds both have): (mean, sd, wins, n), a win
-    being higher accuracy or lower NLL."""
+def paired(rows, arm, baseline, key, higher=("accuracy",)):
+    """Per-seed differences arm - baseline of ``key`` (seeds both have): (mean, sd, wins, ties, n), a
+    win being a higher value for the keys in ``higher`` (accuracies), a lower one otherwise (NLLs)."""
     a = {r["seed"]: r[key] for r in rows if r["arm"] == arm}
     b = {r["seed"]: r[key] for r in rows if r["arm"] == baseline}
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
     diffs = [a[s] - b[s] for s in seeds]
-    wins = sum((d > 0) if key == "accuracy" else (d < 0) for d in diffs)
+    wins = sum((d > 0) if key in higher else (d < 0) for d in diffs)
     ties = sum(d == 0 for d in diffs)
     return (*mean_sd(diffs), wins, ties, len(seeds))
 
@@ -750,15 +750,20 @@ def parse_args(argv=None):
     args.arms = list(dict.fromkeys(a for _, a in args.pairs))
     if args.quick:
         args.seeds, args.steps, args.n_test = 1, 3, 8
-    if args.quick or args.precision == "fp32":
-        args.precision_used = "fp32"
-    elif args.precision == "bf16":
-        args.precision_used = "bf16 autocast"
-    else:
-        from qtuning_plugin.precision import native_bf16
-
-        args.precision_used = "bf16 autocast" if native_bf16("cpu") else "fp32"
+    args.precision_used = precision_used(args.precision, args.quick)
     return args
+
+
+def precision_used(precision: str, quick: bool = False) -> str:
+    """What ``--precision`` means on this machine: fp32 (asked, or the quick pipeline), or bf16
+    autocast (asked, or auto on a CPU with native bf16)."""
+    if quick or precision == "fp32":
+        return "fp32"
+    if precision == "bf16":
+        return "bf16 autocast"
+    from qtuning_plugin.precision import native_bf16
+
+    return "bf16 autocast" if native_bf16("cpu") else "fp32"
 
 
 SETTINGS = ("steps", "batch", "grad_accum", "lr", "n_test", "quick", "tiny")
