@@ -69,7 +69,7 @@ def scores_of(rows: list[dict]):
 def prune(args) -> int:
     import json
 
-    from .core import QTuningConfig
+    from .core import QTuningConfig, scored_mask
     from .core.scoring import IGNORE_INDEX
     from .core.step import decide_step
     from .decision_log import sample_id
@@ -100,7 +100,7 @@ def prune(args) -> int:
             raise CLIError(f"{scores_path} does not match {args.data}: sample {i} has other tokens "
                            "(another dataset, tokenizer or max_length?)")
     scores = scores_of(rows)
-    if not (~scores.ppl.isnan()).any():
+    if not scored_mask(scores.ppl, scores.entropy).any():
         raise CLIError(f"{scores_path}: no scored sample has a response token")
     decision = decide_step([scores], config, rules=rules)
     keep, token_keep = decision.keep[0].tolist(), decision.token_keep[0]

@@ -23,7 +23,7 @@ def refuse_unsupported(trainer: Trainer, config: QTuningConfig, rules: Sequence 
     """Raise ``ValueError`` for a setup Q-Tuning cannot prune exactly (see the module's doc);
     ``rules``: the active rules, each of which may check the model (``check_model``)."""
     _refuse_trl_trainers_but_sft(trainer)
-    _refuse_sequence_parallelism(trainer)
+    refuse_sequence_parallelism(trainer.args, getattr(trainer, "accelerator", None))
     if getattr(trainer.args, "torch_compile", False) or any(
             type(m).__name__ == "OptimizedModule" for m in (trainer.model, getattr(trainer, "model_wrapped", None))):
         raise ValueError("QTuning does not support torch.compile (torch_compile=True or a compiled model): "
@@ -58,10 +58,6 @@ def refuse_unsupported(trainer: Trainer, config: QTuningConfig, rules: Sequence 
         logger.info("QTuning: setting model_accepts_loss_kwargs=True so that each step's loss is "
                     "the mean over its kept label tokens")
         trainer.model_accepts_loss_kwargs = True
-
-
-def _refuse_sequence_parallelism(trainer: Trainer) -> None:
-    refuse_sequence_parallelism(trainer.args, getattr(trainer, "accelerator", None))
 
 
 # What splits every sample across ranks (sequence / context parallelism): settings of the
