@@ -21,7 +21,10 @@ Arms (``ARMS``; batch 8 x GA 2 = a pool of 16 per step, 40 steps):
 - ``qtuning-25x50`` (the paper), ``qtuning-auto-25x50`` (``preset: auto``),
   ``qtuning-smallloss-highest-25x50`` (``preset: small-loss``), as in ``benchmarks/quality.py``;
 - candidates: one ``ARMS`` entry each, ``name: ("qtuning", sample ratio, token ratio, {QTuningConfig
-  options})``, e.g. ``qtuning-auto-tr1-25x100`` (auto with ``token_ratio: 1``).
+  options})``, e.g. ``qtuning-auto-tr1-25x100`` (auto with ``token_ratio: 1``), or a selection rule
+  screened before it is an option (``quality.Candidate``: ``surprise-random-25x100``,
+  ``surprise-entropy-25x100``: the surprise rule, then K at random or the most uncertain first,
+  every token trained).
 
 Metrics on ``--n-test`` held-out test problems (the same per seed in every arm), teacher-forced:
 ``nll`` (per token of the reference solution, end of turn included), ``answer_nll`` (per token of N
@@ -30,8 +33,8 @@ the argmax); and on the first ``--n-generate`` of them ``accuracy``: greedy exac
 to ``--max-new-tokens``, parse the number after ``####``). At ``--precision`` bf16 (auto, on a CPU
 with native bf16) the model runs under bf16 autocast in evaluation as in training, the output layer
 of the teacher-forced metrics in fp32 (fp32 throughout costs about twice the time). Per run:
-training, teacher-forced and generation seconds, the load average, and what a pruning arm kept, by
-kind. On a CPU shared with other jobs, ``OMP_NUM_THREADS=1`` can be several times faster than
+training, teacher-forced and generation seconds, the load average, what a pruning arm kept, by
+kind, and which label tokens it trained, by kind of sample and category of token (``TokenTally``). On a CPU shared with other jobs, ``OMP_NUM_THREADS=1`` can be several times faster than
 threads that wait for each other.
 
 Resumable: every finished run is appended to ``<out>.runs.jsonl``; the same command skips what is done
@@ -74,7 +77,8 @@ ARMS = {
     "full": None,
     "full-equal-compute": ("full", 0.25, 1.0),
     **{name: quality.ARMS[name] for name in ("random-25x100", "random-25x50", "qtuning-25x50", "qtuning-auto-25x50",
-                                             "qtuning-smallloss-highest-25x50")},
+                                             "qtuning-smallloss-highest-25x50", "surprise-random-25x100",
+                                             "surprise-entropy-25x100")},
     # candidates (issue 36): auto without token pruning
     "qtuning-auto-tr1-25x100": ("qtuning", 0.25, 1.0, {"drop_surprising": 0.5, "keep_tokens": "highest"}),
 }
@@ -171,6 +175,52 @@ def exact_match(model, tok, test, max_new_tokens: int, bf16: bool, batch: int = 
     return {"accuracy": correct / max(1, len(test)), "answered": answered / max(1, len(test))}
 
 
+# ---------------------------------------------------------------------- which tokens an arm trains
+
+class TokenTally:
+    """Mixed into the recording callbacks (``quality.Recording``, ``quality.RandomPruning``): per kind
+    of sample and category of label token (``gsm8k_data.CATEGORIES``: words, numbers, ``####``, the
+    final answer N, the end of turn), the tokens of the pools, of the kept samples, and trained (a
+    kept token of a kept sample). Read from ``QTuning.last_step``; it changes no decision."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.tally: dict[str, dict[str, list[int]]] = {}  # kind -> category -> [pool, kept samples, trained]
+        self._tallied = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        result = self.last_step
+        if result is None or result is self._tallied or result.decision is None:
+            return
+        self._tallied = result
+        special = set(self.tokenizer.all_special_ids)
+        kinds = iter(self.steps[-1]["kind"])
+        for b, keep, token_keep in zip(result.scored, result.decision.keep, result.decision.token_keep):
+            for labels, kept, tokens in zip(b["labels"].cpu(), keep.tolist(), token_keep.cpu()):
+                pos = (labels != -100).nonzero()[:, 0]
+                ids = labels[pos].tolist()
+                cats = gsm8k_data.token_categories([self.tokenizer.decode([i]) for i in ids], [i in special for i in ids])
+                counts = self.tally.setdefault(next(kinds), {})
+                for cat, trained in zip(cats, tokens[pos].tolist()):
+                    c = counts.setdefault(cat, [0, 0, 0])
+                    c[0] += 1
+                    c[1] += bool(kept)
+                    c[2] += bool(kept and trained)
+
+
+class TallyRecording(TokenTally, Recording):
+    pass
+
+
+class TallyRandom(TokenTally, RandomPruning):
+    pass
+
+
+class TallyCandidate(TokenTally, quality.Candidate):
+    pass
+
+
 # ---------------------------------------------------------------------- one run
 
 def run(regime: str, arm: str, seed: int, args, rows) -> dict:
@@ -199,10 +249,13 @@ def run(regime: str, arm: str, seed: int, args, rows) -> dict:
     if spec and spec[0] == "full":
         batch, grad_accum = max(1, round(pool * spec[1])), 1
     elif spec and spec[0] == "random":
-        callbacks.append(RandomPruning(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
+        callbacks.append(TallyRandom(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
                                        tokenizer=tok))
+    elif spec and spec[0] == "candidate":
+        callbacks.append(TallyCandidate(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds, tokenizer=tok,
+                                        **spec[3]))
     elif spec:
-        callbacks.append(Recording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok,
+        callbacks.append(TallyRecording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok,
                                    **(spec[3] if len(spec) > 3 else {})))
     bf16 = args.precision_used == "bf16 autocast"
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
@@ -233,7 +286,7 @@ def run(regime: str, arm: str, seed: int, args, rows) -> dict:
             "load": [load_start, os.getloadavg()[0]], "threads": torch.get_num_threads(), "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "generate_seconds": generate_seconds, "wall_seconds": time.perf_counter() - start,
             "kept_tokens_ratio": cb.totals["kept_label_tokens"] / cb.totals["label_tokens"] if cb else 1.0,
-            **metrics, "decisions": getattr(cb, "steps", None)}
+            **metrics, "decisions": getattr(cb, "steps", None), "token_tally": getattr(cb, "tally", None)}
 
 
 # ---------------------------------------------------------------------- report
@@ -246,6 +299,30 @@ def kind_shares(runs) -> tuple[Counter, Counter]:
                 seen[kind] += 1
                 kept[kind] += bool(k)
     return seen, kept
+
+
+def token_lines(rows, arms) -> list[str]:
+    """The table of which label tokens each arm trained, by kind of sample and category of token,
+    over the runs that recorded a ``token_tally``."""
+    out = []
+    for arm in arms:
+        rs = [r for r in rows if r["arm"] == arm and r.get("token_tally")]
+        for kind in ("useful", "wrong"):
+            total = {c: [0, 0, 0] for c in gsm8k_data.CATEGORIES}
+            for r in rs:
+                for cat, counts in r["token_tally"].get(kind, {}).items():
+                    total[cat] = [a + b for a, b in zip(total[cat], counts)]
+            if not any(t[1] for t in total.values()):
+                continue
+            out.append(f"| {arm} | {kind} | {len(rs)} | " + " | ".join(
+                f"{100 * t[2] / t[1]:.0f} % of {t[1]}" if t[1] else "-" for t in total.values()) + " |")
+    if not out:
+        return []
+    return ["", "Label tokens trained, by category: of the tokens of each category in the samples an arm kept, the "
+            "share it trained (its token rule's choice), summed over steps and the runs that recorded it; "
+            "`####`: the marker, final answer: N, end of turn: the end-of-turn token and the newline after it.", "",
+            "| arm | kind | runs | " + " | ".join(gsm8k_data.CATEGORIES) + " |",
+            "|---" * (3 + len(gsm8k_data.CATEGORIES)) + "|", *out]
 
 
 def report(results, args) -> str:
@@ -298,6 +375,7 @@ def report(results, args) -> str:
             lines += ["", "Kept by kind (share of the pool samples of each kind the arm trained, over all steps and "
                       "seeds):", "", "| arm | " + " | ".join(gsm8k_data.KINDS) + " |",
                       "|---" * (1 + len(gsm8k_data.KINDS)) + "|", *kept_lines]
+        lines += token_lines(rows, args.arms)
         machines = Counter(r["machine"] for r in rows)
         loads = [x for r in rows for x in r.get("load", [])]
         threads = sorted({r["threads"] for r in rows if "threads" in r})

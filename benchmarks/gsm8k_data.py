@@ -172,3 +172,41 @@ def answer_span(offsets: list[tuple[int, int]], lo: int, hi: int) -> list[int]:
     """The positions of the tokens that cover characters ``lo:hi`` (``offsets``: each token's character
     span, as a fast tokenizer's offset mapping; empty spans, such as added special tokens', never count)."""
     return [t for t, (s, e) in enumerate(offsets) if s < hi and e > lo and e > s]
+
+
+# the categories of a solution's tokens (``token_categories``), in the order of the text
+CATEGORIES = ("words", "numbers", "####", "final answer", "end of turn")
+_MARKER = re.compile(r"####[ \t]*")
+_ANSWER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def token_categories(pieces: list[str], special: list[bool]) -> list[str]:
+    """Each label token's category (``CATEGORIES``), from its decoded text (``pieces``, in order) and
+    whether it is a special token (the end of turn):
+    - ``final answer``: the tokens that cover N in the last ``#### N``;
+    - ``####``: those that cover the marker (and the blank after it) and not N;
+    - ``end of turn``: special tokens, and whatever follows N (the template's newline);
+    - ``numbers``: any other token with a digit (the worked computations);
+    - ``words``: the rest.
+    A text without ``#### N`` (a garbled sample, or truncated) has numbers and words only."""
+    text = "".join(pieces)
+    starts = [0]
+    for p in pieces:
+        starts.append(starts[-1] + len(p))
+    marker = None
+    for marker in _MARKER.finditer(text):
+        pass
+    answer = _ANSWER.match(text, marker.end()) if marker else None
+    out = []
+    for p, sp, s, e in zip(pieces, special, starts, starts[1:]):
+        if sp or (answer and s >= answer.end()):
+            out.append("end of turn")
+        elif answer and s < answer.end() and e > answer.start():
+            out.append("final answer")
+        elif answer and s < answer.start() and e > marker.start():
+            out.append("####")
+        elif any(c.isdigit() for c in p):
+            out.append("numbers")
+        else:
+            out.append("words")
+    return out

@@ -41,9 +41,10 @@ def useful_kept_out(runs, arm: str) -> float | None:
     paper's triage, nothing kept out). None for an arm without rules or pools, or whose rules need
     features the pools did not log."""
     spec = GSM8K_ARMS[arm] if arm in GSM8K_ARMS else spec_of(arm)
-    if spec is None or spec[0] != "qtuning":
+    if spec is None or spec[0] not in ("qtuning", "candidate"):
         return None
-    rules = build_rules(QTuningConfig(sample_ratio=spec[1], token_ratio=spec[2], **(spec[3] if len(spec) > 3 else {})))
+    options = {k: v for k, v in (spec[3] if len(spec) > 3 else {}).items() if k != "select"}  # a Candidate's own
+    rules = build_rules(QTuningConfig(sample_ratio=spec[1], token_ratio=spec[2], **options))
     if not rules or any(type(r).features is not Rule.features for r in rules):  # features not logged
         return None
     useful = out_useful = 0

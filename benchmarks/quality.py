@@ -19,8 +19,8 @@ Regimes:
 - ``stress-light-3ep``, ``stress-heavy-3ep``: ``stress-3ep`` with 5 % wrong and 2 % garbled, and
   with 30 % wrong and 5 % garbled (10 % redundant in both): noise rates other than the one the
   rules against wrong labels were set on.
-- ``stress-clean-3ep``: ``stress-3ep`` without wrong or garbled answers (10 % redundant): what a
-  rule against wrong labels costs where there are none.
+- ``stress-clean``, ``stress-clean-3ep``: ``stress`` and ``stress-3ep`` without wrong or garbled
+  answers (10 % redundant): what a rule against wrong labels costs where there are none.
 - ``stress-swap-3ep``: a second kind of wrong label, *swapped* (15 %, with 5 % garbled and 10 %
   redundant): another problem's worked answer, the same shape and wholly wrong for this prompt.
 
@@ -32,7 +32,8 @@ without acting; and the small-loss rule (``drop_highest_ppl: 0.25``) alone and w
 ``keep_tokens: highest`` (the ``small-loss`` preset), the preset with a forget rate of 0.375
 (``smallloss3``), and its adaptive share (``drop_ppl_outliers: 2``) with ``keep_tokens: highest``;
 the ``auto`` preset (``drop_surprising: 0.5`` with ``keep_tokens: highest``), which needs no noise
-rate.
+rate; candidates (``Candidate``): the surprise rule, then K samples at random or the most uncertain
+first, every token trained.
 Arms whose options were retired (``RETIRED_ARMS``) no longer run; their recorded runs are still
 reported with ``--report-only``, marked retired.
 Paired by seed: data, order (``data_seed``) and test set are the same in every arm of a seed.
@@ -83,6 +84,8 @@ CORRUPTED = ("wrong", "swapped", "garbled")
 REGIMES = {
     "paper": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}, "epochs": 1},
     "stress": {"steps": 1, "mix": {"wrong": 0.15, "garbled": 0.05, "redundant": 0.10}, "epochs": 1},
+    # stress without wrong labels, seen once: what a rule against them costs there (issue 36)
+    "stress-clean": {"steps": 1, "mix": {"redundant": 0.10}, "epochs": 1},
     # The same tasks, a training set a third the size visited 3 times in the same steps: trajectories
     # and re-visits matter (a sample is seen again after the model has learned from the others).
     "paper-3ep": {"steps": 3, "mix": {"wrong": 0.03, "garbled": 0.03, "redundant": 0.10}, "epochs": 3},
@@ -117,6 +120,10 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
         # preset: auto (no noise rate): answers more surprising than the model's uncertainty explains
         # (log PPL - entropy > 0.5 nats per token) never kept, with keep_tokens: highest
         "qtuning-auto-25x50": ("qtuning", 0.25, 0.5, {"drop_surprising": 0.5, "keep_tokens": "highest"}),
+        # candidates screened for issue 36 (class Candidate): the surprise rule, then K at random or
+        # the most uncertain first, every token trained
+        "surprise-random-25x100": ("candidate", 0.25, 1.0, {"select": "random", "drop_surprising": 0.5}),
+        "surprise-entropy-25x100": ("candidate", 0.25, 1.0, {"select": "entropy", "drop_surprising": 0.5}),
         "qtuning-batch-25x50": ("qtuning", 0.25, 0.5, {"token_budget": "batch"}),
         "qtuning-guard-25x50": ("qtuning", 0.25, 0.5, {"reference": "base"}),
         "qtuning-guard-highest-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "keep_tokens": "highest"}),
@@ -149,6 +156,7 @@ QUICK_PAIRS = (
     *(("stress-3ep", arm) for arm in ("qtuning-smallloss-25x50", "qtuning-smallloss-highest-25x50",
                                       "qtuning-smallloss3-highest-25x50", "qtuning-outliers-highest-25x50")),
     ("stress-swap-3ep", "qtuning-auto-25x50"),
+    *(("stress", arm) for arm in ("surprise-random-25x100", "surprise-entropy-25x100")),
     *(("stress", arm) for arm in ("qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
                                   "qtuning-observe-25x50")),
 )
@@ -285,6 +293,45 @@ class RandomPruning(Recording):
         return StepDecision(keep, [kk.clone() for kk in keep], token_keep, [0.0], kept_tokens, host_stats(scores))
 
 
+class Candidate(Recording):
+    """A selection rule screened before it becomes an option (issue 36): the rules the config turns on
+    (``drop_surprising`` here) keep samples out as in ``core.decide_step``; then K = max(1, floor(r_s n))
+    of the samples left are kept, ``select="random"`` at random, ``"entropy"`` the most uncertain first
+    (highest mean predictive entropy), every label token of each (``token_ratio`` 1)."""
+
+    def __init__(self, *a, select: str, seed: int = 0, **kw):
+        super().__init__(*a, **kw)
+        if select not in ("random", "entropy"):
+            raise ValueError(f"Candidate.select must be 'random' or 'entropy', got {select!r}")
+        if self.config.token_ratio != 1.0:
+            raise ValueError("Candidate trains every token of the samples it keeps: token_ratio must be 1")
+        self.select, self.generator = select, torch.Generator().manual_seed(seed)
+
+    def decide(self, scores, inputs):
+        rules = super().decide(scores, inputs)  # the rules' flags and the step's host statistics
+        sizes = [s.ppl.numel() for s in scores]
+        ppl = torch.cat([s.ppl.cpu() for s in scores])
+        flagged = torch.zeros(len(ppl), dtype=torch.bool)
+        for mask in rules.flags.values():
+            flagged |= mask
+        scored = torch.isfinite(ppl)
+        eligible = scored & ~flagged
+        if not eligible.any():  # as decide_step: a pool the rules emptied is decided without them
+            eligible = scored
+        idx = eligible.nonzero()[:, 0]
+        if self.select == "random":
+            order = idx[torch.randperm(len(idx), generator=self.generator)]
+        else:
+            entropy = torch.cat([s.entropy.cpu() for s in scores])[idx]
+            order = idx[entropy.argsort(descending=True, stable=True)]
+        chosen = torch.zeros(len(ppl), dtype=torch.bool)
+        chosen[order[:max(1, int(self.config.sample_ratio * len(ppl)))]] = True
+        keep = list(chosen.split(sizes))
+        token_keep = [s.trainable & k.to(s.trainable.device)[:, None] for s, k in zip(scores, keep)]
+        return StepDecision(keep, [torch.zeros_like(k) for k in keep], token_keep, rules.levels,
+                            sum(int(t.sum()) for t in token_keep), rules.host, rules.flags)
+
+
 # ---------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -365,6 +412,9 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     if spec and spec[0] == "random":
         callbacks.append(RandomPruning(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
                                        tokenizer=tok))
+    elif spec and spec[0] == "candidate":
+        callbacks.append(Candidate(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds, tokenizer=tok,
+                                   **spec[3]))
     elif spec:
         options = dict(spec[3]) if len(spec) > 3 else {}
         callbacks.append(Recording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok, **options))

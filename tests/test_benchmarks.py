@@ -329,3 +329,37 @@ def test_noise_estimates_memory_auroc_by_hand():
     assert now1 == mean1 == 1.0
     assert now2 == 0.5 and mean2 == 1.0  # mean of a: 2.25, above b's 1.0 and c's 2.0
     assert est.auroc([1.0], [1.0]) == 0.5 and math.isnan(est.auroc([], [1.0]))
+
+
+@pytest.mark.parametrize("select", ["random", "entropy"])
+def test_candidate_keeps_k_of_the_samples_its_rules_let_through(select):
+    """benchmarks/quality.py's screened selection rules: the surprise rule keeps a sample out, K of
+    the others are kept (the most uncertain first, or at random), and every label token of each."""
+    import torch
+
+    from qtuning_plugin.core import Scores
+
+    quality = _quality()
+    n, t = 8, 6
+    trainable = torch.ones(n, t, dtype=torch.bool)
+    trainable[:, 0] = False
+    entropy = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 2.0, 0.4], dtype=torch.float64)
+    ppl = entropy.exp()  # log PPL - entropy = 0: nothing surprising ...
+    ppl[6] = math.exp(2.0 + 3.0)  # ... but sample 6, the most uncertain, 3 nats beyond its entropy
+    scores = [Scores(ppl[:4], entropy[:4], torch.zeros(4, t), torch.zeros(4, t), trainable[:4], torch.full((4,), t)),
+              Scores(ppl[4:], entropy[4:], torch.zeros(4, t), torch.zeros(4, t), trainable[4:], torch.full((4,), t))]
+    cb = quality.Candidate(sample_ratio=0.5, token_ratio=1.0, select=select, drop_surprising=0.5, kinds={},
+                           tokenizer=None)
+    d = cb.decide(scores, {})
+    keep = torch.cat(d.keep)
+    assert int(keep.sum()) == 4 and not keep[6]  # K = floor(0.5 x 8); the surprising one never
+    assert d.flags["surprising"].tolist() == [i == 6 for i in range(n)]
+    if select == "entropy":
+        assert keep.nonzero()[:, 0].tolist() == [1, 3, 5, 7]  # the four most uncertain of the rest
+    for s, k, tk in zip(scores, d.keep, d.token_keep):
+        assert torch.equal(tk, s.trainable & k[:, None])  # every token of a kept sample, none of the others
+    assert d.kept_tokens == 4 * (t - 1) and not torch.cat(d.prune).any()
+    with pytest.raises(ValueError, match="select must be"):
+        quality.Candidate(sample_ratio=0.5, token_ratio=1.0, select="lowest", kinds={}, tokenizer=None)
+    with pytest.raises(ValueError, match="token_ratio must be 1"):
+        quality.Candidate(sample_ratio=0.5, token_ratio=0.5, select="random", kinds={}, tokenizer=None)

@@ -129,6 +129,21 @@ def test_parse_final():
     assert gsm8k.parse_final("The answer is 7") is None
 
 
+def test_token_categories():
+    pieces = ["She", " has", " 3", " apples", ".\n", "####", " ", "1", "2", "<|im_end|>", "\n"]
+    special = [p == "<|im_end|>" for p in pieces]
+    assert gsm8k_data.token_categories(pieces, special) == [
+        "words", "words", "numbers", "words", "words", "####", "####", "final answer", "final answer", "end of turn",
+        "end of turn"]
+    # a token that covers the blank and N is N's; the last marker counts; $ and , belong to N
+    assert gsm8k_data.token_categories(["#### 4\n", "####", " 1", ",2", "00", "</s>"], [0, 0, 0, 0, 0, 1]) == [
+        "numbers", "####", "final answer", "final answer", "final answer", "end of turn"]
+    assert gsm8k_data.token_categories(["####", " $", "5"], [0, 0, 0]) == ["####", "final answer", "final answer"]
+    # no "#### N" (garbled): numbers and words only, special tokens still the end of turn
+    assert gsm8k_data.token_categories(["apples", " 3", " ####", "</s>"], [0, 0, 0, 1]) == [
+        "words", "numbers", "words", "end of turn"]
+
+
 def run_quick(out, capsys):
     gsm8k.main(["--quick", "--out", str(out), "--regimes", "gsm8k-20-1ep", "--arms", "random-25x100",
                 "qtuning-auto-25x50", "full-equal-compute"])
@@ -154,6 +169,11 @@ def test_quick_pipeline_pairs_and_resumes(tmp_path, capsys):
     for r in pruned:
         assert len(r["decisions"]) == 2 and all(sum(s["keep"]) == 2 for s in r["decisions"])  # 25 % of 8
         assert all("?" not in s["kind"] for s in r["decisions"])  # every pool sample's kind found
+    for r in pruned:  # the token tally counts every label token of the pools, and what was trained
+        counts = [c for cats in r["token_tally"].values() for c in cats.values()]
+        assert sum(c[0] for c in counts) == sum(t for s in r["decisions"] for t in s["tokens"])
+        assert all(c[0] >= c[1] >= c[2] >= 0 for c in counts)
+        assert abs(sum(c[2] for c in counts) / sum(c[0] for c in counts) - r["kept_tokens_ratio"]) < 1e-9
     # the same pools, in the same order, in both pruning arms
     assert pruned[0]["decisions"][0]["kind"] == pruned[1]["decisions"][0]["kind"]
     eq = next(r for r in runs if r["arm"] == "full-equal-compute")
