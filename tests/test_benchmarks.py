@@ -363,29 +363,3 @@ def test_candidate_keeps_k_of_the_samples_its_rules_let_through(select):
         quality.Candidate(sample_ratio=0.5, token_ratio=1.0, select="lowest", kinds={}, tokenizer=None)
     with pytest.raises(ValueError, match="token_ratio must be 1"):
         quality.Candidate(sample_ratio=0.5, token_ratio=0.5, select="random", kinds={}, tokenizer=None)
-
-
-def test_candidate_entropy_is_select_uncertain():
-    """The screened candidate (benchmarks' ``surprise-entropy-25x100``) decides what the package's
-    ``select: uncertain`` with ``drop_surprising: 0.5`` and ``token_ratio: 1`` decides."""
-    import torch
-
-    from qtuning_plugin.core import QTuningConfig, Scores, decide_step
-
-    quality = _quality()
-    gen = torch.Generator().manual_seed(0)
-    for trial in range(20):
-        t = 5
-        trainable = torch.ones(16, t, dtype=torch.bool)
-        trainable[:, 0] = False
-        entropy = torch.rand(16, generator=gen, dtype=torch.float64).mul(2).round(decimals=1)  # ties
-        ppl = (entropy + torch.rand(16, generator=gen, dtype=torch.float64) * 1.2).exp()  # some surprising
-        scores = [Scores(ppl[i:i + 8], entropy[i:i + 8], torch.zeros(8, t), torch.zeros(8, t), trainable[i:i + 8],
-                         torch.full((8,), t)) for i in (0, 8)]
-        cb = quality.Candidate(sample_ratio=0.25, token_ratio=1.0, select="entropy", drop_surprising=0.5, kinds={},
-                               tokenizer=None)
-        mine = cb.decide(scores, {})
-        package = decide_step(scores, QTuningConfig(sample_ratio=0.25, token_ratio=1, select="uncertain",
-                                                    drop_surprising=0.5))
-        assert torch.equal(torch.cat(mine.keep), torch.cat(package.keep)), trial
-        assert all(torch.equal(a, b) for a, b in zip(mine.token_keep, package.token_keep))

@@ -22,8 +22,7 @@ def test_defaults_are_the_papers():
         "pool": "step",
         "token_budget": "sample",
         "keep_tokens": "lowest",
-        # beyond the paper, all off: the paper's triage, no rule
-        "select": "quadrants",
+        # the rules, all off
         "drop_highest_ppl": 0.0,
         "drop_ppl_outliers": None,
         "drop_surprising": None,

@@ -49,17 +49,6 @@ def test_token_ratio_one_keeps_every_token_of_kept_rows():
         assert torch.equal(tk, s.trainable & k[:, None])
 
 
-def test_select_uncertain_keeps_the_most_uncertain_rows_and_every_token():
-    _, _, scores = pool()
-    d = decide(scores, QTuningConfig(sample_ratio=0.5, token_ratio=1, select="uncertain"))
-    entropy = torch.cat([s.entropy for s in scores])
-    keep = torch.cat(d.keep)
-    assert int(keep.sum()) == 4 and float(entropy[keep].min()) >= float(entropy[~keep].max())
-    for s, k, tk in zip(scores, d.keep, d.token_keep):
-        assert torch.equal(tk, s.trainable & k[:, None])
-    assert d.kept_tokens == sum(int(tk.sum()) for tk in d.token_keep) and not d.triage.prune_tokens.any()
-
-
 def test_batch_budget_is_the_authors_rule():
     _, _, scores = pool()
     cfg = QTuningConfig(sample_ratio=0.5, token_ratio=0.5, token_budget="batch")

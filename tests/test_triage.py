@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qtuning_plugin.core import kept_count, median_quadrants, most_uncertain, triage
+from qtuning_plugin.core import kept_count, median_quadrants, triage
 from qtuning_plugin.core.sample_stage import Triage, ascending_ranks, share_of
 
 INF, NAN = math.inf, math.nan
@@ -363,8 +363,6 @@ def test_the_triage_is_the_papers_alone():
     import inspect
 
     assert list(inspect.signature(triage).parameters) == ["ppl", "entropy", "sample_ratio", "groups", "eligible"]
-    # select: uncertain is a sibling stage of the same shape, not an argument of the paper's
-    assert inspect.signature(most_uncertain).parameters == inspect.signature(triage).parameters
     assert [f for f in Triage.__dataclass_fields__] == ["keep", "prune_tokens", "level", "core"]
 
 
@@ -414,44 +412,3 @@ def test_ineligible_samples_keep_their_slot_in_each_group(pool, r, n_groups, fla
     everyone = triage(ppl, ent, r, groups=groups, eligible=torch.ones(n, dtype=torch.bool))
     plain = triage(ppl, ent, r, groups=groups)
     assert torch.equal(everyone.keep, plain.keep) and torch.equal(everyone.prune_tokens, plain.prune_tokens)
-
-
-def test_select_uncertain_by_hand():
-    """``select: uncertain``: the K most uncertain scored, eligible samples, every token; a NaN row
-    is no sample; an ineligible one keeps its slot in K; ties go to the earlier sample."""
-    ppl = t(9.0, 1.0, 5.0, 2.0, NAN, 3.0, 4.0, 8.0)
-    ent = t(0.1, 2.0, 0.5, INF, 3.0, 2.0, 0.7, 0.2)
-    # n' = 7 scored samples: K = floor(0.5 x 7) = 3: Ent inf (3), then 2.0 (1 and 5 tie: 1 first)
-    result = most_uncertain(ppl, ent, 0.5)
-    assert idx(result.keep) == [1, 3, 5] and idx(result.core) == [1, 3, 5]
-    assert not result.prune_tokens.any() and result.level == 0.0
-    # sample 3 kept out by a rule: K still 3, filled by the next most uncertain (5, then 6 at 0.7)
-    eligible = torch.ones(8, dtype=torch.bool)
-    eligible[3] = False
-    assert idx(most_uncertain(ppl, ent, 0.5, eligible=eligible).keep) == [1, 5, 6]
-    # the error axis plays no part: other PPLs (NaN where they were), the same choice
-    assert torch.equal(most_uncertain(torch.where(ppl.isnan(), ppl, 20 - ppl), ent, 0.5).keep, result.keep)
-    with pytest.raises(ValueError, match="most_uncertain: sample_ratio"):
-        most_uncertain(ppl, ent, 0.0)
-
-
-@settings(max_examples=200, deadline=None)
-@given(pools(max_n=40), ratios, st.integers(1, 4), st.lists(st.booleans(), min_size=40, max_size=40))
-def test_select_uncertain_keeps_each_groups_most_uncertain(pool, r, n_groups, flags):
-    """Each group keeps min(K_g, its eligible samples) of its own, and no eligible sample of the
-    group left out is more uncertain than one kept."""
-    ppl, ent = pool
-    n = ppl.numel()
-    groups = torch.arange(n) % n_groups
-    eligible = torch.tensor(flags[:n])
-    result = most_uncertain(ppl, ent, r, groups=groups, eligible=eligible)
-    scored = ~(torch.isnan(ppl) | torch.isnan(ent))
-    assert not (result.keep & ~(eligible & scored)).any() and not result.prune_tokens.any()
-    for g in range(n_groups):
-        own = (groups == g) & scored
-        if not own.any():
-            continue
-        kept, left = result.keep & own, ~result.keep & own & eligible
-        assert int(kept.sum()) == min(kept_count(int(own.sum()), r), int((eligible & own).sum()))
-        if kept.any() and left.any():
-            assert float(ent[kept].min()) >= float(ent[left].max())

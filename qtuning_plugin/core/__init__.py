@@ -30,7 +30,6 @@ _HOMES = {
     "context_scores": "tokens", "pooled_token_keep_mask": "tokens", "token_keep_mask": "tokens",
     "QUADRANT_NAMES": "sample_stage", "Triage": "sample_stage", "kept_count": "sample_stage",
     "median_quadrants": "sample_stage", "scored_mask": "sample_stage", "triage": "sample_stage",
-    "most_uncertain": "sample_stage",
 }
 
 __all__ = [
@@ -42,7 +41,6 @@ __all__ = [
     "trainable_positions",
     "Triage",
     "triage",
-    "most_uncertain",
     "kept_count",
     "median_quadrants",
     "QUADRANT_NAMES",

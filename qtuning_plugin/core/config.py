@@ -45,14 +45,7 @@ RUNTIME = (
            "trackers of report_to that take one (wandb, tensorboard, mlflow, trackio); 0: never",
            kind="integer", group="runtime", low=0),
 )
-# beyond the paper, the sample stage itself (core.sample_stage.triage)
-SELECTION = (
-    Option("select", "quadrants", "which K samples of a pool are kept: 'quadrants' (the paper's Algorithm 1: "
-           "misconceptions, their tokens pruned, and calibration samples) or 'uncertain' (the K most uncertain, "
-           "highest entropy, every token: needs token_ratio 1)", kind="choice", group="rules",
-           choices=("quadrants", "uncertain")),
-)
-OPTIONS: tuple[Option, ...] = (*PAPER, *SELECTION, *(o for rule in rule_classes() for o in rule.options), *RUNTIME)
+OPTIONS: tuple[Option, ...] = (*PAPER, *(o for rule in rule_classes() for o in rule.options), *RUNTIME)
 
 # Named combinations of fields: ``QTuning(preset=...)``, ``preset:`` in a ``qtuning:`` block,
 # ``qtuning demo --preset``. Fields given beside a preset override it.
@@ -97,9 +90,6 @@ class QTuningConfig:
     def __post_init__(self) -> None:
         for option in OPTIONS:
             object.__setattr__(self, option.name, option.check(getattr(self, option.name)))
-        if self.select == "uncertain" and self.token_ratio != 1:
-            raise ValueError(f"QTuningConfig.select 'uncertain' trains every token of the samples it keeps (it "
-                             f"forms no misconception set to prune): token_ratio must be 1, got {self.token_ratio!r}")
         for rule in rule_classes():
             rule.check(self)
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import QTuningConfig
-from .sample_stage import Triage, most_uncertain, scored_mask, triage
+from .sample_stage import Triage, scored_mask, triage
 from .scoring import Scores
 from .tokens import pooled_token_keep_mask, token_keep_mask, tokens_to_keep
 
@@ -104,11 +104,10 @@ def decide(scores: Sequence[Scores], config: QTuningConfig, global_pool: GlobalP
         raise ValueError("decide: the pool is empty")
     sizes = [s.ppl.numel() for s in scores]
     host = host_stats(scores) if host is None else host
-    stage = most_uncertain if config.select == "uncertain" else triage  # select: the sample stage
     if global_pool is None:
-        result = stage(host.ppl, host.entropy, config.sample_ratio, eligible=eligible)
+        result = triage(host.ppl, host.entropy, config.sample_ratio, eligible=eligible)
     else:
-        whole = stage(global_pool.ppl, global_pool.entropy, config.sample_ratio, groups=global_pool.groups,
+        whole = triage(global_pool.ppl, global_pool.entropy, config.sample_ratio, groups=global_pool.groups,
                        eligible=global_pool.eligible)
         own = global_pool.groups == global_pool.rank
         if int(own.sum()) != sum(sizes):

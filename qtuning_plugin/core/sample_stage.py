@@ -119,31 +119,19 @@ def triage(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
     stays: K still counts it, and the other samples fill it (K_g = min(K_g, the group's eligible
     samples)).
     """
-    groups, idx, k, none = _candidates("triage", ppl, entropy, sample_ratio, groups, eligible)
-    if idx.numel() == 0:
-        return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone())
-    keep, prune_tokens, core, level = _triage_scored(ppl[idx].to(torch.float64), entropy[idx].to(torch.float64),
-                                                     groups[idx], k)
-    out = [none.clone().index_put_((idx,), x) for x in (keep, prune_tokens, core)]
-    return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2])
-
-
-def _candidates(name, ppl, entropy, sample_ratio, groups, eligible):
-    """The arguments of a sample stage checked, and (groups, the indices of the scored eligible
-    samples, K_g per group capped at its eligible samples, an all-False mask)."""
     if ppl.ndim != 1 or ppl.shape != entropy.shape:
-        raise ValueError(f"{name}: ppl and entropy must be 1-D of one length, got {tuple(ppl.shape)} "
+        raise ValueError(f"triage: ppl and entropy must be 1-D of one length, got {tuple(ppl.shape)} "
                          f"and {tuple(entropy.shape)}")
     n = ppl.numel()
     if n == 0:
-        raise ValueError(f"{name}: the pool is empty")
-    _SAMPLE_RATIO.check(sample_ratio, label=f"{name}: sample_ratio")
+        raise ValueError("triage: the pool is empty")
+    _SAMPLE_RATIO.check(sample_ratio, label="triage: sample_ratio")
     if groups is None:
         groups = torch.zeros(n, dtype=torch.long, device=ppl.device)
     elif groups.shape != ppl.shape or groups.dtype != torch.long or int(groups.min()) < 0:
-        raise ValueError(f"{name}: groups must be a long tensor of group ids >= 0, one per sample")
+        raise ValueError("triage: groups must be a long tensor of group ids >= 0, one per sample")
     if eligible is not None and (eligible.shape != ppl.shape or eligible.dtype != torch.bool):
-        raise ValueError(f"{name}: eligible must be a bool tensor, one entry per sample")
+        raise ValueError("triage: eligible must be a bool tensor, one entry per sample")
     scored = scored_mask(ppl, entropy)
     none = torch.zeros(n, dtype=torch.bool, device=ppl.device)
     # K_g over each group's scored samples, ineligible ones included (their slots stay).
@@ -152,23 +140,14 @@ def _candidates(name, ppl, entropy, sample_ratio, groups, eligible):
                      device=ppl.device)
     if eligible is not None:
         scored = scored & eligible.to(ppl.device)
+    if not scored.any():
+        return Triage(keep=none, prune_tokens=none.clone(), level=0.0, core=none.clone())
     idx = scored.nonzero().squeeze(1)
     k = torch.minimum(k, torch.bincount(groups[idx], minlength=k.numel()))
-    return groups, idx, k, none
-
-
-def most_uncertain(ppl: torch.Tensor, entropy: torch.Tensor, sample_ratio: float,
-                   groups: torch.Tensor | None = None, eligible: torch.Tensor | None = None) -> Triage:
-    """``select: uncertain`` (beyond the paper; ``preset: auto``): each group keeps its K_g most
-    uncertain samples (highest Ent, +inf highest, ties to the earlier sample), every token of each
-    (no ``prune_tokens``); ``core`` is the kept set, ``level`` 0.0. The error axis plays no part.
-    K, NaN samples, ``groups`` and ``eligible`` as in :func:`triage`."""
-    groups, idx, k, none = _candidates("most_uncertain", ppl, entropy, sample_ratio, groups, eligible)
-    keep = none.clone()
-    for g in range(k.numel()):
-        members = idx[groups[idx] == g]
-        keep[members[torch.sort(-entropy[members].to(torch.float64), stable=True).indices[: int(k[g])]]] = True
-    return Triage(keep=keep, prune_tokens=none, level=0.0, core=keep.clone())
+    keep, prune_tokens, core, level = _triage_scored(ppl[idx].to(torch.float64), entropy[idx].to(torch.float64),
+                                                     groups[idx], k)
+    out = [none.clone().index_put_((idx,), x) for x in (keep, prune_tokens, core)]
+    return Triage(keep=out[0], prune_tokens=out[1], level=level, core=out[2])
 
 
 def _triage_scored(ppl: torch.Tensor, entropy: torch.Tensor, groups: torch.Tensor, k: torch.Tensor):
