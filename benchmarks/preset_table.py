@@ -32,7 +32,7 @@ from qtuning_plugin.core.rules import Pool, Rule, build_rules
 
 VERSUS = {"random-25x50": "random 25 x 50 (same token budget)", "random-25x100": "random 25 x 100 (same compute)",
           "qtuning-smallloss-highest-25x50": "small-loss", "qtuning-25x50": "the paper",
-          "qtuning-auto-25x50": "auto before issue 36", "full": "full data"}
+          "qtuning-auto-25x50": "auto", "full": "full data"}
 ARMS_TABLE = ("random-25x50", "random-25x100", "qtuning-25x50", "qtuning-smallloss-highest-25x50", "qtuning-auto-25x50",
               "full")
 
