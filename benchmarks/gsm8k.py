@@ -185,7 +185,8 @@ class TokenTally:
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.tally: dict[str, dict[str, list[int]]] = {}  # kind -> category -> [pool, kept samples, trained]
+        # kind -> category -> [pool, kept samples, trained, token-pruned samples, trained of those]
+        self.tally: dict[str, dict[str, list[int]]] = {}
         self._tallied = None
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -196,17 +197,20 @@ class TokenTally:
         self._tallied = result
         special = set(self.tokenizer.all_special_ids)
         kinds = iter(self.steps[-1]["kind"])
-        for b, keep, token_keep in zip(result.scored, result.decision.keep, result.decision.token_keep):
-            for labels, kept, tokens in zip(b["labels"].cpu(), keep.tolist(), token_keep.cpu()):
+        decision = result.decision
+        for b, keep, prune, token_keep in zip(result.scored, decision.keep, decision.prune, decision.token_keep):
+            for labels, kept, pruned, tokens in zip(b["labels"].cpu(), keep.tolist(), prune.tolist(), token_keep.cpu()):
                 pos = (labels != -100).nonzero()[:, 0]
                 ids = labels[pos].tolist()
                 cats = gsm8k_data.token_categories([self.tokenizer.decode([i]) for i in ids], [i in special for i in ids])
                 counts = self.tally.setdefault(next(kinds), {})
                 for cat, trained in zip(cats, tokens[pos].tolist()):
-                    c = counts.setdefault(cat, [0, 0, 0])
+                    c = counts.setdefault(cat, [0, 0, 0, 0, 0])
                     c[0] += 1
                     c[1] += bool(kept)
                     c[2] += bool(kept and trained)
+                    c[3] += bool(kept and pruned)
+                    c[4] += bool(kept and pruned and trained)
 
 
 class TallyRecording(TokenTally, Recording):
@@ -302,27 +306,33 @@ def kind_shares(runs) -> tuple[Counter, Counter]:
 
 
 def token_lines(rows, arms) -> list[str]:
-    """The table of which label tokens each arm trained, by kind of sample and category of token,
-    over the runs that recorded a ``token_tally``."""
-    out = []
+    """The tables of which label tokens each arm trained, by kind of sample and category of token,
+    over the runs that recorded a ``token_tally``: in every sample it kept, and in the kept samples
+    whose tokens it pruned (the token rule alone; runs since that count was added)."""
+    out = {0: [], 1: []}
     for arm in arms:
         rs = [r for r in rows if r["arm"] == arm and r.get("token_tally")]
         for kind in ("useful", "wrong"):
-            total = {c: [0, 0, 0] for c in gsm8k_data.CATEGORIES}
+            total = {c: [0] * 5 for c in gsm8k_data.CATEGORIES}
+            pruned_runs = sum(all(len(v) == 5 for v in r["token_tally"].get(kind, {}).values()) for r in rs)
             for r in rs:
                 for cat, counts in r["token_tally"].get(kind, {}).items():
-                    total[cat] = [a + b for a, b in zip(total[cat], counts)]
-            if not any(t[1] for t in total.values()):
-                continue
-            out.append(f"| {arm} | {kind} | {len(rs)} | " + " | ".join(
-                f"{100 * t[2] / t[1]:.0f} % of {t[1]}" if t[1] else "-" for t in total.values()) + " |")
-    if not out:
-        return []
-    return ["", "Label tokens trained, by category: of the tokens of each category in the samples an arm kept, the "
-            "share it trained (its token rule's choice), summed over steps and the runs that recorded it; "
-            "`####`: the marker, final answer: N, end of turn: the end-of-turn token and the newline after it.", "",
-            "| arm | kind | runs | " + " | ".join(gsm8k_data.CATEGORIES) + " |",
-            "|---" * (3 + len(gsm8k_data.CATEGORIES)) + "|", *out]
+                    total[cat] = [a + b for a, b in zip(total[cat], [*counts, 0, 0][:5])]
+            for table, (n, k), runs in ((0, (1, 2), len(rs)), (1, (3, 4), pruned_runs)):
+                if any(t[n] for t in total.values()):
+                    out[table].append(f"| {arm} | {kind} | {runs} | " + " | ".join(
+                        f"{100 * t[k] / t[n]:.0f} % of {t[n]}" if t[n] else "-" for t in total.values()) + " |")
+    head = ["| arm | kind | runs | " + " | ".join(gsm8k_data.CATEGORIES) + " |",
+            "|---" * (3 + len(gsm8k_data.CATEGORIES)) + "|"]
+    lines = []
+    if out[0]:
+        lines += ["", "Label tokens trained, by category: of the tokens of each category in the samples an arm kept, "
+                  "the share it trained, summed over steps and the runs that recorded it; `####`: the marker, final "
+                  "answer: N, end of turn: the end-of-turn token and the newline after it.", "", *head, *out[0]]
+    if out[1]:
+        lines += ["", "The token rule alone: the same, in the kept samples whose tokens it pruned (the paper: the "
+                  "misconception samples; random 25 x 50: every kept sample).", "", *head, *out[1]]
+    return lines
 
 
 def report(results, args) -> str:

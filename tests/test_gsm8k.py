@@ -172,7 +172,10 @@ def test_quick_pipeline_pairs_and_resumes(tmp_path, capsys):
     for r in pruned:  # the token tally counts every label token of the pools, and what was trained
         counts = [c for cats in r["token_tally"].values() for c in cats.values()]
         assert sum(c[0] for c in counts) == sum(t for s in r["decisions"] for t in s["tokens"])
-        assert all(c[0] >= c[1] >= c[2] >= 0 for c in counts)
+        assert all(c[0] >= c[1] >= c[2] >= 0 and c[1] >= c[3] >= c[4] >= 0 and c[2] >= c[4] for c in counts)
+        if r["arm"] == "qtuning-auto-25x50":  # tokens trained = the whole kept samples' + the pruned ones' kept
+            whole = sum(c[1] - c[3] for c in counts)
+            assert sum(c[2] for c in counts) == whole + sum(c[4] for c in counts)
         assert abs(sum(c[2] for c in counts) / sum(c[0] for c in counts) - r["kept_tokens_ratio"]) < 1e-9
     # the same pools, in the same order, in both pruning arms
     assert pruned[0]["decisions"][0]["kind"] == pruned[1]["decisions"][0]["kind"]
