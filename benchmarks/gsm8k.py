@@ -34,8 +34,9 @@ to ``--max-new-tokens``, parse the number after ``####``). At ``--precision`` bf
 with native bf16) the model runs under bf16 autocast in evaluation as in training, the output layer
 of the teacher-forced metrics in fp32 (fp32 throughout costs about twice the time). Per run:
 training, teacher-forced and generation seconds, the load average, what a pruning arm kept, by
-kind, and which label tokens it trained, by kind of sample and category of token (``TokenTally``). On a CPU shared with other jobs, ``OMP_NUM_THREADS=1`` can be several times faster than
-threads that wait for each other.
+kind, and which label tokens it trained, by kind of sample and category of token (``TokenTally``).
+On a CPU shared with other jobs, ``OMP_NUM_THREADS=1`` can be several times faster than threads
+that wait for each other.
 
 Resumable: every finished run is appended to ``<out>.runs.jsonl``; the same command skips what is done
 and adds what is missing; ``--report-only`` rebuilds the report. The rows carry ``accuracy`` and
@@ -178,10 +179,11 @@ def exact_match(model, tok, test, max_new_tokens: int, bf16: bool, batch: int = 
 # ---------------------------------------------------------------------- which tokens an arm trains
 
 class TokenTally:
-    """Mixed into the recording callbacks (``quality.Recording``, ``quality.RandomPruning``): per kind
-    of sample and category of label token (``gsm8k_data.CATEGORIES``: words, numbers, ``####``, the
-    final answer N, the end of turn), the tokens of the pools, of the kept samples, and trained (a
-    kept token of a kept sample). Read from ``QTuning.last_step``; it changes no decision."""
+    """Mixed into the recording callbacks (``quality.Recording``, ``RandomPruning``, ``Candidate``):
+    per kind of sample and category of label token (``gsm8k_data.CATEGORIES``: words, numbers,
+    ``####``, the final answer N, the end of turn), the tokens of the pools, of the kept samples,
+    trained (a kept token of a kept sample), and the last two again over the kept samples whose
+    tokens were pruned. Read from ``QTuning.last_step``; it changes no decision."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -199,10 +201,12 @@ class TokenTally:
         kinds = iter(self.steps[-1]["kind"])
         decision = result.decision
         for b, keep, prune, token_keep in zip(result.scored, decision.keep, decision.prune, decision.token_keep):
-            for labels, kept, pruned, tokens in zip(b["labels"].cpu(), keep.tolist(), prune.tolist(), token_keep.cpu()):
+            rows = zip(b["labels"].cpu(), keep.tolist(), prune.tolist(), token_keep.cpu())
+            for labels, kept, pruned, tokens in rows:
                 pos = (labels != -100).nonzero()[:, 0]
                 ids = labels[pos].tolist()
-                cats = gsm8k_data.token_categories([self.tokenizer.decode([i]) for i in ids], [i in special for i in ids])
+                pieces = [self.tokenizer.decode([i]) for i in ids]
+                cats = gsm8k_data.token_categories(pieces, [i in special for i in ids])
                 counts = self.tally.setdefault(next(kinds), {})
                 for cat, trained in zip(cats, tokens[pos].tolist()):
                     c = counts.setdefault(cat, [0, 0, 0, 0, 0])
@@ -254,13 +258,13 @@ def run(regime: str, arm: str, seed: int, args, rows) -> dict:
         batch, grad_accum = max(1, round(pool * spec[1])), 1
     elif spec and spec[0] == "random":
         callbacks.append(TallyRandom(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
-                                       tokenizer=tok))
+                                     tokenizer=tok))
     elif spec and spec[0] == "candidate":
-        callbacks.append(TallyCandidate(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds, tokenizer=tok,
-                                        **spec[3]))
+        callbacks.append(TallyCandidate(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
+                                        tokenizer=tok, **spec[3]))
     elif spec:
         callbacks.append(TallyRecording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok,
-                                   **(spec[3] if len(spec) > 3 else {})))
+                                        **(spec[3] if len(spec) > 3 else {})))
     bf16 = args.precision_used == "bf16 autocast"
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
                        gradient_accumulation_steps=grad_accum, max_steps=args.steps, learning_rate=args.lr,
@@ -314,7 +318,8 @@ def token_lines(rows, arms) -> list[str]:
         rs = [r for r in rows if r["arm"] == arm and r.get("token_tally")]
         for kind in ("useful", "wrong"):
             total = {c: [0] * 5 for c in gsm8k_data.CATEGORIES}
-            pruned_runs = sum(all(len(v) == 5 for v in r["token_tally"].get(kind, {}).values()) for r in rs)
+            tallies = [r["token_tally"].get(kind, {}) for r in rs]
+            pruned_runs = sum(bool(t) and all(len(v) == 5 for v in t.values()) for t in tallies)
             for r in rs:
                 for cat, counts in r["token_tally"].get(kind, {}).items():
                     total[cat] = [a + b for a, b in zip(total[cat], [*counts, 0, 0][:5])]

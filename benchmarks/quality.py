@@ -74,7 +74,7 @@ sys.path.insert(0, str(HERE))
 from tasks import NAMES, ITEMS  # noqa: E402
 
 from qtuning_plugin import QTuning  # noqa: E402
-from qtuning_plugin.core import StepDecision, host_stats, score_batch, scoring_mode  # noqa: E402
+from qtuning_plugin.core import StepDecision, host_stats, score_batch, scored_mask, scoring_mode  # noqa: E402
 from qtuning_plugin.core.tokens import tokens_to_keep  # noqa: E402
 from qtuning_plugin.decision_log import sample_id  # noqa: E402
 from qtuning_plugin.metrics import row_tokens  # noqa: E402
@@ -311,10 +311,11 @@ class Candidate(Recording):
         rules = super().decide(scores, inputs)  # the rules' flags and the step's host statistics
         sizes = [s.ppl.numel() for s in scores]
         ppl = torch.cat([s.ppl.cpu() for s in scores])
+        entropy = torch.cat([s.entropy.cpu() for s in scores])
         flagged = torch.zeros(len(ppl), dtype=torch.bool)
         for mask in rules.flags.values():
             flagged |= mask
-        scored = torch.isfinite(ppl)
+        scored = scored_mask(ppl, entropy)  # the core's rule: a NaN is no sample (+inf is one)
         eligible = scored & ~flagged
         if not eligible.any():  # as decide_step: a pool the rules emptied is decided without them
             eligible = scored
@@ -322,8 +323,7 @@ class Candidate(Recording):
         if self.select == "random":
             order = idx[torch.randperm(len(idx), generator=self.generator)]
         else:
-            entropy = torch.cat([s.entropy.cpu() for s in scores])[idx]
-            order = idx[entropy.argsort(descending=True, stable=True)]
+            order = idx[entropy[idx].argsort(descending=True, stable=True)]
         chosen = torch.zeros(len(ppl), dtype=torch.bool)
         chosen[order[:max(1, int(self.config.sample_ratio * len(ppl)))]] = True
         keep = list(chosen.split(sizes))
