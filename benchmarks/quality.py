@@ -74,7 +74,8 @@ sys.path.insert(0, str(HERE))
 from tasks import NAMES, ITEMS  # noqa: E402
 
 from qtuning_plugin import QTuning  # noqa: E402
-from qtuning_plugin.core import StepDecision, host_stats, score_batch, scored_mask, scoring_mode  # noqa: E402
+from qtuning_plugin.core import (StepDecision, host_stats, kept_count, score_batch, scored_mask,  # noqa: E402
+                                 scoring_mode)
 from qtuning_plugin.core.tokens import tokens_to_keep  # noqa: E402
 from qtuning_plugin.decision_log import sample_id  # noqa: E402
 from qtuning_plugin.metrics import row_tokens  # noqa: E402
@@ -295,9 +296,10 @@ class RandomPruning(Recording):
 
 class Candidate(Recording):
     """A selection rule screened before it becomes an option (issue 36): the rules the config turns on
-    (``drop_surprising`` here) keep samples out as in ``core.decide_step``; then K = max(1, floor(r_s n))
-    of the samples left are kept, ``select="random"`` at random, ``"entropy"`` the most uncertain first
-    (highest mean predictive entropy), every label token of each (``token_ratio`` 1)."""
+    (``drop_surprising`` here) keep samples out as in ``core.decide_step``; then K (``core.kept_count``
+    over the scored samples, as the paper's triage) of the samples left are kept: ``select="random"``
+    at random, ``"entropy"`` the most uncertain first (highest mean predictive entropy); every label
+    token of each (``token_ratio`` 1)."""
 
     def __init__(self, *a, select: str, seed: int = 0, **kw):
         super().__init__(*a, **kw)
@@ -309,27 +311,22 @@ class Candidate(Recording):
 
     def decide(self, scores, inputs):
         rules = super().decide(scores, inputs)  # the rules' flags and the step's host statistics
-        sizes = [s.ppl.numel() for s in scores]
-        ppl = torch.cat([s.ppl.cpu() for s in scores])
-        entropy = torch.cat([s.entropy.cpu() for s in scores])
-        flagged = torch.zeros(len(ppl), dtype=torch.bool)
-        for mask in rules.flags.values():
-            flagged |= mask
-        scored = scored_mask(ppl, entropy)  # the core's rule: a NaN is no sample (+inf is one)
-        eligible = scored & ~flagged
-        if not eligible.any():  # as decide_step: a pool the rules emptied is decided without them
-            eligible = scored
+        host = rules.host
+        eligible = scored_mask(host.ppl, host.entropy)  # the core's rule: a NaN is no sample
+        k = kept_count(int(eligible.sum()), self.config.sample_ratio)  # K over the scored samples, as the core
+        for mask in rules.flags.values():  # (decide_step clears them for a pool they would empty)
+            eligible &= ~mask
         idx = eligible.nonzero()[:, 0]
         if self.select == "random":
             order = idx[torch.randperm(len(idx), generator=self.generator)]
         else:
-            order = idx[entropy[idx].argsort(descending=True, stable=True)]
-        chosen = torch.zeros(len(ppl), dtype=torch.bool)
-        chosen[order[:max(1, int(self.config.sample_ratio * len(ppl)))]] = True
-        keep = list(chosen.split(sizes))
-        token_keep = [s.trainable & k.to(s.trainable.device)[:, None] for s, k in zip(scores, keep)]
-        return StepDecision(keep, [torch.zeros_like(k) for k in keep], token_keep, rules.levels,
-                            sum(int(t.sum()) for t in token_keep), rules.host, rules.flags)
+            order = idx[host.entropy[idx].argsort(descending=True, stable=True)]
+        chosen = torch.zeros(len(host.ppl), dtype=torch.bool)
+        chosen[order[:k]] = True
+        keep = list(chosen.split([s.ppl.numel() for s in scores]))
+        token_keep = [s.trainable & kk.to(s.trainable.device)[:, None] for s, kk in zip(scores, keep)]
+        return StepDecision(keep, [torch.zeros_like(kk) for kk in keep], token_keep, rules.levels,
+                            sum(int(t.sum()) for t in token_keep), host, rules.flags)
 
 
 # ---------------------------------------------------------------------- evaluation

@@ -359,6 +359,10 @@ def test_candidate_keeps_k_of_the_samples_its_rules_let_through(select):
     for s, k, tk in zip(scores, d.keep, d.token_keep):
         assert torch.equal(tk, s.trainable & k[:, None])  # every token of a kept sample, none of the others
     assert d.kept_tokens == 4 * (t - 1) and not torch.cat(d.prune).any()
+    # a pool the rule would empty is decided without it (decide_step clears its flags): still K kept
+    surprising = [Scores(x.ppl * math.exp(3.0), x.entropy, x.nll, x.token_entropy, x.trainable, x.input_tokens)
+                  for x in scores]
+    assert int(torch.cat(cb.decide(surprising, {}).keep).sum()) == 4
     with pytest.raises(ValueError, match="select must be"):
         quality.Candidate(sample_ratio=0.5, token_ratio=1.0, select="lowest", kinds={}, tokenizer=None)
     with pytest.raises(ValueError, match="token_ratio must be 1"):
