@@ -37,28 +37,54 @@ ARMS_TABLE = ("random-25x50", "random-25x100", "qtuning-25x50", "qtuning-smalllo
               "full")
 
 
-def useful_kept_out(runs, arm: str) -> float | None:
-    """Share of the useful samples that ``arm``'s rules keep out, replayed on its logged pools
-    (as in a training step: a pool whose every scored sample they keep out is decided by the
-    paper's triage, nothing kept out). None for an arm without rules or pools, or whose rules need
-    features the pools did not log."""
-    spec = GSM8K_ARMS[arm] if arm in GSM8K_ARMS else spec_of(arm)
+CANDIDATE_OPTIONS = ("select", "within", "avoid_q1")  # a Candidate's own arguments, not QTuningConfig options
+
+
+def arm_spec(arm: str):
+    """An arm's spec, from benchmarks/gsm8k.py's arms or quality.py's (retired ones included)."""
+    return GSM8K_ARMS[arm] if arm in GSM8K_ARMS else spec_of(arm)
+
+
+def arm_rules(arm: str):
+    """The package's rules an arm turns on (fresh instances), or None for an arm that runs none
+    (random, full) or whose rules need features the pools did not log."""
+    spec = arm_spec(arm)
     if spec is None or spec[0] not in ("qtuning", "candidate"):
         return None
-    options = {k: v for k, v in (spec[3] if len(spec) > 3 else {}).items() if k != "select"}  # a Candidate's own
+    options = {k: v for k, v in (spec[3] if len(spec) > 3 else {}).items() if k not in CANDIDATE_OPTIONS}
     rules = build_rules(QTuningConfig(sample_ratio=spec[1], token_ratio=spec[2], **options))
     if not rules or any(type(r).features is not Rule.features for r in rules):  # features not logged
+        return None
+    return rules
+
+
+def logged_pool(step) -> Pool:
+    """One logged pool (a decision-log step of a run) as the rules read it."""
+    return Pool(torch.tensor(step["ppl"], dtype=torch.float64), torch.tensor(step["entropy"], dtype=torch.float64))
+
+
+def kept_out(rules, pool: Pool) -> torch.Tensor:
+    """bool [n]: the samples of ``pool`` that ``rules`` keep out, as in a training step (a pool whose
+    every scored sample they would keep out is decided without them: nothing kept out)."""
+    out = torch.zeros(pool.ppl.shape, dtype=torch.bool)
+    for rule in rules:
+        out |= rule.exclude(pool)
+    if pool.scored.any() and not (pool.scored & ~out).any():
+        out[:] = False
+    return out
+
+
+def useful_kept_out(runs, arm: str) -> float | None:
+    """Share of the useful samples that ``arm``'s rules keep out, replayed on its logged pools
+    (:func:`kept_out`). None for an arm without rules or pools, or whose rules need features the
+    pools did not log."""
+    rules = arm_rules(arm)
+    if rules is None:
         return None
     useful = out_useful = 0
     for run in runs:
         for step in run.get("decisions") or []:
-            pool = Pool(torch.tensor(step["ppl"], dtype=torch.float64), torch.tensor(step["entropy"], dtype=torch.float64))
-            out = torch.zeros(pool.ppl.shape, dtype=torch.bool)
-            for rule in rules:
-                out |= rule.exclude(pool)
-            if pool.scored.any() and not (pool.scored & ~out).any():
-                out[:] = False
-            for kind, x in zip(step["kind"], out.tolist()):
+            for kind, x in zip(step["kind"], kept_out(rules, logged_pool(step)).tolist()):
                 useful += kind == "useful"
                 out_useful += x and kind == "useful"
     return out_useful / useful if useful else None

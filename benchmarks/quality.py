@@ -33,7 +33,7 @@ without acting; and the small-loss rule (``drop_highest_ppl: 0.25``) alone and w
 (``smallloss3``), and its adaptive share (``drop_ppl_outliers: 2``) with ``keep_tokens: highest``;
 the ``auto`` preset (``drop_surprising: 0.5`` with ``keep_tokens: highest``), which needs no noise
 rate; candidates (``Candidate``): the surprise rule, then K samples at random or the most uncertain
-first, every token trained.
+first (optionally only among the less surprising share, or outside Q1), every token trained.
 Arms whose options were retired (``RETIRED_ARMS``) no longer run; their recorded runs are still
 reported with ``--report-only``, marked retired.
 Paired by seed: data, order (``data_seed``) and test set are the same in every arm of a seed.
@@ -125,6 +125,15 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
         # the most uncertain first, every token trained
         "surprise-random-25x100": ("candidate", 0.25, 1.0, {"select": "random", "drop_surprising": 0.5}),
         "surprise-entropy-25x100": ("candidate", 0.25, 1.0, {"select": "entropy", "drop_surprising": 0.5}),
+        # the most uncertain of the less surprising half (swapped solutions are uncertain too, and more surprising)
+        "surprise-entropy-half-25x100": ("candidate", 0.25, 1.0, {"select": "entropy", "within": 0.5,
+                                                                  "drop_surprising": 0.5}),
+        # ... of the samples outside Q1 (high error and high uncertainty by the medians: swapped solutions sit there)
+        "surprise-entropy-noq1-25x100": ("candidate", 0.25, 1.0, {"select": "entropy", "avoid_q1": True,
+                                                                  "drop_surprising": 0.5}),
+        # ... of the samples the small-loss rule lets through (the top quarter by PPL kept out)
+        "smallloss-entropy-25x100": ("candidate", 0.25, 1.0, {"select": "entropy", "drop_highest_ppl": 0.25,
+                                                              "drop_surprising": 0.5}),
         "qtuning-batch-25x50": ("qtuning", 0.25, 0.5, {"token_budget": "batch"}),
         "qtuning-guard-25x50": ("qtuning", 0.25, 0.5, {"reference": "base"}),
         "qtuning-guard-highest-25x50": ("qtuning", 0.25, 0.5, {"reference": "base", "keep_tokens": "highest"}),
@@ -294,20 +303,48 @@ class RandomPruning(Recording):
         return StepDecision(keep, [kk.clone() for kk in keep], token_keep, [0.0], kept_tokens, host_stats(scores))
 
 
+def choose(ppl, entropy, eligible, k: int, select: str, within: float = 1.0, avoid_q1: bool = False,
+           generator=None):
+    """bool [n]: the K samples a :class:`Candidate` keeps of one pool (host tensors), of those
+    ``eligible`` (scored, and no rule keeps them out); its docstring says how. Shared with
+    ``replay_kinds.py``, which replays it on logged pools."""
+    idx = eligible.nonzero()[:, 0]
+    if within < 1.0:
+        surprise = ppl[idx].log() - entropy[idx]
+        m = max(k, math.ceil(within * len(idx)))
+        idx = idx[surprise.argsort(stable=True)[:m]].sort().values
+    if select == "random":
+        order = idx[torch.randperm(len(idx), generator=generator)]
+    else:
+        order = idx[entropy[idx].argsort(descending=True, stable=True)]
+    if avoid_q1 and len(order):
+        q1 = (ppl[order] > ppl[idx].median()) & (entropy[order] > entropy[idx].median())
+        order = torch.cat([order[~q1], order[q1]])
+    chosen = torch.zeros(len(ppl), dtype=torch.bool)
+    chosen[order[:k]] = True
+    return chosen
+
+
 class Candidate(Recording):
     """A selection rule screened before it becomes an option (issue 36): the rules the config turns on
     (``drop_surprising`` here) keep samples out as in ``core.decide_step``; then K (``core.kept_count``
     over the scored samples, as the paper's triage) of the samples left are kept: ``select="random"``
     at random, ``"entropy"`` the most uncertain first (highest mean predictive entropy); every label
-    token of each (``token_ratio`` 1)."""
+    token of each (``token_ratio`` 1). ``within`` (0 < w <= 1): choose only among the share w of the
+    samples left that are least surprising (lowest log PPL - Ent; at least K of them, ties to the
+    earlier sample). ``avoid_q1``: the samples left that are above both of their medians (error and
+    uncertainty, lower medians: Q1, the paper's harmful noise) come only after all the others."""
 
-    def __init__(self, *a, select: str, seed: int = 0, **kw):
+    def __init__(self, *a, select: str, within: float = 1.0, avoid_q1: bool = False, seed: int = 0, **kw):
         super().__init__(*a, **kw)
         if select not in ("random", "entropy"):
             raise ValueError(f"Candidate.select must be 'random' or 'entropy', got {select!r}")
+        if not 0.0 < within <= 1.0:
+            raise ValueError(f"Candidate.within must be in (0, 1], got {within!r}")
         if self.config.token_ratio != 1.0:
             raise ValueError("Candidate trains every token of the samples it keeps: token_ratio must be 1")
-        self.select, self.generator = select, torch.Generator().manual_seed(seed)
+        self.select, self.within, self.avoid_q1 = select, within, avoid_q1
+        self.generator = torch.Generator().manual_seed(seed)
 
     def decide(self, scores, inputs):
         rules = super().decide(scores, inputs)  # the rules' flags and the step's host statistics
@@ -316,13 +353,7 @@ class Candidate(Recording):
         k = kept_count(int(eligible.sum()), self.config.sample_ratio)  # K over the scored samples, as the core
         for mask in rules.flags.values():  # (decide_step clears them for a pool they would empty)
             eligible &= ~mask
-        idx = eligible.nonzero()[:, 0]
-        if self.select == "random":
-            order = idx[torch.randperm(len(idx), generator=self.generator)]
-        else:
-            order = idx[host.entropy[idx].argsort(descending=True, stable=True)]
-        chosen = torch.zeros(len(host.ppl), dtype=torch.bool)
-        chosen[order[:k]] = True
+        chosen = choose(host.ppl, host.entropy, eligible, k, self.select, self.within, self.avoid_q1, self.generator)
         keep = list(chosen.split([s.ppl.numel() for s in scores]))
         token_keep = [s.trainable & kk.to(s.trainable.device)[:, None] for s, kk in zip(scores, keep)]
         return StepDecision(keep, [torch.zeros_like(kk) for kk in keep], token_keep, rules.levels,

@@ -1,5 +1,6 @@
 """The benchmark pipelines run end to end (their numbers are checked by reading them, not here)."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -311,6 +312,34 @@ def test_preset_table_pairs_by_seed_and_replays_the_rules(tmp_path):
         table.main([str(path), "--regimes", "other"])
 
 
+def test_replay_kinds_by_hand(tmp_path):
+    """benchmarks/replay_kinds.py: on a logged pool, what each arm would keep, by kind. Random counts
+    its expectation (K / n each), the surprise rule keeps the garbled sample out, and the most
+    uncertain of the rest are the swapped and the wrong answers."""
+    spec = importlib.util.spec_from_file_location("replay_kinds", ROOT / "benchmarks" / "replay_kinds.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    entropy = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.5, 2.0]
+    surprise = [0.0] * 5 + [0.1, 0.3, 2.0]  # log PPL - entropy: only the garbled one above 0.5
+    pool = {"kind": ["useful"] * 5 + ["wrong", "swapped", "garbled"], "entropy": entropy,
+            "ppl": [math.exp(e + s) for e, s in zip(entropy, surprise)], "keep": [True, True] + [False] * 6}
+    path = tmp_path / "g.runs.jsonl"
+    path.write_text(json.dumps({"regime": "r", "arm": "random-25x100", "seed": 0, "decisions": [pool, pool]}) + "\n")
+    out = tmp_path / "k.md"
+    assert replay.main([str(path), "--arms", "random-25x100", "surprise-random-25x100", "surprise-entropy-25x100",
+                        "full", "--out", str(out)]) == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| ") and "%" in line}
+    assert rows["random-25x100"] == ["25.0 %"] * 4 + ["37.5 % → 37.5 %"]  # K = 2 of 8
+    assert rows["surprise-random-25x100"] == ["28.6 %"] * 3 + ["0.0 %", "37.5 % → 28.6 %"]  # 2 of the 7 left
+    assert rows["surprise-entropy-25x100"] == ["0.0 %", "100.0 %", "100.0 %", "0.0 %", "37.5 % → 100.0 %"]
+    assert rows["full"] == ["100.0 %"] * 4 + ["37.5 % → 37.5 %"]
+    with pytest.raises(SystemExit):
+        replay.main([str(path), "--arms", "no-such-arm"])
+    with pytest.raises(SystemExit):
+        replay.main([str(path), "--arms", "full", "--logged-by", "qtuning-25x50"])
+
+
 def test_noise_estimates_memory_auroc_by_hand():
     """benchmarks/estimate_noise.py's memory table: per epoch, the AUROC of the surprise (log PPL -
     entropy) of that epoch's sightings, and of each sample's mean over its sightings so far."""
@@ -363,7 +392,33 @@ def test_candidate_keeps_k_of_the_samples_its_rules_let_through(select):
     surprising = [Scores(x.ppl * math.exp(3.0), x.entropy, x.nll, x.token_entropy, x.trainable, x.input_tokens)
                   for x in scores]
     assert int(torch.cat(cb.decide(surprising, {}).keep).sum()) == 4
+    # within 0.5: choose among the less surprising half. Samples 1, 3, 7 are made 0.2 nats surprising
+    # and 5 0.1, so the half (ceil(0.5 x 7) = 4 of the seven left) is 0, 2, 4, 5; K = floor(0.25 x 8) = 2
+    calm = ppl.clone()
+    calm[[1, 3, 7]] *= math.exp(0.2)
+    calm[5] *= math.exp(0.1)
+    halves = [dataclasses.replace(scores[0], ppl=calm[:4]), dataclasses.replace(scores[1], ppl=calm[4:])]
+    half = quality.Candidate(sample_ratio=0.25, token_ratio=1.0, select=select, within=0.5, drop_surprising=0.5,
+                             kinds={}, tokenizer=None)
+    got = torch.cat(half.decide(halves, {}).keep).nonzero()[:, 0].tolist()
+    assert len(got) == 2 and set(got) <= {0, 2, 4, 5}
+    if select == "entropy":
+        assert got == [4, 5]  # the two most uncertain of the half (0.3, 0.7), not 1, 3 or 7 (0.9, 0.8, 0.4)
+    # avoid_q1: of the seven left, those above both medians (PPL and entropy) come last: with these
+    # PPLs 3 and 5 (1 and 7 sit on the PPL median, not above it)
+    ranked = torch.tensor([1.0, 2.0, 3.0, 9.0, 4.0, 8.0, 5.0, 7.0], dtype=torch.float64)
+    skewed = (entropy + ranked / 10).exp()  # log PPL - Ent = rank / 10 <= 0.9: none surprising but 6
+    skewed[6] = math.exp(2.0 + 3.0)
+    pools = [dataclasses.replace(scores[0], ppl=skewed[:4]), dataclasses.replace(scores[1], ppl=skewed[4:])]
+    noq1 = quality.Candidate(sample_ratio=0.25, token_ratio=1.0, select=select, avoid_q1=True, drop_surprising=1.0,
+                             kinds={}, tokenizer=None)
+    got = torch.cat(noq1.decide(pools, {}).keep).nonzero()[:, 0].tolist()
+    assert len(got) == 2 and not {3, 5, 6} & set(got)
+    if select == "entropy":
+        assert got == [1, 7]  # the most uncertain outside Q1 (0.9 and 0.4), not 3 or 5 (0.8, 0.7)
     with pytest.raises(ValueError, match="select must be"):
         quality.Candidate(sample_ratio=0.5, token_ratio=1.0, select="lowest", kinds={}, tokenizer=None)
+    with pytest.raises(ValueError, match="within must be"):
+        quality.Candidate(sample_ratio=0.5, token_ratio=1.0, select="random", within=0.0, kinds={}, tokenizer=None)
     with pytest.raises(ValueError, match="token_ratio must be 1"):
         quality.Candidate(sample_ratio=0.5, token_ratio=0.5, select="random", kinds={}, tokenizer=None)
