@@ -166,7 +166,8 @@ QUICK_PAIRS = (
     *(("stress-3ep", arm) for arm in ("qtuning-smallloss-25x50", "qtuning-smallloss-highest-25x50",
                                       "qtuning-smallloss3-highest-25x50", "qtuning-outliers-highest-25x50")),
     ("stress-swap-3ep", "qtuning-auto-25x50"),
-    *(("stress", arm) for arm in ("surprise-random-25x100", "surprise-entropy-25x100")),
+    *(("stress", arm) for arm in ("surprise-random-25x100", "surprise-entropy-25x100", "surprise-entropy-half-25x100",
+                                  "surprise-entropy-noq1-25x100", "smallloss-entropy-25x100")),
     *(("stress", arm) for arm in ("qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
                                   "qtuning-observe-25x50")),
 )

@@ -67,7 +67,8 @@ def test_quality_benchmark_quick_mode(tmp_path):
             "stress-3ep": {"qtuning-smallloss-25x50", "qtuning-smallloss-highest-25x50",
                            "qtuning-smallloss3-highest-25x50", "qtuning-outliers-highest-25x50"},
             "stress": {"qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
-                       "qtuning-observe-25x50", "surprise-random-25x100", "surprise-entropy-25x100"},
+                       "qtuning-observe-25x50", "surprise-random-25x100", "surprise-entropy-25x100",
+                       "surprise-entropy-half-25x100", "surprise-entropy-noq1-25x100", "smallloss-entropy-25x100"},
             "stress-swap-3ep": {"qtuning-auto-25x50"}}
     assert sorted(a for arms in plan.values() for a in arms) == sorted(quality.ARMS)  # each arm exactly once
     out = tmp_path / "quality"
