@@ -43,11 +43,10 @@ def kept(arm: str, ppl: torch.Tensor, entropy: torch.Tensor, rules) -> torch.Ten
         return scored.double()
     k = kept_count(int(scored.sum()), spec[1])
     eligible = scored & ~kept_out(rules, Pool(ppl, entropy)) if rules else scored
-    if spec[0] == "random" or (spec[0] == "candidate" and spec[3]["select"] == "random"
-                               and spec[3].get("within", 1.0) == 1.0):
+    options = {o: spec[3][o] for o in CANDIDATE_OPTIONS if o in spec[3]} if spec[0] == "candidate" else {}
+    if spec[0] == "random" or options == {"select": "random"}:
         return eligible.double() * min(k, int(eligible.sum())) / max(1, int(eligible.sum()))
-    if spec[0] == "candidate":
-        options = {o: spec[3][o] for o in CANDIDATE_OPTIONS if o in spec[3]}
+    if options:
         if options["select"] == "random":
             raise SystemExit(f"{arm}: a random choice within a subset is not replayed")
         return choose(ppl, entropy, eligible, k, **options).double()
