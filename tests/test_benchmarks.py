@@ -313,6 +313,46 @@ def test_preset_table_pairs_by_seed_and_replays_the_rules(tmp_path):
         table.main([str(path), "--regimes", "other"])
 
 
+def test_preset_table_target_by_hand(tmp_path):
+    """benchmarks/preset_table.py's verdict on issue 36's target, against random 25 x 100 on hand-made
+    runs: no harm needs the mean not worse *and* 3 of 5 seeds not worse (ties count), on the NLL alone
+    on GSM8K; helps needs 4 of 5 seeds better on one metric and no harm on the other; with fewer than
+    5 seeds a verdict stays open until the seeds left could no longer change it."""
+    spec = importlib.util.spec_from_file_location("preset_table", ROOT / "benchmarks" / "preset_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    cells = {  # regime: (pool's corrupted share, accuracy differences, NLL differences), one per seed
+        "noisy": (0.2, [0.1, 0.1, 0.1, 0.1, -0.1], [0.0, 0.0, 0.01, -0.01, -0.01]),  # no harm, helps
+        "clean": (0.0, [0.0] * 5, [-0.001, -0.001, -0.001, 0.05, 0.05]),  # 3 of 5 not worse, the mean worse
+        "gsm8k-20-1ep": (0.2, [-0.03] * 4, [-0.01, -0.01, -0.01, 0.01]),  # exact match lost: not for no harm
+        "gsm8k-clean-1ep": (0.0, [0.0] * 4, [0.01, 0.01, 0.01, -0.01]),  # 1 + 1 seed left < 3: harm already
+    }
+    runs = []
+    for regime, (share, accs, nlls) in cells.items():
+        for seed, (da, dn) in enumerate(zip(accs, nlls)):
+            for arm, acc, nll in (("random-25x100", 0.5, 0.1), ("qtuning-auto-25x50", 0.5 + da, 0.1 + dn)):
+                runs.append({"regime": regime, "arm": arm, "seed": seed, "precision": "fp32", "accuracy": acc,
+                             "nll": nll, "pool_share_corrupted": share})
+    path = tmp_path / "q.runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    out = tmp_path / "t.md"
+    assert table.main([str(path), "--out", str(out)]) == 0
+    head = "| regime | seeds | corrupted pool |"
+    lines = out.read_text().split(head)[1].splitlines()[2:]
+    verdict = {c[0]: (c[1], c[3], c[4], c[5], c[6]) for c in
+               ([x.strip() for x in line.split("|")[1:-1]] for line in lines if line.startswith("| "))}
+    assert verdict["noisy"] == ("5", "+6.0 pp (4 of 5 not worse)", "-0.002 (4 of 5 not worse)", "yes", "yes")
+    assert verdict["clean"] == ("5", "+0.0 pp (5 of 5 not worse)", "+0.019 (3 of 5 not worse)", "**no**", "-")
+    assert verdict["gsm8k-20-1ep"][1:] == ("-3.0 pp (0 of 4 not worse)", "-0.005 (3 of 4 not worse)", "open",
+                                           "**no**")  # NLL 3 + 1 could be 4 of 5, but exact match is harmed
+    assert verdict["gsm8k-clean-1ep"][3:] == ("**no**", "-")
+    # no pairs with random pruning at the same compute: no verdict line
+    only = tmp_path / "only.runs.jsonl"
+    only.write_text("".join(json.dumps(r) + "\n" for r in runs if r["arm"] == "qtuning-auto-25x50"))
+    assert table.main([str(only), "--out", str(out)]) == 0
+    assert out.read_text().split(head)[1].splitlines()[2:] == []
+
+
 def test_replay_kinds_by_hand(tmp_path):
     """benchmarks/replay_kinds.py: on a logged pool, what each arm would keep, by kind. Random counts
     its expectation (K / n each), the surprise rule keeps the garbled sample out, and the most
