@@ -34,7 +34,8 @@ to ``--max-new-tokens``, parse the number after ``####``). At ``--precision`` bf
 with native bf16) the model runs under bf16 autocast in evaluation as in training, the output layer
 of the teacher-forced metrics in fp32 (fp32 throughout costs about twice the time). Per run:
 training, teacher-forced and generation seconds, the load average, what a pruning arm kept, by
-kind, and which label tokens it trained, by kind of sample and category of token (``TokenTally``).
+kind, and which label tokens it trained, by kind of sample and category of token (``TokenTally``);
+over several epochs, the share of the training samples it trained at least once (``distinct_shares``).
 On a CPU shared with other jobs, ``OMP_NUM_THREADS=1`` can be several times faster than threads
 that wait for each other.
 
@@ -309,6 +310,21 @@ def kind_shares(runs) -> tuple[Counter, Counter]:
     return seen, kept
 
 
+def distinct_shares(run) -> tuple[float, float] | None:
+    """Over several epochs: (share of the training samples an arm trained at least once, share of
+    those it trained on two visits or more), from the decision log's sample ids (a stable hash of
+    the token ids). Random pruning at 25 % over three visits trains 1 - 0.75^3 = 58 % at least once.
+    None for a run without ids."""
+    steps = run.get("decisions") or []
+    if not steps or any("ids" not in step for step in steps):
+        return None
+    seen, trained = set(), Counter()
+    for step in steps:
+        seen.update(step["ids"])
+        trained.update(i for i, k in zip(step["ids"], step["keep"]) if k)
+    return len(trained) / len(seen), sum(n >= 2 for n in trained.values()) / max(1, len(trained))
+
+
 def token_lines(rows, arms) -> list[str]:
     """The tables of which label tokens each arm trained, by kind of sample and category of token,
     over the runs that recorded a ``token_tally``: in every sample it kept, and in the kept samples
@@ -390,6 +406,18 @@ def report(results, args) -> str:
             lines += ["", "Kept by kind (share of the pool samples of each kind the arm trained, over all steps and "
                       "seeds):", "", "| arm | " + " | ".join(gsm8k_data.KINDS) + " |",
                       "|---" * (1 + len(gsm8k_data.KINDS)) + "|", *kept_lines]
+        distinct_lines = []
+        for arm in args.arms:
+            shares = [x for x in (distinct_shares(r) for r in rows if r["arm"] == arm) if x]
+            if shares and r0["epochs"] > 1:
+                distinct_lines.append(f"| {arm} | {len(shares)} | {100 * statistics.mean(a for a, _ in shares):.1f} % |"
+                                      f" {100 * statistics.mean(b for _, b in shares):.1f} % |")
+        if distinct_lines:
+            lines += ["", "Samples trained over the epochs (mean over runs): the share of the training samples an arm "
+                      "trained at least once, and of those the share it trained on two visits or more (random pruning "
+                      f"at 25 %: 1 - 0.75^{r0['epochs']} = {100 * (1 - 0.75 ** r0['epochs']):.1f} % at least once).",
+                      "", "| arm | runs | trained at least once | of those, on two visits or more |",
+                      "|---|---|---|---|", *distinct_lines]
         lines += token_lines(rows, args.arms)
         machines = Counter(r["machine"] for r in rows)
         loads = [x for r in rows for x in r.get("load", [])]

@@ -150,6 +150,16 @@ def run_quick(out, capsys):
     return capsys.readouterr()
 
 
+def test_distinct_shares_by_hand():
+    """Over several epochs, the share of the training samples an arm trained at least once and, of
+    those, the share trained on two visits or more, from the logged ids; a run without ids gives None."""
+    visit = {"ids": ["a", "b", "c", "d"], "keep": [True, True, False, False]}
+    again = {"ids": ["c", "a", "d", "b"], "keep": [False, True, True, False]}  # a twice, d once: 3 of 4, 1 of 3
+    assert gsm8k.distinct_shares({"decisions": [visit, again]}) == (0.75, pytest.approx(1 / 3))
+    assert gsm8k.distinct_shares({"decisions": [{"keep": [True]}]}) is None
+    assert gsm8k.distinct_shares({}) is None
+
+
 def test_quick_pipeline_pairs_and_resumes(tmp_path, capsys):
     out = tmp_path / "gsm8k"
     first = run_quick(out, capsys)
