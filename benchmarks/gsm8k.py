@@ -407,9 +407,9 @@ def report(results, args) -> str:
                       "seeds):", "", "| arm | " + " | ".join(gsm8k_data.KINDS) + " |",
                       "|---" * (1 + len(gsm8k_data.KINDS)) + "|", *kept_lines]
         distinct_lines = []
-        for arm in args.arms:
+        for arm in args.arms if r0["epochs"] > 1 else ():
             shares = [x for x in (distinct_shares(r) for r in rows if r["arm"] == arm) if x]
-            if shares and r0["epochs"] > 1:
+            if shares:
                 distinct_lines.append(f"| {arm} | {len(shares)} | {100 * statistics.mean(a for a, _ in shares):.1f} % |"
                                       f" {100 * statistics.mean(b for _, b in shares):.1f} % |")
         if distinct_lines:

@@ -316,8 +316,8 @@ def test_preset_table_pairs_by_seed_and_replays_the_rules(tmp_path):
 def test_preset_table_target_by_hand(tmp_path):
     """benchmarks/preset_table.py's verdict on issue 36's target, against random 25 x 100 on hand-made
     runs: no harm needs the mean not worse *and* 3 of 5 seeds not worse (ties count), on the NLL alone
-    on GSM8K; helps needs 4 of 5 seeds better on one metric and no harm on the other; with fewer than
-    5 seeds a verdict stays open until the seeds left could no longer change it."""
+    on GSM8K; helps needs 4 of 5 seeds and the mean better on one metric and no harm on the other; with
+    fewer than 5 seeds a verdict stays open until the seeds left could no longer change it."""
     spec = importlib.util.spec_from_file_location("preset_table", ROOT / "benchmarks" / "preset_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
