@@ -36,6 +36,9 @@ of the teacher-forced metrics in fp32 (fp32 throughout costs about twice the tim
 training, teacher-forced and generation seconds, the load average, what a pruning arm kept, by
 kind, and which label tokens it trained, by kind of sample and category of token (``TokenTally``);
 over several epochs, the share of the training samples it trained at least once (``distinct_shares``).
+The report adds, per corrupted regime, how well each score the rules read separates each corrupted
+kind from the useful samples in random pruning's pools (``separation``), and what the corrupted
+labels cost each arm against its run on the same problems with every label right (``label_cost``).
 On a CPU shared with other jobs, ``OMP_NUM_THREADS=1`` can be several times faster than threads
 that wait for each other.
 
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -325,6 +329,36 @@ def distinct_shares(run) -> tuple[float, float] | None:
     return len(trained) / len(seen), sum(n >= 2 for n in trained.values()) / max(1, len(trained))
 
 
+# per pool sample of a decision log (step, index): the scores the rules read
+SCORES = {"log PPL (error)": lambda step, i: math.log(step["ppl"][i]),
+          "entropy (uncertainty)": lambda step, i: step["entropy"][i],
+          "log PPL - entropy (drop_surprising)": lambda step, i: math.log(step["ppl"][i]) - step["entropy"][i],
+          "largest token NLL": lambda step, i: step["nll_max"][i]}
+
+
+def auroc(above: list[float], below: list[float]) -> float:
+    """The chance that a value of ``above`` exceeds one of ``below`` (a tie counts half): 0.5 is blind."""
+    a, b = torch.tensor(above, dtype=torch.float64)[:, None], torch.tensor(below, dtype=torch.float64)[None, :]
+    return ((a > b).double().mean() + 0.5 * (a == b).double().mean()).item()
+
+
+def separation(runs) -> tuple[list[str], list[str]]:
+    """(table rows, the corrupted kinds found): per score (``SCORES``), its AUROC for each corrupted
+    kind against the useful samples, over every pool sample of the runs' decision logs (the scores of
+    the model being trained, before each step). No rows without useful and corrupted samples."""
+    values = {name: {} for name in SCORES}
+    for r in runs:
+        for step in r.get("decisions") or []:
+            for i, kind in enumerate(step["kind"]):
+                for name, score in SCORES.items():
+                    values[name].setdefault(kind, []).append(score(step, i))
+    kinds = [k for k in gsm8k_data.KINDS[1:] if k in values["log PPL (error)"]]
+    if not kinds or "useful" not in values["log PPL (error)"]:
+        return [], []
+    return [f"| {name} | " + " | ".join(f"{auroc(v[k], v['useful']):.2f}" for k in kinds) + " |"
+            for name, v in values.items()], kinds
+
+
 def token_lines(rows, arms) -> list[str]:
     """The tables of which label tokens each arm trained, by kind of sample and category of token,
     over the runs that recorded a ``token_tally``: in every sample it kept, and in the kept samples
@@ -356,6 +390,50 @@ def token_lines(rows, arms) -> list[str]:
     return lines
 
 
+def signed(d, fmt: str, scale: float) -> str:
+    """A paired difference (``quality.paired``'s mean, sd, .., seeds) as "+0.004 ± 0.002" or "-1.5 pp ±
+    2.0"; of one seed, without the sd."""
+    mean, sd = (fmt.format(scale * abs(x)).replace(" %", " pp") for x in d[:2])
+    return f"{'+' if d[0] >= 0 else '-'}{mean}" + (f" ± {sd.replace(' pp', '')}" if d[4] > 1 else "")
+
+
+def label_cost(results, regimes, arms) -> list[str]:
+    """What the corrupted labels cost each arm, paired by seed: its run on a corrupted regime minus its
+    run on the clean regime with the same epochs and seed. Both are fed the same problems in the same
+    pools and are tested on the same problems (``gsm8k_data.build``); only the corrupted labels differ,
+    and what the arm picks from the pools. For random pruning that is the cost of the corrupted labels
+    plus the spread of its picks (they agree until a batch's length differs: its generator also draws the
+    token order, whose shape follows the batch), an estimate of what a rule that dropped every corrupted
+    sample could win against it."""
+    lines = []
+    for regime in regimes:
+        cfg = REGIMES[regime]
+        clean = next(name for name, c in REGIMES.items() if c["noise"] == 0 and c["epochs"] == cfg["epochs"])
+        if cfg["noise"] == 0 or clean not in regimes:
+            continue
+        for arm in arms:
+            rows = [{**r, "arm": "corrupted" if r["regime"] == regime else "clean"} for r in results
+                    if r["arm"] == arm and r["regime"] in (regime, clean)]
+            cells = []
+            for key, _, fmt, scale in METRICS:
+                d = quality.paired(rows, "corrupted", "clean", key, HIGHER_IS_BETTER)
+                if d is None:
+                    break
+                cells.append(f"{signed(d, fmt, scale)} ({d[4] - d[2] - d[3]} of {d[4]} worse)")
+            if cells:
+                lines.append(f"| {regime} | {arm} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["### What the corrupted labels cost", "",
+            "Paired by seed: an arm's run with the corrupted labels minus its run on the clean regime of the same "
+            "epochs: the same problems in the same pools, the same test problems, every label right: mean ± sd "
+            "(seeds worse with the corrupted labels). Random pruning's row is the cost of the corrupted labels plus "
+            "the spread of its picks (they part when a batch's length differs): an estimate of what a rule that "
+            "dropped every corrupted sample could win against it in that cell.", "",
+            "| regime | arm | " + " | ".join(m[1] for m in METRICS) + " |", "|---" * (2 + len(METRICS)) + "|",
+            *lines, ""]
+
+
 def report(results, args) -> str:
     lines = []
     for regime in args.regimes:
@@ -369,7 +447,7 @@ def report(results, args) -> str:
                   f"{r0['train_samples']} training samples, {100 * r0['noise']:.0f} % corrupted; {args.n_test} test "
                   f"problems, {args.n_generate} generated; {r0['model']}, {r0['precision']})", "",
                   "Mean ± sd over seeds. Δ: paired by seed against random-25x100 (same data, order and test problems;"
-                  " the same training compute as every 25 % arm): mean difference (wins / ties of seeds; a win is a"
+                  " the same training compute as every 25 % arm): mean difference ± sd (wins / ties of seeds; a win is a"
                   " lower NLL or a higher accuracy). Corrupted: wrong + swapped + garbled, share of the pools → of"
                   " what the arm trained. Seconds: training / teacher-forced evaluation / generation.", "",
                   "| arm | seeds | " + " | ".join(m[1] for m in METRICS) + " | " +
@@ -385,9 +463,7 @@ def report(results, args) -> str:
                 cells.append(f"{fmt.format(m)} ± {fmt.format(sd).rstrip(' %')}")
             for key, _, fmt, scale in METRICS:
                 d = quality.paired(rows, arm, BASELINE, key, HIGHER_IS_BETTER) if arm != BASELINE else None
-                cells.append("" if d is None else
-                             f"{'+' if d[0] >= 0 else '-'}{fmt.format(scale * abs(d[0])).replace(' %', ' pp')} "
-                             f"({d[2]} / {d[3]} of {d[4]})")
+                cells.append("" if d is None else f"{signed(d, fmt, scale)} ({d[2]} / {d[3]} of {d[4]})")
             shares = [quality.corrupted_share(r) for r in rs]
             secs = "{:.0f} / {:.0f} / {:.0f}".format(*(statistics.mean(r[k] for r in rs) for k in
                                                       ("train_seconds", "eval_seconds", "generate_seconds")))
@@ -406,6 +482,12 @@ def report(results, args) -> str:
             lines += ["", "Kept by kind (share of the pool samples of each kind the arm trained, over all steps and "
                       "seeds):", "", "| arm | " + " | ".join(gsm8k_data.KINDS) + " |",
                       "|---" * (1 + len(gsm8k_data.KINDS)) + "|", *kept_lines]
+        seen, corrupted = separation([r for r in rows if r["arm"] == BASELINE])
+        if seen:
+            lines += ["", f"What each score sees, in {BASELINE}'s pools: the AUROC of the score for each corrupted kind "
+                      "against the useful samples (the chance that a corrupted sample scores higher; 0.5: blind), "
+                      "over every pool sample of its runs, scored by the model being trained before each step.", "",
+                      "| score | " + " | ".join(corrupted) + " |", "|---" * (1 + len(corrupted)) + "|", *seen]
         distinct_lines = []
         for arm in args.arms if r0["epochs"] > 1 else ():
             shares = [x for x in (distinct_shares(r) for r in rows if r["arm"] == arm) if x]
@@ -425,6 +507,7 @@ def report(results, args) -> str:
         lines += ["", "Machines: " + "; ".join(f"{m}: {n} run{'s' if n > 1 else ''}" for m, n in machines.items()) +
                   (f". Load average (1 min) at the runs' start and end: {min(loads):.1f} to {max(loads):.1f}"
                    if loads else "") + (f"; torch threads: {', '.join(map(str, threads))}" if threads else "") + ".", ""]
+    lines += label_cost(results, args.regimes, args.arms)
     return "\n".join(lines)
 
 

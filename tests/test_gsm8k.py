@@ -160,6 +160,41 @@ def test_distinct_shares_by_hand():
     assert gsm8k.distinct_shares({}) is None
 
 
+def test_label_cost_by_hand():
+    """What the corrupted labels cost an arm: its corrupted run minus its clean run of the same epochs,
+    paired by seed (a seed without both runs left out); the sd only over several seeds; regimes
+    without their clean counterpart in the report give no line."""
+    def row(regime, arm, seed, nll, acc):
+        return {"regime": regime, "arm": arm, "seed": seed, "nll": nll, "answer_nll": 0.1, "answer_accuracy": acc,
+                "accuracy": 0.0}
+    runs = [row("gsm8k-clean-1ep", "random-25x100", 0, 1.00, 0.9), row("gsm8k-20-1ep", "random-25x100", 0, 1.01, 0.8),
+            row("gsm8k-clean-1ep", "random-25x100", 1, 1.00, 0.9), row("gsm8k-20-1ep", "random-25x100", 1, 1.03, 0.9),
+            row("gsm8k-20-1ep", "random-25x100", 2, 9.00, 0.0),  # no clean run of seed 2
+            row("gsm8k-clean-3ep", "qtuning-auto-25x50", 0, 1.00, 0.9),  # another epochs' clean run
+            row("gsm8k-20-1ep", "qtuning-auto-25x50", 0, 0.98, 0.9)]
+    regimes = ["gsm8k-clean-1ep", "gsm8k-20-1ep", "gsm8k-clean-3ep"]
+    lines = gsm8k.label_cost(runs, regimes, ["random-25x100", "qtuning-auto-25x50"])
+    table = [line for line in lines if line.startswith("| gsm8k-")]
+    assert table == ["| gsm8k-20-1ep | random-25x100 | +0.020 ± 0.014 (2 of 2 worse) | +0.000 ± 0.000 (0 of 2 worse) "
+                     "| -5.0 pp ± 7.1 (1 of 2 worse) | +0.0 pp ± 0.0 (0 of 2 worse) |"]
+    assert gsm8k.label_cost(runs, ["gsm8k-20-1ep"], ["random-25x100"]) == []  # its clean regime not reported
+
+
+def test_separation_by_hand():
+    """AUROC of each score for each corrupted kind against the useful samples, ties counted half, over
+    every pool sample of every run; no table without useful or corrupted samples."""
+    assert gsm8k.auroc([3.0, 1.0], [2.0, 1.0]) == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+    e = math.e
+    step = {"kind": ["useful", "useful", "wrong", "garbled"], "ppl": [e, e ** 2, e ** 2, e ** 3],
+            "entropy": [1.0, 0.5, 2.0, 0.0], "nll_max": [1.0, 2.0, 3.0, 0.5]}
+    rows, kinds = gsm8k.separation([{"decisions": [step]}, {"decisions": None}])
+    assert kinds == ["wrong", "garbled"]
+    # wrong: log PPL 2 vs useful 1, 2 -> 0.75; entropy 2 vs 1, 0.5 -> 1; surprise 0 vs 0, 1.5 -> 0.25
+    assert rows == ["| log PPL (error) | 0.75 | 1.00 |", "| entropy (uncertainty) | 1.00 | 0.00 |",
+                    "| log PPL - entropy (drop_surprising) | 0.25 | 1.00 |", "| largest token NLL | 1.00 | 0.00 |"]
+    assert gsm8k.separation([{"decisions": [{**step, "kind": ["useful"] * 4}]}]) == ([], [])
+
+
 def test_quick_pipeline_pairs_and_resumes(tmp_path, capsys):
     out = tmp_path / "gsm8k"
     first = run_quick(out, capsys)
