@@ -482,12 +482,12 @@ def report(results, args) -> str:
             lines += ["", "Kept by kind (share of the pool samples of each kind the arm trained, over all steps and "
                       "seeds):", "", "| arm | " + " | ".join(gsm8k_data.KINDS) + " |",
                       "|---" * (1 + len(gsm8k_data.KINDS)) + "|", *kept_lines]
-        seen, corrupted = separation([r for r in rows if r["arm"] == BASELINE])
-        if seen:
+        auroc_rows, corrupted = separation([r for r in rows if r["arm"] == BASELINE])
+        if auroc_rows:
             lines += ["", f"What each score sees, in {BASELINE}'s pools: the AUROC of the score for each corrupted kind "
                       "against the useful samples (the chance that a corrupted sample scores higher; 0.5: blind), "
                       "over every pool sample of its runs, scored by the model being trained before each step.", "",
-                      "| score | " + " | ".join(corrupted) + " |", "|---" * (1 + len(corrupted)) + "|", *seen]
+                      "| score | " + " | ".join(corrupted) + " |", "|---" * (1 + len(corrupted)) + "|", *auroc_rows]
         distinct_lines = []
         for arm in args.arms if r0["epochs"] > 1 else ():
             shares = [x for x in (distinct_shares(r) for r in rows if r["arm"] == arm) if x]
