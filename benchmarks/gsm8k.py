@@ -37,7 +37,7 @@ training, teacher-forced and generation seconds, the load average, what a prunin
 kind, and which label tokens it trained, by kind of sample and category of token (``TokenTally``);
 over several epochs, the share of the training samples it trained at least once (``distinct_shares``).
 The report adds, per corrupted regime, how well each score the rules read separates each corrupted
-kind from the useful samples in random pruning's pools (``separation``), and what the corrupted
+kind from the useful samples in random pruning's pools (``score_auroc``), and what the corrupted
 labels cost each arm against its run on the same problems with every label right (``label_cost``).
 On a CPU shared with other jobs, ``OMP_NUM_THREADS=1`` can be several times faster than threads
 that wait for each other.
@@ -72,6 +72,7 @@ sys.path.insert(0, str(HERE))
 import gsm8k_data  # noqa: E402
 import quality  # noqa: E402
 from quality import RandomPruning, Recording, answer_key, load_model, machine, mean_sd  # noqa: E402
+from separation import auroc  # noqa: E402
 
 FIXTURE = HERE.parent / "tests" / "fixtures" / "gsm8k"
 SHARED = HERE.parent.parent / "shared" / "data" / "gsm8k"
@@ -336,13 +337,7 @@ SCORES = {"log PPL (error)": lambda step, i: math.log(step["ppl"][i]),
           "largest token NLL": lambda step, i: step["nll_max"][i]}
 
 
-def auroc(above: list[float], below: list[float]) -> float:
-    """The chance that a value of ``above`` exceeds one of ``below`` (a tie counts half): 0.5 is blind."""
-    a, b = torch.tensor(above, dtype=torch.float64)[:, None], torch.tensor(below, dtype=torch.float64)[None, :]
-    return ((a > b).double().mean() + 0.5 * (a == b).double().mean()).item()
-
-
-def separation(runs) -> tuple[list[str], list[str]]:
+def score_auroc(runs) -> tuple[list[str], list[str]]:
     """(table rows, the corrupted kinds found): per score (``SCORES``), its AUROC for each corrupted
     kind against the useful samples, over every pool sample of the runs' decision logs (the scores of
     the model being trained, before each step). No rows without useful and corrupted samples."""
@@ -482,7 +477,7 @@ def report(results, args) -> str:
             lines += ["", "Kept by kind (share of the pool samples of each kind the arm trained, over all steps and "
                       "seeds):", "", "| arm | " + " | ".join(gsm8k_data.KINDS) + " |",
                       "|---" * (1 + len(gsm8k_data.KINDS)) + "|", *kept_lines]
-        auroc_rows, corrupted = separation([r for r in rows if r["arm"] == BASELINE])
+        auroc_rows, corrupted = score_auroc([r for r in rows if r["arm"] == BASELINE])
         if auroc_rows:
             lines += ["", f"What each score sees, in {BASELINE}'s pools: the AUROC of the score for each corrupted kind "
                       "against the useful samples (the chance that a corrupted sample scores higher; 0.5: blind), "

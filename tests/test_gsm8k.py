@@ -180,19 +180,18 @@ def test_label_cost_by_hand():
     assert gsm8k.label_cost(runs, ["gsm8k-20-1ep"], ["random-25x100"]) == []  # its clean regime not reported
 
 
-def test_separation_by_hand():
+def test_score_auroc_by_hand():
     """AUROC of each score for each corrupted kind against the useful samples, ties counted half, over
     every pool sample of every run; no table without useful or corrupted samples."""
-    assert gsm8k.auroc([3.0, 1.0], [2.0, 1.0]) == pytest.approx((1 + 0.5 + 1 + 0) / 4)
     e = math.e
     step = {"kind": ["useful", "useful", "wrong", "garbled"], "ppl": [e, e ** 2, e ** 2, e ** 3],
             "entropy": [1.0, 0.5, 2.0, 0.0], "nll_max": [1.0, 2.0, 3.0, 0.5]}
-    rows, kinds = gsm8k.separation([{"decisions": [step]}, {"decisions": None}])
+    rows, kinds = gsm8k.score_auroc([{"decisions": [step]}, {"decisions": None}])
     assert kinds == ["wrong", "garbled"]
     # wrong: log PPL 2 vs useful 1, 2 -> 0.75; entropy 2 vs 1, 0.5 -> 1; surprise 0 vs 0, 1.5 -> 0.25
     assert rows == ["| log PPL (error) | 0.75 | 1.00 |", "| entropy (uncertainty) | 1.00 | 0.00 |",
                     "| log PPL - entropy (drop_surprising) | 0.25 | 1.00 |", "| largest token NLL | 1.00 | 0.00 |"]
-    assert gsm8k.separation([{"decisions": [{**step, "kind": ["useful"] * 4}]}]) == ([], [])
+    assert gsm8k.score_auroc([{"decisions": [{**step, "kind": ["useful"] * 4}]}]) == ([], [])
 
 
 def test_quick_pipeline_pairs_and_resumes(tmp_path, capsys):
