@@ -24,7 +24,10 @@ Arms (``ARMS``; batch 8 x GA 2 = a pool of 16 per step, 40 steps):
   options})``, e.g. ``qtuning-auto-tr1-25x100`` (auto with ``token_ratio: 1``), or a selection rule
   screened before it is an option (``quality.Candidate``: ``surprise-random-25x100``,
   ``surprise-entropy-25x100``: the surprise rule, then K at random or the most uncertain first,
-  every token trained).
+  every token trained; ``quality.FilteredRandom``: ``filtered-random-25x100``, random pruning's own
+  draws with the samples ``drop_surprising: 1`` flags passed over); an A/A test,
+  ``random-swap1-25x100`` (``quality.SwappedRandom``: one kept sample exchanged for a dropped one,
+  at random, at the first step).
 
 Metrics on ``--n-test`` held-out test problems (the same per seed in every arm), teacher-forced:
 ``nll`` (per token of the reference solution, end of turn included), ``answer_nll`` (per token of N
@@ -85,7 +88,8 @@ ARMS = {
     "full-equal-compute": ("full", 0.25, 1.0),
     **{name: quality.ARMS[name] for name in ("random-25x100", "random-25x50", "qtuning-25x50", "qtuning-auto-25x50",
                                              "qtuning-smallloss-highest-25x50", "surprise-random-25x100",
-                                             "surprise-entropy-25x100")},
+                                             "surprise-entropy-25x100", "filtered-random-25x100",
+                                             "random-swap1-25x100")},
     # candidates (issue 36): auto without token pruning
     "qtuning-auto-tr1-25x100": ("qtuning", 0.25, 1.0, {"drop_surprising": 0.5, "keep_tokens": "highest"}),
 }
@@ -235,6 +239,19 @@ class TallyCandidate(TokenTally, quality.Candidate):
     pass
 
 
+class TallyFiltered(TokenTally, quality.FilteredRandom):
+    pass
+
+
+class TallySwapped(TokenTally, quality.SwappedRandom):
+    pass
+
+
+# quality.CALLBACKS with the token tallies
+TALLIES = {"qtuning": TallyRecording, "random": TallyRandom, "swap": TallySwapped, "filtered": TallyFiltered,
+           "candidate": TallyCandidate}
+
+
 # ---------------------------------------------------------------------- one run
 
 def run(regime: str, arm: str, seed: int, args, rows) -> dict:
@@ -262,15 +279,8 @@ def run(regime: str, arm: str, seed: int, args, rows) -> dict:
     batch, grad_accum, callbacks = args.batch, args.grad_accum, []
     if spec and spec[0] == "full":
         batch, grad_accum = max(1, round(pool * spec[1])), 1
-    elif spec and spec[0] == "random":
-        callbacks.append(TallyRandom(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
-                                     tokenizer=tok))
-    elif spec and spec[0] == "candidate":
-        callbacks.append(TallyCandidate(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
-                                        tokenizer=tok, **spec[3]))
-    elif spec:
-        callbacks.append(TallyRecording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok,
-                                        **(spec[3] if len(spec) > 3 else {})))
+    callback = quality.arm_callback(spec, seed, kinds, tok, TALLIES)
+    callbacks += [callback] if callback else []
     bf16 = args.precision_used == "bf16 autocast"
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
                        gradient_accumulation_steps=grad_accum, max_steps=args.steps, learning_rate=args.lr,

@@ -54,7 +54,7 @@ def arm_rules(arm: str):
     """The package's rules an arm turns on (fresh instances), or None for an arm that runs none
     (random, full) or whose rules need features the pools did not log."""
     spec = arm_spec(arm)
-    if spec is None or spec[0] not in ("qtuning", "candidate"):
+    if spec is None or spec[0] not in ("qtuning", "candidate", "filtered"):
         return None
     options = {k: v for k, v in (spec[3] if len(spec) > 3 else {}).items() if k not in CANDIDATE_OPTIONS}
     rules = build_rules(QTuningConfig(sample_ratio=spec[1], token_ratio=spec[2], **options))

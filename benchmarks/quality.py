@@ -33,9 +33,14 @@ without acting; and the small-loss rule (``drop_highest_ppl: 0.25``) alone and w
 (``smallloss3``), and its adaptive share (``drop_ppl_outliers: 2``) with ``keep_tokens: highest``;
 the ``auto`` preset (``drop_surprising: 0.5`` with ``keep_tokens: highest``), which needs no noise
 rate; candidates (``Candidate``): the surprise rule, then K samples at random or the most uncertain
-first (optionally only among the less surprising share, or outside Q1), every token trained.
-Arms whose options were retired (``RETIRED_ARMS``) no longer run; their recorded runs are still
-reported with ``--report-only``, marked retired.
+first (optionally only among the less surprising share, or outside Q1), every token trained;
+``filtered-random-25x100`` (``FilteredRandom``): random pruning that never keeps an answer more
+than 1 nat per token more surprising than the model expects (``drop_surprising: 1``), drawing what
+random pruning draws (common random numbers: where the rule flags none of its picks, it is random
+pruning's run); ``random-swap1-25x100`` (``SwappedRandom``), an A/A test: random pruning with one
+kept sample exchanged for a dropped one, at random, at the first step. Arms whose options were
+retired (``RETIRED_ARMS``) no longer run; their recorded runs are still reported with
+``--report-only``, marked retired.
 Paired by seed: data, order (``data_seed``) and test set are the same in every arm of a seed.
 Metrics on a held-out clean test set: exact-match accuracy (greedy decoding) and NLL of the
 correct answers; plus what each pruning arm kept: the share of corrupted samples among kept vs
@@ -125,6 +130,12 @@ ARMS = {"full": None, "random-25x50": ("random", 0.25, 0.5), "qtuning-25x50": ("
         # the most uncertain first, every token trained
         "surprise-random-25x100": ("candidate", 0.25, 1.0, {"select": "random", "drop_surprising": 0.5}),
         "surprise-entropy-25x100": ("candidate", 0.25, 1.0, {"select": "entropy", "drop_surprising": 0.5}),
+        # random pruning that never keeps an answer far more surprising than the model expects
+        # (log PPL - entropy > 1 nat per token: garbage); same draws as random-25x100 (FilteredRandom)
+        "filtered-random-25x100": ("filtered", 0.25, 1.0, {"drop_surprising": 1.0}),
+        # an A/A test: random pruning with one kept sample exchanged for a dropped one at the first
+        # step, both at random (SwappedRandom): the noise floor of a paired seed
+        "random-swap1-25x100": ("swap", 0.25, 1.0),
         # the most uncertain of the less surprising half (swapped solutions are uncertain too, and more surprising)
         "surprise-entropy-half-25x100": ("candidate", 0.25, 1.0, {"select": "entropy", "within": 0.5,
                                                                   "drop_surprising": 0.5}),
@@ -167,7 +178,8 @@ QUICK_PAIRS = (
                                       "qtuning-smallloss3-highest-25x50", "qtuning-outliers-highest-25x50")),
     ("stress-swap-3ep", "qtuning-auto-25x50"),
     *(("stress", arm) for arm in ("surprise-random-25x100", "surprise-entropy-25x100", "surprise-entropy-half-25x100",
-                                  "surprise-entropy-noq1-25x100", "smallloss-entropy-25x100")),
+                                  "surprise-entropy-noq1-25x100", "smallloss-entropy-25x100",
+                                  "filtered-random-25x100", "random-swap1-25x100")),
     *(("stress", arm) for arm in ("qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
                                   "qtuning-observe-25x50")),
 )
@@ -286,11 +298,20 @@ class RandomPruning(Recording):
         super().__init__(*a, **kw)
         self.generator = torch.Generator().manual_seed(seed)
 
+    def kept_out(self, scores, inputs):
+        """(the rules' flags, the step's host statistics): the baseline runs no rule."""
+        return {}, host_stats(scores)
+
     def decide(self, scores, inputs):
+        flags, host = self.kept_out(scores, inputs)
         n = sum(s.ppl.numel() for s in scores)
         k = max(1, int(self.config.sample_ratio * n))
+        order = torch.randperm(n, generator=self.generator)
+        if flags:  # FilteredRandom: the permutation's first K that no rule flags (or all of those, if fewer)
+            flagged = torch.stack(list(flags.values())).any(0)
+            order = order[~flagged[order]]
         chosen = torch.zeros(n, dtype=torch.bool)
-        chosen[torch.randperm(n, generator=self.generator)[:k]] = True
+        chosen[order[:k]] = True
         keep = list(chosen.split([s.ppl.numel() for s in scores]))
         token_keep, kept_tokens = [], 0
         for s, kk in zip(scores, keep):
@@ -301,7 +322,51 @@ class RandomPruning(Recording):
             mask = (rank < budget[:, None]) & trainable & kk[:, None]
             token_keep.append(mask.to(s.trainable.device))
             kept_tokens += int(mask.sum())
-        return StepDecision(keep, [kk.clone() for kk in keep], token_keep, [0.0], kept_tokens, host_stats(scores))
+        return StepDecision(keep, [kk.clone() for kk in keep], token_keep, [0.0], kept_tokens, host, flags)
+
+
+class FilteredRandom(RandomPruning):
+    """A candidate (issue 36): random pruning that never keeps a sample the config's rules flag
+    (``drop_surprising`` here), every other choice as :class:`RandomPruning` makes it. It draws
+    exactly what the baseline draws, in the same order (common random numbers), and keeps the
+    permutation's first K samples that no rule flags: on a pool where no rule fires it keeps what
+    random pruning keeps, token draws included, so the paired difference is the rule's alone. K is
+    random pruning's (over every sample of the pool); a pool the rules would empty is decided without
+    them (``decide_step`` clears their flags), so it keeps random pruning's picks."""
+
+    def kept_out(self, scores, inputs):
+        rules = QTuning.decide(self, scores, inputs)  # the rules' flags (decide_step; it draws nothing)
+        return rules.flags, rules.host
+
+
+class SwappedRandom(RandomPruning):
+    """A null perturbation (an A/A test, issue 36): random pruning, except that at its first step one
+    sample it keeps is exchanged for one it drops, both picked at random by a second generator; every
+    later draw is random pruning's own. The exchange is no better than random pruning's choice, so
+    its paired difference against random pruning is how far one sample's exchange moves a seed's
+    result: the noise floor under a paired verdict. Every token of a kept sample is trained."""
+
+    def __init__(self, *a, seed: int = 0, **kw):
+        super().__init__(*a, seed=seed, **kw)
+        if self.config.token_ratio != 1.0:
+            raise ValueError("SwappedRandom trains every token of the samples it keeps: token_ratio must be 1")
+        self.swap_generator = torch.Generator().manual_seed(1_000_003 + seed)
+        self.swapped = False
+
+    def decide(self, scores, inputs):
+        d = super().decide(scores, inputs)
+        keep = torch.cat(d.keep)
+        scored = scored_mask(d.host.ppl, d.host.entropy)
+        kept, dropped = keep.nonzero()[:, 0], (scored & ~keep).nonzero()[:, 0]
+        if self.swapped or not len(kept) or not len(dropped):
+            return d
+        self.swapped = True
+        keep[kept[torch.randint(len(kept), (1,), generator=self.swap_generator)]] = False
+        keep[dropped[torch.randint(len(dropped), (1,), generator=self.swap_generator)]] = True
+        keep_list = list(keep.split([s.ppl.numel() for s in scores]))
+        token_keep = [s.trainable & kk.to(s.trainable.device)[:, None] for s, kk in zip(scores, keep_list)]
+        return StepDecision(keep_list, [kk.clone() for kk in keep_list], token_keep, d.levels,
+                            sum(int(t.sum()) for t in token_keep), d.host, d.flags)
 
 
 def choose(ppl, entropy, eligible, k: int, select: str, within: float = 1.0, avoid_q1: bool = False,
@@ -359,6 +424,23 @@ class Candidate(Recording):
         token_keep = [s.trainable & kk.to(s.trainable.device)[:, None] for s, kk in zip(scores, keep)]
         return StepDecision(keep, [torch.zeros_like(kk) for kk in keep], token_keep, rules.levels,
                             sum(int(t.sum()) for t in token_keep), host, rules.flags)
+
+
+# an arm's kind (``ARMS``) -> its recording callback; every kind but "qtuning" draws with the run's seed
+CALLBACKS = {"qtuning": Recording, "random": RandomPruning, "swap": SwappedRandom, "filtered": FilteredRandom,
+             "candidate": Candidate}
+
+
+def arm_callback(spec, seed: int, kinds: dict, tokenizer, classes: dict | None = None):
+    """The callback that runs and records an arm (its ``ARMS`` spec), or None for full data.
+    ``classes`` replaces some of :data:`CALLBACKS` (``gsm8k.py``'s token-tallying ones)."""
+    if not spec or spec[0] == "full":
+        return None
+    cls = {**CALLBACKS, **(classes or {})}[spec[0]]
+    options = dict(spec[3]) if len(spec) > 3 else {}
+    if spec[0] != "qtuning":
+        options["seed"] = seed
+    return cls(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tokenizer, **options)
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -437,16 +519,8 @@ def run(regime: str, arm: str, seed: int, args) -> dict:
     for r in train:
         kinds[answer_key(r["messages"][1]["content"])] = r["kind"]
     spec = ARMS[arm]
-    callbacks = []
-    if spec and spec[0] == "random":
-        callbacks.append(RandomPruning(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds,
-                                       tokenizer=tok))
-    elif spec and spec[0] == "candidate":
-        callbacks.append(Candidate(sample_ratio=spec[1], token_ratio=spec[2], seed=seed, kinds=kinds, tokenizer=tok,
-                                   **spec[3]))
-    elif spec:
-        options = dict(spec[3]) if len(spec) > 3 else {}
-        callbacks.append(Recording(sample_ratio=spec[1], token_ratio=spec[2], kinds=kinds, tokenizer=tok, **options))
+    callback = arm_callback(spec, seed, kinds, tok)
+    callbacks = [callback] if callback else []
     bf16 = args.precision_used == "bf16 autocast"
     config = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,

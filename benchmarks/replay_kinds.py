@@ -44,7 +44,7 @@ def kept(arm: str, ppl: torch.Tensor, entropy: torch.Tensor, rules) -> torch.Ten
     k = kept_count(int(scored.sum()), spec[1])
     eligible = scored & ~kept_out(rules, Pool(ppl, entropy)) if rules else scored
     options = {o: spec[3][o] for o in CANDIDATE_OPTIONS if o in spec[3]} if spec[0] == "candidate" else {}
-    if spec[0] == "random" or options == {"select": "random"}:
+    if spec[0] in ("random", "filtered", "swap") or options == {"select": "random"}:
         return eligible.double() * min(k, int(eligible.sum())) / max(1, int(eligible.sum()))
     if options:
         if options["select"] == "random":

@@ -68,7 +68,8 @@ def test_quality_benchmark_quick_mode(tmp_path):
                            "qtuning-smallloss3-highest-25x50", "qtuning-outliers-highest-25x50"},
             "stress": {"qtuning-guard-25x50", "qtuning-guard-highest-25x50", "qtuning-guard-25x100",
                        "qtuning-observe-25x50", "surprise-random-25x100", "surprise-entropy-25x100",
-                       "surprise-entropy-half-25x100", "surprise-entropy-noq1-25x100", "smallloss-entropy-25x100"},
+                       "surprise-entropy-half-25x100", "surprise-entropy-noq1-25x100", "smallloss-entropy-25x100",
+                       "filtered-random-25x100", "random-swap1-25x100"},
             "stress-swap-3ep": {"qtuning-auto-25x50"}}
     assert sorted(a for arms in plan.values() for a in arms) == sorted(quality.ARMS)  # each arm exactly once
     out = tmp_path / "quality"
@@ -463,3 +464,81 @@ def test_candidate_keeps_k_of_the_samples_its_rules_let_through(select):
         quality.Candidate(sample_ratio=0.5, token_ratio=1.0, select="random", within=0.0, kinds={}, tokenizer=None)
     with pytest.raises(ValueError, match="token_ratio must be 1"):
         quality.Candidate(sample_ratio=0.5, token_ratio=0.5, select="random", kinds={}, tokenizer=None)
+
+
+def test_filtered_random_draws_what_random_pruning_draws():
+    """benchmarks/quality.py's FilteredRandom: on a pool where its rule fires on nothing it keeps
+    exactly random pruning's samples and tokens (the same draws, seed for seed); where the rule fires
+    it keeps the permutation's first K unflagged samples, so the kept sets differ only by the flagged
+    samples random pruning drew and their replacements."""
+    import torch
+
+    from qtuning_plugin.core import Scores
+
+    quality = _quality()
+    n, t = 8, 6
+    trainable = torch.ones(n, t, dtype=torch.bool)
+    trainable[:, 0] = False
+    entropy = torch.linspace(0.2, 1.6, n, dtype=torch.float64)
+
+    def pools(ppl):
+        return [Scores(ppl[:4], entropy[:4], torch.zeros(4, t), torch.zeros(4, t), trainable[:4], torch.full((4,), t)),
+                Scores(ppl[4:], entropy[4:], torch.zeros(4, t), torch.zeros(4, t), trainable[4:], torch.full((4,), t))]
+
+    calm = entropy.exp() * math.exp(0.9)  # log PPL - entropy = 0.9: under the 1-nat threshold
+    for seed in range(4):
+        base = quality.RandomPruning(sample_ratio=0.5, token_ratio=1.0, seed=seed, kinds={}, tokenizer=None)
+        cand = quality.FilteredRandom(sample_ratio=0.5, token_ratio=1.0, seed=seed, drop_surprising=1.0, kinds={},
+                                      tokenizer=None)
+        for _ in range(3):  # three steps: the generators stay in step
+            b, c = base.decide(pools(calm), {}), cand.decide(pools(calm), {})
+            assert all(torch.equal(x, y) for x, y in zip(b.keep, c.keep))
+            assert all(torch.equal(x, y) for x, y in zip(b.token_keep, c.token_keep))
+            assert not c.flags["surprising"].any() and b.flags == {}
+        # the step after: samples 0 and 5 are garbage (1.5 nats beyond their entropy)
+        garbage = calm.clone()
+        garbage[[0, 5]] *= math.exp(0.6)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed).set_state(base.generator.get_state()))
+        b, c = base.decide(pools(garbage), {}), cand.decide(pools(garbage), {})
+        kept_b, kept_c = torch.cat(b.keep), torch.cat(c.keep)
+        assert c.flags["surprising"].tolist() == [i in (0, 5) for i in range(n)]
+        assert kept_b.nonzero()[:, 0].tolist() == sorted(perm[:4].tolist())
+        unflagged = perm[(perm != 0) & (perm != 5)]
+        assert kept_c.nonzero()[:, 0].tolist() == sorted(unflagged[:4].tolist())  # the first 4 the rule lets through
+        for s, k, tk in zip(pools(garbage), c.keep, c.token_keep):
+            assert torch.equal(tk, s.trainable & k[:, None])  # token ratio 1: every label token of a kept sample
+        assert c.kept_tokens == 4 * (t - 1)
+        # a pool the rule would empty is decided without it (decide_step clears its flags): random pruning's picks
+        b, c = base.decide(pools(calm * math.exp(0.6)), {}), cand.decide(pools(calm * math.exp(0.6)), {})
+        assert all(torch.equal(x, y) for x, y in zip(b.keep, c.keep)) and int(torch.cat(c.keep).sum()) == 4
+
+
+def test_swapped_random_exchanges_one_sample_once():
+    """benchmarks/quality.py's A/A arm: at its first step it keeps random pruning's samples but one,
+    exchanged for one random pruning dropped; at every later step it keeps exactly what random
+    pruning keeps (its draws are random pruning's)."""
+    import torch
+
+    from qtuning_plugin.core import Scores
+
+    quality = _quality()
+    n, t = 8, 6
+    trainable = torch.ones(n, t, dtype=torch.bool)
+    entropy = torch.linspace(0.2, 1.6, n, dtype=torch.float64)
+    ppl = entropy.exp()
+    pools = [Scores(ppl[:4], entropy[:4], torch.zeros(4, t), torch.zeros(4, t), trainable[:4], torch.full((4,), t)),
+             Scores(ppl[4:], entropy[4:], torch.zeros(4, t), torch.zeros(4, t), trainable[4:], torch.full((4,), t))]
+    for seed in range(4):
+        base = quality.RandomPruning(sample_ratio=0.5, token_ratio=1.0, seed=seed, kinds={}, tokenizer=None)
+        aa = quality.SwappedRandom(sample_ratio=0.5, token_ratio=1.0, seed=seed, kinds={}, tokenizer=None)
+        b, a = base.decide(pools, {}), aa.decide(pools, {})
+        kb, ka = torch.cat(b.keep), torch.cat(a.keep)
+        assert int(ka.sum()) == int(kb.sum()) == 4 and int((ka != kb).sum()) == 2  # one out, one in
+        for s, k, tk in zip(pools, a.keep, a.token_keep):
+            assert torch.equal(tk, s.trainable & k[:, None])
+        assert a.kept_tokens == 4 * t
+        for _ in range(3):
+            b, a = base.decide(pools, {}), aa.decide(pools, {})
+            assert all(torch.equal(x, y) for x, y in zip(b.keep, a.keep))
+    with pytest.raises(ValueError, match="token_ratio must be 1"):
+        quality.SwappedRandom(sample_ratio=0.5, token_ratio=0.5, kinds={}, tokenizer=None)
