@@ -402,6 +402,19 @@ def signed(d, fmt: str, scale: float) -> str:
     return f"{'+' if d[0] >= 0 else '-'}{mean}" + (f" ± {sd.replace(' pp', '')}" if d[4] > 1 else "")
 
 
+def seeds_apart(rows) -> list[int]:
+    """The seeds whose runs in ``rows`` were made on more than one machine: not to be paired, as CPUs (and
+    library versions) differ in their numerics and a paired difference would read that as an effect."""
+    machines = {}
+    for r in rows:
+        machines.setdefault(r["seed"], set()).add(r.get("machine"))
+    return sorted(seed for seed, m in machines.items() if len(m) > 1)
+
+
+def seed_list(seeds) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def label_cost(results, regimes, arms) -> list[str]:
     """What the corrupted labels cost each arm, paired by seed: its run on a corrupted regime minus its
     run on the clean regime with the same epochs and seed. Both are fed the same problems in the same
@@ -409,8 +422,9 @@ def label_cost(results, regimes, arms) -> list[str]:
     and what the arm picks from the pools. For random pruning that is the cost of the corrupted labels
     plus the spread of its picks (they agree until a batch's length differs: its generator also draws the
     token order, whose shape follows the batch), an estimate of what a rule that dropped every corrupted
-    sample could win against it."""
-    lines = []
+    sample could win against it. A seed whose two runs were made on different machines is left out and
+    named under the table: CPUs differ in their numerics, and the difference would be read as a cost."""
+    lines, crossed = [], []
     for regime in regimes:
         cfg = REGIMES[regime]
         clean = next(name for name, c in REGIMES.items() if c["noise"] == 0 and c["epochs"] == cfg["epochs"])
@@ -419,6 +433,10 @@ def label_cost(results, regimes, arms) -> list[str]:
         for arm in arms:
             rows = [{**r, "arm": "corrupted" if r["regime"] == regime else "clean"} for r in results
                     if r["arm"] == arm and r["regime"] in (regime, clean)]
+            apart = seeds_apart(rows)
+            if apart:
+                crossed.append(f"{regime} {arm}: {seed_list(apart)}")
+                rows = [r for r in rows if r["seed"] not in apart]
             cells = []
             for key, _, fmt, scale in METRICS:
                 d = quality.paired(rows, "corrupted", "clean", key, HIGHER_IS_BETTER)
@@ -427,8 +445,10 @@ def label_cost(results, regimes, arms) -> list[str]:
                 cells.append(f"{signed(d, fmt, scale)} ({d[4] - d[2] - d[3]} of {d[4]} worse)")
             if cells:
                 lines.append(f"| {regime} | {arm} | " + " | ".join(cells) + " |")
-    if not lines:
+    if not lines and not crossed:
         return []
+    left_out = (["", "Left out, the corrupted and the clean run made on different machines: " + "; ".join(crossed) + "."]
+                if crossed else [])
     return ["### What the corrupted labels cost", "",
             "Paired by seed: an arm's run with the corrupted labels minus its run on the clean regime of the same "
             "epochs: the same problems in the same pools, the same test problems, every label right: mean ± sd "
@@ -436,7 +456,7 @@ def label_cost(results, regimes, arms) -> list[str]:
             "the spread of its picks (they part when a batch's length differs): an estimate of what a rule that "
             "dropped every corrupted sample could win against it in that cell.", "",
             "| regime | arm | " + " | ".join(m[1] for m in METRICS) + " |", "|---" * (2 + len(METRICS)) + "|",
-            *lines, ""]
+            *lines, *left_out, ""]
 
 
 def report(results, args) -> str:
@@ -458,6 +478,7 @@ def report(results, args) -> str:
                   "| arm | seeds | " + " | ".join(m[1] for m in METRICS) + " | " +
                   " | ".join(f"Δ {m[1]}" for m in METRICS) + " | corrupted: pool → kept | label tokens trained | "
                   "seconds |", "|---" * (5 + 2 * len(METRICS)) + "|"]
+        crossed = []
         for arm in args.arms:
             rs = [r for r in rows if r["arm"] == arm]
             if not rs:
@@ -466,8 +487,13 @@ def report(results, args) -> str:
             for key, _, fmt, scale in METRICS:
                 m, sd = mean_sd(scale * r[key] for r in rs)
                 cells.append(f"{fmt.format(m)} ± {fmt.format(sd).rstrip(' %')}")
+            pair = [r for r in rows if r["arm"] in (arm, BASELINE)]
+            apart = seeds_apart(pair) if arm != BASELINE else []
+            if apart:
+                crossed.append(f"{arm}: {seed_list(apart)}")
+                pair = [r for r in pair if r["seed"] not in apart]
             for key, _, fmt, scale in METRICS:
-                d = quality.paired(rows, arm, BASELINE, key, HIGHER_IS_BETTER) if arm != BASELINE else None
+                d = quality.paired(pair, arm, BASELINE, key, HIGHER_IS_BETTER) if arm != BASELINE else None
                 cells.append("" if d is None else f"{signed(d, fmt, scale)} ({d[2]} / {d[3]} of {d[4]})")
             shares = [quality.corrupted_share(r) for r in rs]
             secs = "{:.0f} / {:.0f} / {:.0f}".format(*(statistics.mean(r[k] for r in rs) for k in
@@ -476,6 +502,9 @@ def report(results, args) -> str:
                          f" | {100 * statistics.mean(p for p, _ in shares):.1f} % → "
                          f"{100 * statistics.mean(k for _, k in shares):.1f} % | "
                          f"{100 * statistics.mean(r['kept_tokens_ratio'] for r in rs):.0f} % | {secs} |")
+        if crossed:
+            lines += ["", f"Not paired with {BASELINE}, their runs made on different machines: " + "; ".join(crossed)
+                      + "."]
         kept_lines = []
         for arm in args.arms:
             seen, kept = kind_shares([r for r in rows if r["arm"] == arm])

@@ -180,6 +180,26 @@ def test_label_cost_by_hand():
     assert gsm8k.label_cost(runs, ["gsm8k-20-1ep"], ["random-25x100"]) == []  # its clean regime not reported
 
 
+def test_label_cost_leaves_out_seeds_across_machines():
+    """A seed whose corrupted and clean runs were made on different machines is not paired (the CPUs'
+    numerics differ) and is named under the table; with every seed apart the arm has no row."""
+    def row(regime, seed, nll, machine):
+        return {"regime": regime, "arm": "random-25x100", "seed": seed, "nll": nll, "answer_nll": 0.1,
+                "answer_accuracy": 0.9, "accuracy": 0.0, "machine": machine}
+    runs = [row("gsm8k-clean-1ep", 0, 1.00, "A"), row("gsm8k-20-1ep", 0, 1.01, "A"),
+            row("gsm8k-clean-1ep", 1, 1.00, "A"), row("gsm8k-20-1ep", 1, 0.90, "B")]
+    regimes = ["gsm8k-clean-1ep", "gsm8k-20-1ep"]
+    lines = gsm8k.label_cost(runs, regimes, ["random-25x100"])
+    assert [line for line in lines if line.startswith("| gsm8k-")] == [
+        "| gsm8k-20-1ep | random-25x100 | +0.010 (1 of 1 worse) | +0.000 (0 of 1 worse) | +0.0 pp (0 of 1 worse) "
+        "| +0.0 pp (0 of 1 worse) |"]
+    assert "Left out, the corrupted and the clean run made on different machines: gsm8k-20-1ep random-25x100: " \
+           "seed 1." in lines
+    apart = gsm8k.label_cost(runs[2:], regimes, ["random-25x100"])
+    assert not [line for line in apart if line.startswith("| gsm8k-")]
+    assert any(line.endswith("gsm8k-20-1ep random-25x100: seed 1.") for line in apart)
+
+
 def test_score_auroc_by_hand():
     """AUROC of each score for each corrupted kind against the useful samples, ties counted half, over
     every pool sample of every run; no table without useful or corrupted samples."""
@@ -229,6 +249,14 @@ def test_quick_pipeline_pairs_and_resumes(tmp_path, capsys):
     assert report.startswith("`python benchmarks/gsm8k.py --regimes gsm8k-20-1ep --arms random-25x100 ")
     row = next(line for line in report.splitlines() if line.startswith("| qtuning-auto-25x50 | 1 |"))
     assert row.count(" of 1)") == 4  # paired with random-25x100 on the four metrics
+    # a run made on another machine is reported, not paired: the CPUs' numerics differ
+    moved = [{**r, "machine": "another CPU"} if r["arm"] == "qtuning-auto-25x50" else r for r in runs]
+    args = gsm8k.parse_args(["--quick", "--regimes", "gsm8k-20-1ep", "--arms", "random-25x100", "qtuning-auto-25x50",
+                             "full-equal-compute"])
+    text = gsm8k.report(moved, args)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ") and " | 1 | " in line}
+    assert " of 1)" not in rows["qtuning-auto-25x50"] and rows["full-equal-compute"].count(" of 1)") == 4
+    assert "Not paired with random-25x100, their runs made on different machines: qtuning-auto-25x50: seed 0." in text
     # a second invocation runs nothing
     again = run_quick(out, capsys)
     assert "seed 0" not in again.out and len(runs_file.read_text().splitlines()) == 3
